@@ -1,0 +1,49 @@
+"""ibnify: turn an existing BatchNorm CNN into its IBN-Net form.
+
+Public API: :func:`convert`, :func:`plan`, :func:`save`, :func:`load`, :func:`export_onnx`,
+:func:`verify_onnx`, and the :class:`IBN` layer. Names are imported on first use so that the
+command line starts without loading torch for ``--help`` and usage errors.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "convert": "api",
+    "convert_named": "api",
+    "load_weights": "api",
+    "plan": "api",
+    "load": "checkpoint",
+    "read_recipe": "checkpoint",
+    "save": "checkpoint",
+    "IbnifyError": "errors",
+    "analyze": "graph",
+    "list_norm_layers": "graph",
+    "IBN": "layers",
+    "IBNAct": "layers",
+    "ConversionPlan": "plan",
+    "ConversionSite": "plan",
+    "export_onnx": "export",
+    "verify_onnx": "export",
+    "finetune": "train",
+    "evaluate": "evaluate",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'ibnify' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module_name}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,0 +1,160 @@
+"""Public entry points: ``plan`` (the dry run) and ``convert`` (plan, then apply).
+
+A model can be given as an ``nn.Module`` or as a name (``"resnet50"``, ``"tv:resnet50"``,
+``"timm:seresnext50_32x4d"``); a model built from a name records its source in the plan so that
+``ibnify.save``/``ibnify.load`` can rebuild it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import WeightsError
+from .graph import analyze
+from .layouts import make_plan
+from .models import build_model, describe_key_mismatch, load_state_dict_file
+from .plan import ConversionPlan
+from .surgery import apply_plan
+
+__all__ = ["convert", "convert_named", "load_weights", "plan"]
+
+
+def _as_model(
+    model: nn.Module | str, model_kwargs: dict[str, Any] | None
+) -> tuple[nn.Module, str | None]:
+    if isinstance(model, str):
+        built, source = build_model(model, **(model_kwargs or {}))
+        return built, source
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module or a model name, got {type(model).__name__}")
+    return model, None
+
+
+def plan(
+    model: nn.Module | str,
+    layout: str = "a",
+    stages: Sequence[int] | None = None,
+    ratio: float | None = None,
+    input_size: tuple[int, int, int] | None = None,
+    arch: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+) -> ConversionPlan:
+    """Describe what :func:`convert` would change, without touching the model.
+
+    Args:
+        model: a module or a model name.
+        layout: ``"a"`` (IBN-a for the model's family), ``"b"`` (IBN-b, ResNet family) or an
+            explicit layout name (``resnet-a``, ``resnet-b``, ``densenet-a``, ``generic-a``).
+        stages: stages to convert (1 = highest resolution); default depends on the layout.
+        ratio: fraction of channels given to IN; default 0.5 (0.4 for DenseNet).
+        input_size: (C, H, W) of the dummy input used for shape propagation.
+        arch: name recorded in the plan; ``source:name`` when the model was built by name.
+        model_kwargs: constructor arguments when ``model`` is a name; recorded in the plan.
+    """
+    module, source = _as_model(model, model_kwargs)
+    analysis = analyze(module, input_size)
+    result = make_plan(
+        module, analysis, layout=layout, stages=stages, ratio=ratio, arch=arch or source
+    )
+    if model_kwargs:
+        result.extras["model_kwargs"] = dict(model_kwargs)
+    return result
+
+
+def convert(
+    model: nn.Module | str,
+    layout: str = "a",
+    stages: Sequence[int] | None = None,
+    ratio: float | None = None,
+    inplace: bool = False,
+    input_size: tuple[int, int, int] | None = None,
+    arch: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Convert a BatchNorm CNN into its IBN-Net form and return it.
+
+    The input module is left untouched unless ``inplace=True``. Trained BN weights move into the
+    new layers (see ``IBN.from_batchnorm``). Arguments are as for :func:`plan`.
+    """
+    module, source = _as_model(model, model_kwargs)
+    conversion = plan(
+        module,
+        layout=layout,
+        stages=stages,
+        ratio=ratio,
+        input_size=input_size,
+        arch=arch or source,
+        model_kwargs=model_kwargs,
+    )
+    return apply_plan(module, conversion, inplace=inplace or source is not None)
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], what: str = "weights") -> None:
+    """Load ``state`` into ``model`` strictly; a mismatch raises WeightsError with a summary."""
+    expected = model.state_dict()
+    if set(expected) != set(state) or any(
+        tuple(expected[k].shape) != tuple(state[k].shape) for k in expected
+    ):
+        raise WeightsError(
+            f"{what} do not fit {type(model).__name__}: " + describe_key_mismatch(expected, state)
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def convert_named(
+    name: str,
+    layout: str = "a",
+    stages: Sequence[int] | None = None,
+    ratio: float | None = None,
+    weights: str | os.PathLike[str] | None = None,
+    pretrained: bool = False,
+    input_size: tuple[int, int, int] | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Build a model by name, load weights, convert it: what ``ibnify convert`` does.
+
+    ``weights`` may hold the original architecture's keys (loaded before conversion) or the
+    converted model's IBN keys, such as the IBN-Net authors' checkpoints (loaded after).
+    """
+    if weights is not None and pretrained:
+        raise WeightsError("give either --weights or --pretrained, not both")
+    state = load_state_dict_file(weights) if weights is not None else None
+    base, source = build_model(name, pretrained=pretrained, **(model_kwargs or {}))
+    conversion = plan(
+        base,
+        layout=layout,
+        stages=stages,
+        ratio=ratio,
+        input_size=input_size,
+        arch=source,
+        model_kwargs=model_kwargs,
+    )
+    if state is None:
+        return apply_plan(base, conversion, inplace=True)
+    base_keys = base.state_dict()
+    if set(state) == set(base_keys):
+        load_weights(base, state, what=f"weights {os.fspath(weights)!r}")
+        return apply_plan(base, conversion, inplace=True)
+    converted = apply_plan(base, conversion, inplace=True)
+    converted_keys = converted.state_dict()
+    if set(state) == set(converted_keys):
+        load_weights(converted, state, what=f"weights {os.fspath(weights)!r}")
+        return converted
+    closer = (
+        converted_keys
+        if _overlap(state, converted_keys) > _overlap(state, base_keys)
+        else base_keys
+    )
+    raise WeightsError(
+        f"weights {os.fspath(weights)!r} do not fit {source}: "
+        + describe_key_mismatch(closer, state)
+    )
+
+
+def _overlap(state: dict[str, Any], expected: dict[str, Any]) -> int:
+    return len(set(state) & set(expected))

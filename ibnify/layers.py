@@ -1,0 +1,269 @@
+"""The IBN layer: Instance Normalization on some channels, Batch Normalization on the rest.
+
+Layout follows the IBN-Net reference code so that its published checkpoints load: submodules are
+named ``IN`` and ``BN`` and the split sizes are the reference's. Unlike the reference, the split is
+by explicit sizes, so odd channel counts and ratios above 0.5 work.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+__all__ = [
+    "IBN",
+    "IBNAct",
+    "InstanceNormAct2d",
+    "Order",
+    "ibn_split_sizes",
+    "instance_norm_from_batchnorm",
+]
+
+Order = Literal["in_first", "bn_first"]
+_ORDERS = ("in_first", "bn_first")
+
+
+def ibn_split_sizes(num_features: int, ratio: float, order: Order = "in_first") -> tuple[int, int]:
+    """Return ``(in_channels, bn_channels)`` for an IBN over ``num_features`` channels.
+
+    ``ratio`` is the fraction of channels that get Instance Normalization. IN-first (ResNet
+    IBN-a) gives IN ``int(C * ratio)`` channels; BN-first (DenseNet IBN-a) gives BN
+    ``int(C * (1 - ratio))`` channels, exactly as the IBN-Net reference code rounds.
+    """
+    if order not in _ORDERS:
+        raise ValueError(f"order must be one of {_ORDERS}, got {order!r}")
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not math.isfinite(ratio):
+        raise ValueError(f"IBN ratio must be a finite number, got {ratio!r} (C={num_features})")
+    if not isinstance(num_features, int) or num_features < 2:
+        raise ValueError(f"IBN needs at least 2 channels, got C={num_features} (ratio={ratio})")
+    if order == "in_first":
+        in_channels = int(num_features * ratio)
+        bn_channels = num_features - in_channels
+    else:
+        bn_channels = int(num_features * (1 - ratio))
+        in_channels = num_features - bn_channels
+    if in_channels < 1 or bn_channels < 1:
+        raise ValueError(
+            f"ratio={ratio} leaves an empty half for C={num_features} "
+            f"(IN {in_channels}, BN {bn_channels} channels); choose a ratio in (0, 1) that "
+            "gives both halves at least one channel"
+        )
+    return in_channels, bn_channels
+
+
+class IBN(nn.Module):
+    """Instance-Batch Normalization over the channel dimension of an NCHW tensor.
+
+    Accepts the leading arguments of :class:`torch.nn.BatchNorm2d`, so
+    ``functools.partial(IBN, ratio=0.5)`` works as a ``norm_layer`` for torchvision and timm.
+
+    Args:
+        num_features: channels C of the input.
+        ratio: fraction of channels normalised by InstanceNorm2d.
+        eps, momentum, affine, track_running_stats: as for BatchNorm2d (IN is always affine and
+            never tracks running stats, which keeps it exportable with a dynamic batch).
+        order: ``"in_first"`` (ResNet IBN-a: IN on the first channels) or ``"bn_first"``
+            (DenseNet IBN-a: BN on the first channels).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        ratio: float = 0.5,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        order: Order = "in_first",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        in_channels, bn_channels = ibn_split_sizes(num_features, ratio, order)
+        self.num_features = num_features
+        self.ratio = float(ratio)
+        self.order: Order = order
+        self.in_channels = in_channels
+        self.bn_channels = bn_channels
+        first, second = (
+            (in_channels, bn_channels) if order == "in_first" else (bn_channels, in_channels)
+        )
+        self.split_sizes: tuple[int, int] = (first, second)
+        factory = {"device": device, "dtype": dtype}
+        self.IN = nn.InstanceNorm2d(
+            in_channels, eps=eps, affine=True, track_running_stats=False, **factory
+        )
+        self.BN = nn.BatchNorm2d(
+            bn_channels,
+            eps=eps,
+            momentum=momentum,
+            affine=affine,
+            track_running_stats=track_running_stats,
+            **factory,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, second = torch.split(x, self.split_sizes, dim=1)
+        if self.order == "in_first":
+            return torch.cat((self.IN(first), self.BN(second)), dim=1)
+        return torch.cat((self.BN(first), self.IN(second)), dim=1)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, ratio={self.ratio}, order={self.order}, "
+            f"IN={self.in_channels}, BN={self.bn_channels}"
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+    def in_slice(self) -> slice:
+        """Channel range of the IN half within the full tensor."""
+        if self.order == "in_first":
+            return slice(0, self.in_channels)
+        return slice(self.bn_channels, self.num_features)
+
+    def bn_slice(self) -> slice:
+        """Channel range of the BN half within the full tensor."""
+        if self.order == "in_first":
+            return slice(self.in_channels, self.num_features)
+        return slice(0, self.bn_channels)
+
+    @classmethod
+    def from_batchnorm(
+        cls, bn: nn.modules.batchnorm._BatchNorm, ratio: float = 0.5, order: Order = "in_first"
+    ) -> IBN:
+        """Build an IBN that starts from a trained BatchNorm.
+
+        The BN half keeps its slice of ``weight, bias, running_mean, running_var`` and the IN
+        half's affine takes the matching ``gamma, beta`` slice; mode, device and dtype follow
+        ``bn``.
+        """
+        kwargs = _batchnorm_kwargs(bn)
+        ibn = cls(bn.num_features, ratio=ratio, order=order, **kwargs)
+        ibn.copy_from_batchnorm(bn)
+        return ibn
+
+    @torch.no_grad()
+    def copy_from_batchnorm(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
+        """Copy a BatchNorm's parameters and statistics into the two halves (see from_batchnorm)."""
+        if bn.num_features != self.num_features:
+            raise ValueError(
+                f"BatchNorm has {bn.num_features} channels, IBN expects {self.num_features}"
+            )
+        ins, bns = self.in_slice(), self.bn_slice()
+        if bn.affine:
+            self.IN.weight.copy_(bn.weight[ins])
+            self.IN.bias.copy_(bn.bias[ins])
+            self.BN.weight.copy_(bn.weight[bns])
+            self.BN.bias.copy_(bn.bias[bns])
+        if bn.track_running_stats and bn.running_mean is not None:
+            self.BN.running_mean.copy_(bn.running_mean[bns])
+            self.BN.running_var.copy_(bn.running_var[bns])
+            self.BN.num_batches_tracked.copy_(bn.num_batches_tracked)
+        self.train(bn.training)
+        for param, source in ((self.IN.weight, bn.weight), (self.IN.bias, bn.bias)):
+            if source is not None:
+                param.requires_grad_(source.requires_grad)
+
+
+class IBNAct(IBN):
+    """IBN that keeps the activation and dropout of a timm ``BatchNormAct2d`` it replaces.
+
+    Replacing a norm+act layer with a plain norm silently drops the activation (timm #1254);
+    this class carries ``drop`` and ``act`` over so the network computes what it did before.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        ratio: float = 0.5,
+        act: nn.Module | None = None,
+        drop: nn.Module | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(num_features, ratio=ratio, **kwargs)
+        self.drop = drop if drop is not None else nn.Identity()
+        self.act = act if act is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+    @classmethod
+    def from_batchnorm(
+        cls, bn: nn.modules.batchnorm._BatchNorm, ratio: float = 0.5, order: Order = "in_first"
+    ) -> IBNAct:
+        """Build from a timm ``BatchNormAct2d``, keeping its ``act`` and ``drop`` modules."""
+        import copy
+
+        kwargs = _batchnorm_kwargs(bn)
+        act = copy.deepcopy(getattr(bn, "act", None))
+        drop = copy.deepcopy(getattr(bn, "drop", None))
+        ibn = cls(bn.num_features, ratio=ratio, act=act, drop=drop, order=order, **kwargs)
+        ibn.copy_from_batchnorm(bn)
+        return ibn
+
+
+def _batchnorm_kwargs(bn: nn.modules.batchnorm._BatchNorm) -> dict:
+    """Constructor arguments that make a new norm match ``bn``'s hyper-parameters and placement."""
+    reference = bn.weight if bn.weight is not None else bn.running_mean
+    return {
+        "eps": bn.eps,
+        "momentum": bn.momentum,
+        "affine": bn.affine,
+        "track_running_stats": bn.track_running_stats,
+        "device": reference.device if reference is not None else None,
+        "dtype": reference.dtype if reference is not None else None,
+    }
+
+
+class InstanceNormAct2d(nn.InstanceNorm2d):
+    """InstanceNorm2d plus the ``drop`` and ``act`` of the timm norm+act layer it replaces."""
+
+    def __init__(
+        self,
+        num_features: int,
+        act: nn.Module | None = None,
+        drop: nn.Module | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(num_features, **kwargs)
+        self.drop = drop if drop is not None else nn.Identity()
+        self.act = act if act is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+@torch.no_grad()
+def instance_norm_from_batchnorm(bn: nn.modules.batchnorm._BatchNorm) -> nn.InstanceNorm2d:
+    """Replace a BatchNorm by an affine InstanceNorm2d (IBN-b stem) that takes its gamma/beta.
+
+    A timm ``BatchNormAct2d`` becomes an :class:`InstanceNormAct2d` so its activation survives.
+    """
+    import copy
+
+    kwargs = _batchnorm_kwargs(bn)
+    factory = {"device": kwargs["device"], "dtype": kwargs["dtype"]}
+    if hasattr(bn, "act") and isinstance(bn.act, nn.Module):
+        norm: nn.InstanceNorm2d = InstanceNormAct2d(
+            bn.num_features,
+            act=copy.deepcopy(bn.act),
+            drop=copy.deepcopy(getattr(bn, "drop", None)),
+            eps=bn.eps,
+            affine=True,
+            track_running_stats=False,
+            **factory,
+        )
+    else:
+        norm = nn.InstanceNorm2d(
+            bn.num_features, eps=bn.eps, affine=True, track_running_stats=False, **factory
+        )
+    if bn.affine:
+        norm.weight.copy_(bn.weight)
+        norm.bias.copy_(bn.bias)
+    norm.train(bn.training)
+    return norm
