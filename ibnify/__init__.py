@@ -25,12 +25,12 @@ _EXPORTS = {
     "list_norm_layers": "graph",
     "IBN": "layers",
     "IBNAct": "layers",
-    "ConversionPlan": "plan",
-    "ConversionSite": "plan",
+    "ConversionPlan": "plans",
+    "ConversionSite": "plans",
     "export_onnx": "export",
     "verify_onnx": "export",
     "finetune": "train",
-    "evaluate": "evaluate",
+    "evaluate": "evaluation",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

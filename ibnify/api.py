@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from .errors import WeightsError
+from .generic import require_batchnorm
 from .graph import analyze
 from .layouts import make_plan
 from .models import build_model, describe_key_mismatch, load_state_dict_file
-from .plan import ConversionPlan
+from .plans import ConversionPlan
 from .surgery import apply_plan
 
 __all__ = ["convert", "convert_named", "load_weights", "plan"]
@@ -57,7 +58,8 @@ def plan(
         model_kwargs: constructor arguments when ``model`` is a name; recorded in the plan.
     """
     module, source = _as_model(model, model_kwargs)
-    analysis = analyze(module, input_size)
+    require_batchnorm(module, arch or source or type(module).__name__)
+    analysis = analyze(module, input_size, fallback=True)
     result = make_plan(
         module, analysis, layout=layout, stages=stages, ratio=ratio, arch=arch or source
     )

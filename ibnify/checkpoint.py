@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._io import atomic_output
+from ._io import atomic_write_bytes
 from .errors import CheckpointError, ModelNotFoundError, WeightsError
-from .plan import ConversionPlan
+from .plans import ConversionPlan
 from .surgery import apply_plan, get_plan
 
 __all__ = ["FORMAT", "load", "read_recipe", "save"]
@@ -60,7 +60,7 @@ def save(
         source: ``source:name`` to rebuild the base model, when the plan does not record one.
         extra_metadata: more string metadata to store beside the recipe.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save as serialize
 
     recipe = _recipe(model, source)
     tensors: dict[str, torch.Tensor] = {}
@@ -73,10 +73,7 @@ def save(
         seen.add(identity)
         tensors[key] = tensor
     metadata = {_RECIPE_KEY: json.dumps(recipe), **(extra_metadata or {})}
-    target = Path(path)
-    with atomic_output(target) as temp:
-        save_file(tensors, str(temp), metadata=metadata)
-    return target
+    return atomic_write_bytes(path, serialize(tensors, metadata=metadata))
 
 
 def read_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -37,7 +37,7 @@ class IbnifyGroup(click.Group):
         try:
             result = super().main(
                 args=argv,
-                prog_name=prog_name or "ibnify",
+                prog_name="ibnify",
                 complete_var=complete_var,
                 standalone_mode=False,
                 **extra,
@@ -76,7 +76,7 @@ def _fail(message: str, code: int, debug: bool) -> None:
 def _parse_stages(ctx: click.Context, param: click.Parameter, value: str | None):
     if value is None:
         return None
-    from .plan import parse_stages
+    from .plans import parse_stages
 
     try:
         return parse_stages(value)
@@ -120,6 +120,10 @@ def _plan_options(function):
             "--layout",
             default="a",
             show_default=True,
+            type=click.Choice(
+                ["a", "b", "generic", "resnet-a", "resnet-b", "densenet-a", "generic-a"],
+                case_sensitive=False,
+            ),
             help="a (IBN-a for the model's family), b (IBN-b, ResNet family), or an explicit "
             "layout: resnet-a, resnet-b, densenet-a, generic-a.",
         ),
@@ -196,9 +200,7 @@ def plan_command(
 
 @cli.command("convert")
 @_plan_options
-@click.option(
-    "-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .safetensors."
-)
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output .safetensors.")
 @click.option("--weights", type=click.Path(), help="Local weights (.pth/.pt/.safetensors).")
 @click.option("--pretrained", is_flag=True, help="Ask torchvision/timm for pretrained weights.")
 @click.option("--force", is_flag=True, help="Overwrite the output file if it exists.")
@@ -226,6 +228,8 @@ def convert_command(
     from .checkpoint import save
     from .surgery import get_plan
 
+    if weights and pretrained:
+        raise click.UsageError("give either --weights or --pretrained, not both")
     target = check_output_path(output, force=force)
     if seed is not None:
         torch.manual_seed(seed)
@@ -244,6 +248,364 @@ def convert_command(
     save(converted, target)
     if not as_json:
         click.echo(f"wrote {Path(target)}")
+
+
+def _data_options(function):
+    options = [
+        click.option(
+            "--data",
+            type=click.Path(file_okay=False),
+            help="ImageFolder directory (CLASS/IMAGE files); timm's transforms for the model.",
+        ),
+        click.option(
+            "--dataset",
+            type=click.Choice(["digits"]),
+            help="Built-in data set: scikit-learn's handwritten digits as 3×16×16 images.",
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _one_data_source(data: str | None, dataset: str | None) -> None:
+    if (data is None) == (dataset is None):
+        raise click.UsageError("give either --data DIR or --dataset digits")
+
+
+@cli.command("finetune")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@_data_options
+@click.option("--val-data", type=click.Path(file_okay=False), help="Labelled validation folder.")
+@click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Images per process and step.",
+)
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-4, show_default=True)
+@click.option(
+    "--decay-norm/--no-decay-norm",
+    default=True,
+    show_default=True,
+    help="Weight decay on BN affine and biases (reference recipe: yes; timm: no).",
+)
+@click.option(
+    "--decay-in/--no-decay-in",
+    default=True,
+    show_default=True,
+    help="Weight decay on the InstanceNorm affine of the IBN layers.",
+)
+@click.option("--warmup-epochs", type=click.FloatRange(min=0), default=1.0, show_default=True)
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Output directory: model.safetensors, checkpoint.pt, metrics.jsonl.",
+)
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
+@click.option("--force", is_flag=True, help="Start over in an --out that holds a run.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--distill-from",
+    help="Label-free: distil from the original model (ibnify checkpoint, weights file of the "
+    "base architecture, or a model name with pretrained weights); labels are ignored.",
+)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(min=0, min_open=True),
+    default=4.0,
+    show_default=True,
+    help="Distillation temperature.",
+)
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--stop-after", type=click.IntRange(min=1), help="End after N epochs this run.")
+@click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
+def finetune_command(
+    checkpoint: str,
+    data: str | None,
+    dataset: str | None,
+    val_data: str | None,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    optimizer: str,
+    weight_decay: float,
+    decay_norm: bool,
+    decay_in: bool,
+    warmup_epochs: float,
+    out_dir: str,
+    resume: bool,
+    force: bool,
+    seed: int,
+    distill_from: str | None,
+    temperature: float,
+    workers: int,
+    stop_after: int | None,
+    quiet: bool,
+) -> None:
+    """Fine-tune an ibnify CHECKPOINT (labelled, or label-free with --distill-from).
+
+    Runs data-parallel under `torchrun --nproc_per_node N -m ibnify finetune ...`.
+    """
+    import json
+    import os
+
+    from .train import MODEL_FILE, FinetuneConfig, finetune_files
+
+    _one_data_source(data, dataset)
+    if resume and force:
+        raise click.UsageError("--resume and --force exclude each other")
+    config = FinetuneConfig(
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        optimizer=optimizer,
+        weight_decay=weight_decay,
+        decay_norm_and_bias=decay_norm,
+        decay_in_affine=decay_in,
+        warmup_epochs=warmup_epochs,
+        distill_temperature=temperature,
+        seed=seed,
+        workers=workers,
+        out_dir=out_dir,
+        resume=resume,
+        stop_after=stop_after,
+        quiet=quiet,
+    )
+
+    def on_epoch(metrics: dict) -> None:
+        if not quiet:
+            click.echo(json.dumps(metrics))
+
+    result = finetune_files(
+        checkpoint,
+        config,
+        data=data,
+        dataset=dataset,
+        val_data=val_data,
+        distill_from=distill_from,
+        force=force,
+        on_epoch=on_epoch,
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        state = "finished" if result.completed else "stopped; continue with --resume"
+        click.echo(f"{state}: wrote {Path(out_dir) / MODEL_FILE}")
+
+
+@cli.command("evaluate")
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@_data_options
+@click.option(
+    "--shift",
+    "shifts",
+    default="all",
+    show_default=True,
+    help="all, or a comma list of shifts/groups: brightness, contrast, color, "
+    "brightness_up, brightness_down, contrast_up, contrast_down, rgb_plus_50, "
+    "r_plus_50, gamma, blur, noise.",
+)
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG bar chart here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the noise shift.")
+@click.option("--force", is_flag=True, help="Overwrite the plot file if it exists.")
+def evaluate_command(
+    checkpoints: tuple[str, ...],
+    data: str | None,
+    dataset: str | None,
+    shifts: str,
+    plot: str | None,
+    as_json: bool,
+    batch_size: int,
+    workers: int,
+    seed: int,
+    force: bool,
+) -> None:
+    """Accuracy of CHECKPOINTS side by side, clean and under appearance shifts."""
+    from ._io import check_output_path
+    from .evaluation import evaluate_files
+
+    _one_data_source(data, dataset)
+    plot_path = check_output_path(plot, force=force) if plot else None
+    report = evaluate_files(
+        checkpoints,
+        data=data,
+        dataset=dataset,
+        shifts=shifts,
+        batch_size=batch_size,
+        seed=seed,
+        workers=workers,
+    )
+    if plot_path is not None:
+        report.plot(plot_path)
+    if as_json:
+        click.echo(report.to_json())
+        return
+    click.echo(f"{report.dataset}: {report.images} images; accuracy % (drop from clean)")
+    click.echo(report.table())
+    if plot_path is not None:
+        click.echo(f"wrote {plot_path}")
+
+
+@cli.command("demo")
+@click.option(
+    "--out",
+    "out_dir",
+    default="ibnify-demo",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Folder for the plot, report, models.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quick", is_flag=True, help="Fewer epochs (a smoke test, not the README run).")
+@click.option("--no-export", is_flag=True, help="Skip the ONNX export and verification.")
+@click.option("--force", is_flag=True, help="Overwrite files from an earlier demo run.")
+@click.option("--progress", is_flag=True, help="Show per-epoch progress bars.")
+def demo_command(
+    out_dir: str, seed: int, quick: bool, no_export: bool, force: bool, progress: bool
+) -> None:
+    """End-to-end demo on real digits: baseline, IBN conversion, control, shifts, ONNX."""
+    from .demo import DemoConfig, run_demo
+
+    config = DemoConfig.quick(seed) if quick else DemoConfig(seed=seed)
+    config.export = not no_export
+    result = run_demo(out_dir, config, force=force, quiet=not progress, echo=click.echo)
+    click.echo("")
+    click.echo(result.summary())
+
+
+def _parse_batches(ctx: click.Context, param: click.Parameter, value: str):
+    try:
+        sizes = tuple(int(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a batch list like 1,4") from None
+    if not sizes or min(sizes) < 1:
+        raise click.BadParameter(f"{value!r} is not a batch list like 1,4 (sizes ≥ 1)")
+    return sizes
+
+
+@cli.command("export")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option(
+    "-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .onnx file."
+)
+@click.option("--opset", type=click.IntRange(min=17), default=18, show_default=True)
+@click.option(
+    "--input-size",
+    callback=_parse_input_size,
+    help="Export input: 224 or 3,224,224 (default from the model, else 224).",
+)
+@click.option("--static-batch", is_flag=True, help="Fix the batch axis at 1 (default: dynamic).")
+@click.option("--dynamic-size", is_flag=True, help="Also make height and width dynamic axes.")
+@click.option("--no-fold", is_flag=True, help="Keep the BN halves as BatchNormalization nodes.")
+@click.option("--force", is_flag=True, help="Overwrite the output file if it exists.")
+def export_command(
+    checkpoint: str,
+    output: str,
+    opset: int,
+    input_size: tuple[int, int, int] | None,
+    static_batch: bool,
+    dynamic_size: bool,
+    no_fold: bool,
+    force: bool,
+) -> None:
+    """Export the converted model in CHECKPOINT to ONNX, BN halves folded into their convs."""
+    from ._io import check_output_path
+    from .checkpoint import load
+    from .export import export_onnx
+
+    target = check_output_path(output, force=force)
+    model = load(checkpoint)
+    report = export_onnx(
+        model,
+        target,
+        input_size=input_size,
+        opset=opset,
+        dynamic_batch=not static_batch,
+        fold=not no_fold,
+        dynamic_size=dynamic_size,
+    )
+    click.echo(str(report))
+
+
+@cli.command("verify")
+@click.argument("onnx_file", type=click.Path(dir_okay=False))
+@click.option(
+    "--against", required=True, type=click.Path(dir_okay=False), help="ibnify checkpoint."
+)
+@click.option(
+    "--batch", default="1,3", show_default=True, callback=_parse_batches, help="Batch sizes."
+)
+@click.option("--atol", type=click.FloatRange(min=0), default=1e-4, show_default=True)
+@click.option("--rtol", type=click.FloatRange(min=0), default=1e-3, show_default=True)
+@click.option(
+    "--images", type=click.Path(file_okay=False), help="Folder of real images to check too."
+)
+def verify_command(
+    onnx_file: str,
+    against: str,
+    batch: tuple[int, ...],
+    atol: float,
+    rtol: float,
+    images: str | None,
+) -> None:
+    """Compare ONNX_FILE in onnxruntime with the PyTorch model in a checkpoint; exit 1 on error."""
+    from .checkpoint import load
+    from .errors import VerificationError
+    from .export import verify_onnx
+
+    model = load(against)
+    report = verify_onnx(
+        onnx_file,
+        model,
+        batch_sizes=batch,
+        atol=atol,
+        rtol=rtol,
+        images=images,
+        raise_on_failure=False,
+    )
+    click.echo(str(report))
+    if not report.passed:
+        raise VerificationError(report.failure_message())
+
+
+@cli.command("bench")
+@click.argument("onnx_file", type=click.Path(dir_okay=False))
+@click.option("--against", type=click.Path(dir_okay=False), help="A second .onnx to compare.")
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True)
+@click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True)
+def bench_command(
+    onnx_file: str, against: str | None, threads: int, batch: int, warmup: int, runs: int
+) -> None:
+    """onnxruntime latency of ONNX_FILE (median, p90); with --against, interleaved and a ratio."""
+    from .onnx_bench import bench_onnx
+
+    paths = [onnx_file] if against is None else [onnx_file, against]
+    bars: list = []  # the bar appears with the first timed run, after the files have loaded
+
+    def progress(done: int, total: int) -> None:
+        if not bars:
+            bars.append(click.progressbar(length=total, label="timing", file=sys.stderr))
+            bars[0].__enter__()
+        bars[0].update(done - bars[0].pos)
+
+    try:
+        report = bench_onnx(
+            paths, batch=batch, threads=threads, warmup=warmup, runs=runs, progress=progress
+        )
+    finally:
+        if bars:
+            bars[0].__exit__(None, None, None)
+    click.echo(str(report))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -10,12 +10,16 @@ Definitions (see DESIGN.md):
 - stage: blocks are ranked by their output stride, highest resolution first (stage 1); a norm
   inside a block has the block's stage; a norm that runs before the first block is in the stem
   (stage 0). Ranking, not absolute strides, keeps CIFAR-style networks (stride-1 first blocks)
-  numbered like ImageNet ones.
+  numbered like ImageNet ones. Networks without residual blocks use the regions that end in a
+  channel concatenation (Inception, ShuffleNet units) as blocks; with neither (VGG-BN) there is
+  no stem and every resolution a norm runs at is a stage.
+
+``analyze(model, fallback=True)`` describes models fx cannot trace from a forward-hook walk
+(:mod:`ibnify.hookwalk`) instead of raising.
 """
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +27,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import TraceError
 from .layers import IBN
@@ -165,6 +168,8 @@ class GraphAnalysis:
     blocks: tuple[ResidualBlock, ...]
     stage_strides: tuple[int, ...]
     graph_module: fx.GraphModule = field(repr=False, compare=False)
+    # Set when fx could not trace the model and the graph is a forward-hook walk's record.
+    trace_error: str | None = field(default=None, compare=False)
 
     def norm(self, name: str) -> NormLayer:
         """The record of norm ``name``; KeyError names the function that lists valid names."""
@@ -191,23 +196,35 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def analyze(model: nn.Module, input_size: tuple[int, int, int] | None = None) -> GraphAnalysis:
+def analyze(
+    model: nn.Module,
+    input_size: tuple[int, int, int] | None = None,
+    *,
+    fallback: bool = False,
+) -> GraphAnalysis:
     """Trace ``model``, run one dummy input through it in eval mode and describe its norms.
 
     Args:
         model: the network; it is not modified and its mode is restored.
         input_size: (C, H, W) of the dummy input; default from :func:`default_input_size`.
+        fallback: when fx cannot trace the model, describe the graph recorded by a forward-hook
+            walk instead of raising (the analysis then carries ``trace_error``).
     """
     if input_size is None:
         input_size = default_input_size(model)
-    graph_module = trace(model)
     reference = next(iter(model.parameters()), None)
     device = reference.device if reference is not None else torch.device("cpu")
     dtype = reference.dtype if reference is not None and reference.is_floating_point() else None
     dummy = torch.zeros((1, *input_size), device=device, dtype=dtype or torch.float32)
+    try:
+        graph_module = trace(model)
+    except TraceError as error:
+        if not fallback:
+            raise
+        return _analyze_walk(model, dummy, input_size, error)
     with _eval_mode(graph_module), torch.no_grad():
         try:
-            ShapeProp(graph_module).propagate(dummy)
+            _ShapeRecorder(graph_module).run(dummy)
         except Exception as exc:
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise TraceError(
@@ -215,6 +232,49 @@ def analyze(model: nn.Module, input_size: tuple[int, int, int] | None = None) ->
                 f"failed ({type(exc).__name__}: {detail}); pass a valid input size"
             ) from exc
     return _describe(graph_module, input_size)
+
+
+def _analyze_walk(
+    model: nn.Module, dummy: torch.Tensor, input_size: tuple[int, int, int], error: TraceError
+) -> GraphAnalysis:
+    """The forward-hook fallback: describe the dataflow of one recorded forward pass."""
+    from dataclasses import replace
+
+    from .hookwalk import walk
+
+    leaves, _ = _timm_notrace()
+    leaf_types = (*leaves, nn.modules.batchnorm._BatchNorm, nn.InstanceNorm2d, IBN)
+    with _eval_mode(model), torch.no_grad():
+        try:
+            graph = walk(model, dummy, lambda m: isinstance(m, leaf_types))
+        except Exception as exc:
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise TraceError(
+                f"{error}; the forward-hook fallback failed too ({type(exc).__name__}: {detail})"
+            ) from exc
+    graph_module = fx.GraphModule(model, graph, type(model).__name__)
+    return replace(_describe(graph_module, input_size), trace_error=str(error))
+
+
+@dataclass(frozen=True)
+class TensorShape:
+    """What shape propagation records for a node: ``node.meta["tensor_meta"].shape``."""
+
+    shape: tuple[int, ...]
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Runs the graph once and stores each tensor node's output shape in ``node.meta``.
+
+    Unlike torch's ShapeProp it does not print a traceback when a node fails, so a bad input
+    size ends in one clear error.
+    """
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor):
+            n.meta["tensor_meta"] = TensorShape(tuple(result.shape))
+        return result
 
 
 def _output_stride(node: fx.Node, input_height: int) -> int | None:
@@ -318,11 +378,13 @@ def _describe(graph_module: fx.GraphModule, input_size: tuple[int, int, int]) ->
 
     first_block_start = min((position[n] for n in norm_block), default=len(nodes))
     norms: list[NormLayer] = []
+    norm_by_name: dict[str, fx.Node] = {}
     seen: set[str] = set()
     for index, node in enumerate(norm_nodes):
         if node.target in seen:
             continue
         seen.add(node.target)
+        norm_by_name[node.target] = node
         module = graph_module.get_submodule(node.target)
         meta = node.meta.get("tensor_meta")
         shape = tuple(int(v) for v in getattr(meta, "shape", ()))
@@ -346,9 +408,23 @@ def _describe(graph_module: fx.GraphModule, input_size: tuple[int, int, int]) ->
                 index=index,
             )
         )
-    stage_strides = tuple(block_strides) if block_strides else _plain_stage_strides(norms)
+    stage_strides = tuple(block_strides)
     if not block_strides:
-        norms = [_replace_stage(n, _stride_stage(n.stride)) for n in norms]
+        joins = _join_regions(nodes, position, ancestors, input_height)
+        stage_strides = tuple(sorted({stride for stride, _, _ in joins}))
+        stage_strides = stage_strides or tuple(sorted({n.stride for n in norms}))
+        first_fork = min((fork for _, fork, _ in joins), default=-1)
+        stage_of_stride = {stride: rank + 1 for rank, stride in enumerate(stage_strides)}
+        restaged = []
+        for n in norms:
+            at = position[norm_by_name[n.name]]
+            inside = [(members.bit_count(), s) for s, _, members in joins if members >> at & 1]
+            if inside:  # the innermost join region that holds the norm gives its stage
+                stage = stage_of_stride[min(inside)[1]]
+            else:
+                stage = _stage_outside_blocks(n.stride, at < first_fork, list(stage_strides))
+            restaged.append(_replace_stage(n, stage))
+        norms = restaged
     return GraphAnalysis(
         input_size=input_size,
         norms=tuple(norms),
@@ -373,13 +449,45 @@ def _stage_outside_blocks(stride: int, before_first_block: bool, block_strides: 
     return stage
 
 
-def _stride_stage(stride: int) -> int:
-    """ImageNet convention for networks without residual blocks: 4 → 1, 8 → 2, 16 → 3, 32 → 4."""
-    return max(0, round(math.log2(max(stride, 1))) - 1)
+def _is_channel_concat(node: fx.Node) -> bool:
+    """``torch.cat(tensors, dim=1)`` over at least two 4-D feature maps."""
+    if node.op != "call_function" or node.target is not torch.cat or not node.args:
+        return False
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    inputs = node.args[0]
+    shape = getattr(node.meta.get("tensor_meta"), "shape", None)
+    if shape is None or len(shape) != 4 or dim not in (1, -3):
+        return False
+    return isinstance(inputs, list | tuple) and sum(isinstance(t, fx.Node) for t in inputs) >= 2
 
 
-def _plain_stage_strides(norms: list[NormLayer]) -> tuple[int, ...]:
-    return tuple(sorted({n.stride for n in norms if _stride_stage(n.stride) > 0}))
+def _join_regions(
+    nodes: list[fx.Node], position: dict[fx.Node, int], ancestors: dict[fx.Node, int], height: int
+) -> list[tuple[int, int, int]]:
+    """(output stride, fork position, member bitset) of each concatenation joining branches.
+
+    Networks without residual additions (GoogLeNet, ShuffleNet, DenseNet) are built from blocks
+    whose branches meet in a channel concatenation; those blocks give the stages, and a norm
+    inside one (between its fork and the concatenation) has that block's stage. A network with
+    no joins at all (VGG-BN) has no stem: every resolution its norms run at is a stage.
+    """
+    regions = []
+    for node in nodes:
+        if not _is_channel_concat(node):
+            continue
+        inputs = [t for t in node.args[0] if isinstance(t, fx.Node)]
+        common, union = -1, 0
+        for tensor in inputs:
+            reach = ancestors[tensor] | (1 << position[tensor])
+            common &= reach
+            union |= reach
+        stride = _output_stride(node, height)
+        if common <= 0 or stride is None:
+            continue
+        fork = common.bit_length() - 1
+        fork_set = ancestors[nodes[fork]] | (1 << fork)
+        regions.append((stride, fork, union & ~fork_set))
+    return regions
 
 
 def _replace_stage(norm: NormLayer, stage: int) -> NormLayer:

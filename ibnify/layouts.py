@@ -19,10 +19,11 @@ from collections.abc import Callable, Iterable, Sequence
 
 from torch import nn
 
-from .errors import InvalidOptionError, NoBatchNormError
-from .graph import ROLE_MAIN, ROLE_PRE_ADD, ROLE_SHORTCUT, GraphAnalysis, NormLayer
+from .errors import InvalidOptionError, NoBatchNormError, TraceError
+from .generic import choose, require_batchnorm
+from .graph import ROLE_PRE_ADD, ROLE_SHORTCUT, GraphAnalysis, NormLayer
 from .layers import IBN, ibn_split_sizes
-from .plan import (
+from .plans import (
     KIND_IBN,
     KIND_IN,
     KIND_POST_ADD_IN,
@@ -61,8 +62,11 @@ _DENSE_LAYER = re.compile(r"^denselayer(\d+)$")
 
 
 def detect_family(model: nn.Module) -> str:
-    """``"resnet"``, ``"densenet"`` or ``"generic"``, from the module structure."""
-    if _resnet_stages(model):
+    """``"resnet"``, ``"densenet"`` or ``"generic"``, from the module structure.
+
+    A ResNet has at least two ``layer{k}`` stages; HRNet's lone ``layer1`` does not count.
+    """
+    if len(_resnet_stages(model)) >= 2:
         return FAMILY_RESNET
     if _dense_blocks(model):
         return FAMILY_DENSENET
@@ -383,50 +387,49 @@ def generic_a(
     stages: Sequence[int] | None,
     ratio: float | None,
 ) -> ConversionPlan:
-    """Generic IBN-a, driven by the traced graph rather than by names.
+    """Generic IBN-a for any BatchNorm CNN, driven by the graph rather than by names.
 
-    In each residual block of the chosen stages the first BN of the main branch becomes IBN;
-    never a shortcut BN and never the last BN before the addition.
+    The rule lives in :mod:`ibnify.generic`: the first safe main-branch BN of each residual
+    block, the expansion BN of depthwise-separable blocks, the BN after each conv of plain
+    stacks; never a shortcut BN, the last BN before an addition, or a BN whose channels are
+    later split or shuffled. Default stages: 1-3, but never the last stage unless asked.
+
+    Raises:
+        NoBatchNormError: the model has no BatchNorm, or none in the chosen stages can take IN.
+        InvalidOptionError: a chosen stage is out of range or holds no BatchNorm.
+        TraceError: fx could not trace the model and the forward-hook walk's record was not
+            enough to place IBN safely.
     """
     layout = "generic-a"
-    if not any(_is_batchnorm(model.get_submodule(n.name)) for n in analysis.norms):
-        raise NoBatchNormError(f"{arch} has no BatchNorm layer; IBN needs BatchNorm to split")
-    chosen_stages = _check_stages(stages or DEFAULT_STAGES[layout], analysis.num_stages, arch)
+    require_batchnorm(model, arch)
+    batchnorms = [n for n in analysis.norms if _is_batchnorm(model.get_submodule(n.name))]
+    num_stages = analysis.num_stages
+    # Default: stages 1-3 but never the deepest stage (IBN keeps BN in the deep layers).
+    default = tuple(s for s in DEFAULT_STAGES[layout] if s < num_stages) or (1,)
+    chosen_stages = _check_stages(stages or default, num_stages, arch)
+    empty = [k for k in chosen_stages if not any(n.stage == k for n in batchnorms)]
+    if empty and stages:
+        with_bn = sorted({n.stage for n in batchnorms if n.stage > 0})
+        raise InvalidOptionError(
+            f"stage {_stages_text(empty)} of {arch} holds no BatchNorm; stages with BatchNorm: "
+            f"{_stages_text(with_bn) or 'none'}"
+        )
     ratio = DEFAULT_RATIO[layout] if ratio is None else ratio
-    chosen: dict[str, ConversionSite] = {}
-    first_in_block: set[str] = set()
-    for block in analysis.blocks:
-        if block.stage in chosen_stages and block.main_norms:
-            first = block.main_norms[0]
-            norm = analysis.norm(first)
-            if norm.role == ROLE_MAIN and norm.block == block.name:
-                first_in_block.add(first)
-    for norm in analysis.norms:
-        if norm.name in first_in_block and norm.channels >= 2:
-            module = model.get_submodule(norm.name)
-            if _is_batchnorm(module) or isinstance(module, IBN):
-                chosen[norm.name] = _ibn_site(
-                    norm,
-                    module,
-                    ratio,
-                    "in_first",
-                    "generic: first main-branch BN of block",
-                    norm.stage,
-                )
-
-    def reason(norm: NormLayer) -> str:
-        if norm.stage == 0:
-            return "stem"
-        if norm.stage not in chosen_stages:
-            return f"stage {norm.stage} not chosen"
-        if norm.role == ROLE_SHORTCUT:
-            return "shortcut BN"
-        if norm.role == ROLE_PRE_ADD:
-            return "last BN before the residual addition"
-        if norm.block is None:
-            return "not inside a residual block"
-        return "not the first main-branch BN of its block"
-
+    choice = choose(model, analysis, chosen_stages)
+    chosen = {
+        norm.name: _ibn_site(
+            norm,
+            model.get_submodule(norm.name),
+            ratio,
+            "in_first",
+            choice.rules[norm.name],
+            choice.stages[norm.name],
+        )
+        for norm in analysis.norms
+        if norm.name in choice.rules
+    }
+    if not chosen:
+        _raise_no_site(arch, analysis, chosen_stages, choice.reasons)
     return _build_plan(
         model,
         analysis,
@@ -435,10 +438,41 @@ def generic_a(
         family=FAMILY_GENERIC,
         stages=chosen_stages,
         ratio=ratio,
-        num_stages=analysis.num_stages,
+        num_stages=num_stages,
         chosen=chosen,
-        reasons=reason,
+        reasons=lambda norm: choice.reasons.get(norm.name, "not picked by the generic rule"),
     )
+
+
+def _raise_no_site(
+    arch: str, analysis: GraphAnalysis, stages: tuple[int, ...], reasons: dict[str, str]
+) -> None:
+    """One line that says why no BN in ``stages`` can take IN (the commonest reasons)."""
+    counts: dict[str, int] = {}
+    for norm in analysis.norms:
+        if norm.stage in stages:
+            reason = re.sub(r" \((?:block|at) [^)]*\)$", "", reasons.get(norm.name, "?"))
+            counts[reason] = counts.get(reason, 0) + 1
+    if not counts:
+        where = sorted({n.stage for n in analysis.norms if _is_batchnorm_kind(n.kind)})
+        raise NoBatchNormError(
+            f"{arch}: no BatchNorm in stages {_stages_text(stages)}; its BatchNorm layers are in "
+            f"stage {_stages_text(where) or 'none'} (stage 0 is the stem, which IBN-a keeps)"
+        )
+    common = "; ".join(f"{n} × {r}" for r, n in sorted(counts.items(), key=lambda i: -i[1])[:3])
+    message = f"{arch}: no BatchNorm in stages {_stages_text(stages)} can take IN safely" + (
+        f" ({common})" if common else ""
+    )
+    if analysis.trace_error is not None:
+        raise TraceError(
+            f"{analysis.trace_error}; the forward-hook walk's record was not enough to place "
+            f"IBN safely ({message})"
+        )
+    raise NoBatchNormError(message)
+
+
+def _is_batchnorm_kind(kind: str) -> bool:
+    return "BatchNorm" in kind
 
 
 def _is_batchnorm(module: nn.Module) -> bool:

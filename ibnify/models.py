@@ -30,7 +30,7 @@ __all__ = [
     "resolve_name",
 ]
 
-SOURCES = ("tv", "timm")
+SOURCES = ("tv", "timm", "ibnify")
 _PREFIXES = ("module.", "_orig_mod.")
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "model_ema", "net", "weights")
 
@@ -40,6 +40,12 @@ def _torchvision_names() -> tuple[str, ...]:
     import torchvision
 
     return tuple(torchvision.models.list_models(module=torchvision.models))
+
+
+def _local_names() -> tuple[str, ...]:
+    from .small_models import MODELS
+
+    return tuple(MODELS)
 
 
 @cache
@@ -63,7 +69,9 @@ def resolve_name(name: str) -> str:
                 f"unknown model source {source!r} in {name!r}; valid sources: "
                 + ", ".join(f"{s}:" for s in SOURCES)
             )
-        candidates = {"tv": _torchvision_names, "timm": _timm_names}[source]()
+        candidates = {"tv": _torchvision_names, "timm": _timm_names, "ibnify": _local_names}[
+            source
+        ]()
         if bare in candidates:
             return f"{source}:{bare}"
         raise ModelNotFoundError(_unknown_message(name, bare, candidates))
@@ -71,6 +79,8 @@ def resolve_name(name: str) -> str:
         return f"tv:{text}"
     if text in _timm_names():
         return f"timm:{text}"
+    if text in _local_names():
+        return f"ibnify:{text}"
     raise ModelNotFoundError(_unknown_message(name, text, _torchvision_names() + _timm_names()))
 
 
@@ -88,12 +98,20 @@ def build_model(name: str, pretrained: bool = False, **kwargs: Any) -> tuple[nn.
     """
     source_id = resolve_name(name)
     source, _, bare = source_id.partition(":")
+    if pretrained:
+        _check_weights_reachable(source, bare)
     try:
         if source == "tv":
             import torchvision
 
             weights = "DEFAULT" if pretrained else None
             model = torchvision.models.get_model(bare, weights=weights, **kwargs)
+        elif source == "ibnify":
+            from .small_models import MODELS
+
+            if pretrained:
+                raise WeightsError(f"{source_id} has no pretrained weights; use --weights FILE")
+            model = MODELS[bare](**kwargs)
         else:
             import timm
 
@@ -106,6 +124,61 @@ def build_model(name: str, pretrained: bool = False, **kwargs: Any) -> tuple[nn.
             ) from exc
         raise
     return model, source_id
+
+
+def _weights_location(source: str, bare: str) -> tuple[str | None, bool]:
+    """(URL the library would download pretrained weights from, whether they are cached)."""
+    if source == "tv":
+        import torchvision
+
+        try:
+            url = torchvision.models.get_model_weights(bare).DEFAULT.url
+        except (ValueError, AttributeError, KeyError):
+            return None, False
+        cached = Path(torch.hub.get_dir(), "checkpoints", url.rsplit("/", 1)[-1]).is_file()
+        return url, cached
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(bare)
+    if cfg is None:
+        return None, False
+    if cfg.hf_hub_id:
+        import huggingface_hub
+        from huggingface_hub import constants
+
+        repo = cfg.hf_hub_id.split("@")[0]
+        names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else []
+        names += ["model.safetensors", "pytorch_model.bin"]
+        cached = any(
+            isinstance(huggingface_hub.try_to_load_from_cache(repo, n), str) for n in names
+        )
+        return constants.ENDPOINT, cached
+    return cfg.url, False
+
+
+def _check_weights_reachable(source: str, bare: str) -> None:
+    """Fail at once, with one line, when pretrained weights are neither cached nor reachable.
+
+    Without this the libraries print download progress and retry for a minute before failing.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    url, cached = _weights_location(source, bare)
+    if cached:
+        return
+    if url is None:
+        raise WeightsError(
+            f"{source}:{bare} has no pretrained weights to download; pass --weights FILE"
+        )
+    host = urlparse(url).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        raise WeightsError(
+            f"could not download pretrained weights for {source}:{bare} ({host} is not "
+            "reachable); pass a local file with --weights FILE instead"
+        ) from None
 
 
 def _looks_like_download_failure(exc: BaseException) -> bool:
@@ -176,14 +249,14 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        if "weights only" in str(exc).lower() or "weights_only" in str(exc).lower():
+        if _looks_like_pickle(file) or zipfile.is_zipfile(file):
             raise WeightsError(
-                f"refusing to load {str(file)!r}: it is a pickle with objects other than "
-                "tensors, and ibnify only loads plain weights (weights_only=True)"
+                f"refusing to load {str(file)!r}: it is a pickle that is not plain weights "
+                "(torch.load with weights_only=True rejected it); ibnify never unpickles "
+                "arbitrary objects — save a state dict of tensors or use safetensors"
             ) from exc
         raise WeightsError(
-            f"weights file {str(file)!r} is not a valid checkpoint ({first})"
+            f"weights file {str(file)!r} is corrupt or truncated: not a readable checkpoint"
         ) from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -195,6 +268,13 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
             f"weights file {str(file)!r} holds a {type(state).__name__}, not a state dict"
         )
     return clean_state_dict(state)
+
+
+def _looks_like_pickle(file: Path) -> bool:
+    """A bare pickle (protocol 2+) starts with the PROTO opcode."""
+    with file.open("rb") as handle:
+        head = handle.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
 
 def _has_safetensors_header(file: Path) -> bool:

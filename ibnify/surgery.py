@@ -15,7 +15,7 @@ from torch import fx, nn
 from .errors import ConversionError
 from .graph import trace
 from .layers import IBN, IBNAct, instance_norm_from_batchnorm
-from .plan import KIND_IBN, KIND_IN, KIND_POST_ADD_IN, ConversionPlan, ConversionSite
+from .plans import KIND_IBN, KIND_IN, KIND_POST_ADD_IN, ConversionPlan, ConversionSite
 
 __all__ = ["PLAN_ATTRIBUTE", "apply_plan", "get_plan"]
 

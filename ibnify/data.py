@@ -1,0 +1,198 @@
+"""Data for fine-tuning and evaluation: the digits demo set and ImageFolder directories.
+
+Every dataset here yields images as float tensors in [0, 1], *not* normalised: appearance shifts
+(``ibnify.evaluation``) act on pixel values, and normalisation (mean/std from timm's data config
+for the model) is applied afterwards, on the batch, by :class:`Normalize`. ImageFolder transforms
+come from ``timm.data.resolve_data_config`` and ``create_transform`` for the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+from .errors import IbnifyError
+
+__all__ = [
+    "DIGITS_SIZE",
+    "DataError",
+    "ImageData",
+    "Normalize",
+    "UnlabeledImages",
+    "data_config",
+    "digits_data",
+    "image_folder_data",
+    "load_digits_images",
+]
+
+logger = logging.getLogger(__name__)
+
+DIGITS_SIZE = 16
+# Foreground tint and background level of the rendered digits: a warm stroke on a dark-grey
+# ground, away from 0 and 1 so that brightening and darkening both change every pixel.
+_DIGITS_TINT = (1.0, 0.88, 0.76)
+_DIGITS_BACKGROUND = 0.1
+_DIGITS_INK = 0.8
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
+
+
+class DataError(IbnifyError):
+    """A data directory or data set is missing, empty or unusable for the requested task."""
+
+
+@dataclass
+class ImageData:
+    """A dataset of ``(image in [0, 1], label)`` pairs and the normalisation the model expects.
+
+    ``labelled`` is False for a folder of images without class sub-folders (labels are -1):
+    usable for label-free distillation only.
+    """
+
+    dataset: Dataset
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_classes: int | None = None
+    labelled: bool = True
+    name: str = ""
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel, applied to batches on the model's device."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def load_digits_images(
+    size: int = DIGITS_SIZE, test_fraction: float = 1 / 3, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scikit-learn's 1,797 real 8×8 digits as 3-channel ``size``×``size`` images in [0, 1].
+
+    Returns ``(train_x, train_y, test_x, test_y)``; the split is stratified and fixed by ``seed``.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    ink = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    if size != ink.shape[-1]:
+        ink = nn.functional.interpolate(
+            ink, size=(size, size), mode="bilinear", align_corners=False
+        )
+    tint = torch.tensor(_DIGITS_TINT).view(1, 3, 1, 1)
+    images = (_DIGITS_BACKGROUND + _DIGITS_INK * ink * tint).clamp(0.0, 1.0)
+    labels = torch.tensor(digits.target, dtype=torch.long)
+    train_idx, test_idx = train_test_split(
+        list(range(len(labels))),
+        test_size=test_fraction,
+        random_state=seed,
+        stratify=labels.numpy(),
+    )
+    train_idx_t, test_idx_t = torch.tensor(train_idx), torch.tensor(test_idx)
+    return images[train_idx_t], labels[train_idx_t], images[test_idx_t], labels[test_idx_t]
+
+
+def digits_data(split: str = "train", size: int = DIGITS_SIZE, seed: int = 0) -> ImageData:
+    """The digits demo set (``split`` is ``"train"`` or ``"test"``) with its mean/std."""
+    from .small_models import DIGITS_MEAN, DIGITS_STD
+
+    if split not in ("train", "test"):
+        raise DataError(f"digits split must be 'train' or 'test', got {split!r}")
+    train_x, train_y, test_x, test_y = load_digits_images(size=size, seed=seed)
+    x, y = (train_x, train_y) if split == "train" else (test_x, test_y)
+    return ImageData(
+        TensorDataset(x, y), DIGITS_MEAN, DIGITS_STD, num_classes=10, name=f"digits-{split}"
+    )
+
+
+def data_config(model: nn.Module) -> dict:
+    """timm's data config for ``model`` (input size, interpolation, crop, mean, std)."""
+    from timm.data import resolve_data_config
+
+    return resolve_data_config({}, model=model)
+
+
+class UnlabeledImages(Dataset):
+    """All images under a directory (recursively), with label -1: for label-free fine-tuning."""
+
+    def __init__(self, root: str | os.PathLike[str], transform=None) -> None:
+        self.root = Path(root)
+        self.files = sorted(
+            p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        rgb = load_rgb_image(self.files[index])
+        return (self.transform(rgb) if self.transform else rgb), -1
+
+
+def load_rgb_image(path: str | os.PathLike[str]):
+    """Open an image as RGB; a corrupt or unreadable file raises DataError naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DataError(
+            f"image {str(path)!r} is corrupt or not an image ({exc.__class__.__name__})"
+        ) from exc
+
+
+def image_folder_data(
+    root: str | os.PathLike[str], model: nn.Module, train: bool = False
+) -> ImageData:
+    """An image directory as :class:`ImageData`, with timm's transforms for ``model``.
+
+    ``root/CLASS/*.jpg`` gives a labelled ImageFolder; a directory of images without class
+    sub-folders gives unlabelled images (for ``--distill-from``). Training uses timm's training
+    augmentation (random resized crop, flip); evaluation its resize + centre crop.
+    """
+    from timm.data import create_transform
+    from torchvision.datasets import ImageFolder
+
+    directory = Path(root)
+    if not directory.is_dir():
+        raise DataError(f"data directory {str(directory)!r} does not exist or is not a directory")
+    config = data_config(model)
+    transform = create_transform(
+        **{k: v for k, v in config.items() if k not in ("mean", "std")},
+        is_training=train,
+        normalize=False,
+    )
+    mean = tuple(float(v) for v in config["mean"])
+    std = tuple(float(v) for v in config["std"])
+    class_dirs = [p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    if class_dirs:
+        try:
+            dataset = ImageFolder(str(directory), transform=transform, loader=load_rgb_image)
+        except (FileNotFoundError, RuntimeError) as exc:
+            raise DataError(f"data directory {str(directory)!r}: {exc}") from exc
+        logger.info("%s: %d images in %d classes", directory, len(dataset), len(dataset.classes))
+        return ImageData(dataset, mean, std, len(dataset.classes), True, directory.name)
+    unlabeled = UnlabeledImages(directory, transform)
+    if len(unlabeled) == 0:
+        raise DataError(
+            f"data directory {str(directory)!r} holds no images (expected CLASS/IMAGE files "
+            "or, for label-free fine-tuning, image files)"
+        )
+    return ImageData(unlabeled, mean, std, None, False, directory.name)

@@ -1,0 +1,373 @@
+"""Accuracy on clean data and under appearance shifts, for several models side by side.
+
+The shifts act on pixel values in [0, 1], before the model's normalisation, as a camera or a
+different domain would: brightness and contrast up and down, the IBN-Net paper's colour offsets
+(RGB +50 and R +50 on a 0-255 scale), gamma, blur and noise. They are deterministic (noise uses a
+fixed seed per batch), so a table can be reproduced exactly. IN removes per-channel scale and
+offset of its input, so a model with IN in its shallow layers should lose less accuracy under
+the photometric shifts than its all-BN twin.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ._io import atomic_output
+from .data import ImageData, Normalize
+from .errors import InvalidOptionError
+
+__all__ = [
+    "SHIFTS",
+    "SHIFT_GROUPS",
+    "RobustnessReport",
+    "accuracy",
+    "apply_shift",
+    "evaluate",
+    "evaluate_files",
+    "parse_shifts",
+]
+
+ShiftFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+_OFFSET_50 = 50.0 / 255.0
+
+
+def _per_image_mean(x: torch.Tensor) -> torch.Tensor:
+    return x.mean(dim=(1, 2, 3), keepdim=True)
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float = 1.0, size: int = 5) -> torch.Tensor:
+    coords = torch.arange(size, dtype=x.dtype, device=x.device) - (size - 1) / 2
+    kernel_1d = torch.exp(-(coords**2) / (2 * sigma**2))
+    kernel_1d = kernel_1d / kernel_1d.sum()
+    kernel = (kernel_1d[:, None] * kernel_1d[None, :]).expand(x.shape[1], 1, size, size)
+    padded = F.pad(x, [size // 2] * 4, mode="reflect")
+    return F.conv2d(padded, kernel, groups=x.shape[1])
+
+
+def _red_plus_50(x: torch.Tensor, _: torch.Generator) -> torch.Tensor:
+    out = x.clone()
+    out[:, 0] = (out[:, 0] + _OFFSET_50).clamp(0.0, 1.0)
+    return out
+
+
+def _noise(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype) * 0.08
+    return (x + noise.to(x.device)).clamp(0.0, 1.0)
+
+
+SHIFTS: dict[str, ShiftFn] = {
+    "brightness_up": lambda x, _: (x * 1.4).clamp(0.0, 1.0),
+    "brightness_down": lambda x, _: x * 0.5,
+    "contrast_up": lambda x, _: (_per_image_mean(x) + 1.5 * (x - _per_image_mean(x))).clamp(
+        0.0, 1.0
+    ),
+    "contrast_down": lambda x, _: _per_image_mean(x) + 0.5 * (x - _per_image_mean(x)),
+    "rgb_plus_50": lambda x, _: (x + _OFFSET_50).clamp(0.0, 1.0),
+    "r_plus_50": _red_plus_50,
+    "gamma": lambda x, _: x.clamp(0.0, 1.0) ** 2.0,
+    "blur": lambda x, _: _gaussian_blur(x),
+    "noise": _noise,
+}
+"""Shift name → function of (images in [0, 1], generator). Names match the CLI's ``--shift``."""
+
+SHIFT_DESCRIPTIONS = {
+    "brightness_up": "pixel values ×1.4 (clipped)",
+    "brightness_down": "pixel values ×0.5 (darker)",
+    "contrast_up": "contrast ×1.5 around the image mean (clipped)",
+    "contrast_down": "contrast ×0.5 around the image mean",
+    "rgb_plus_50": "+50/255 on every channel (paper's RGB+50)",
+    "r_plus_50": "+50/255 on the red channel only (paper's R+50)",
+    "gamma": "gamma 2.0 (darker mid-tones)",
+    "blur": "Gaussian blur, sigma 1 px",
+    "noise": "Gaussian noise, sigma 0.08, fixed seed",
+}
+
+SHIFT_GROUPS: dict[str, tuple[str, ...]] = {
+    "brightness": ("brightness_up", "brightness_down"),
+    "contrast": ("contrast_up", "contrast_down"),
+    "color": ("rgb_plus_50", "r_plus_50"),
+    "colour": ("rgb_plus_50", "r_plus_50"),
+}
+
+CLEAN = "clean"
+
+
+def parse_shifts(spec: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``"all"``, a comma list of shift or group names, or a sequence of them → shift names.
+
+    Raises:
+        InvalidOptionError: an unknown name; the message lists the valid ones.
+    """
+    if spec is None:
+        return tuple(SHIFTS)
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    names: list[str] = []
+    for raw in items:
+        item = raw.strip().lower().replace("-", "_").replace("+", "_plus_")
+        item = item.replace("__", "_")
+        if not item:
+            continue
+        if item == "all":
+            names.extend(SHIFTS)
+        elif item == "none":
+            continue
+        elif item in SHIFT_GROUPS:
+            names.extend(SHIFT_GROUPS[item])
+        elif item in SHIFTS:
+            names.append(item)
+        else:
+            valid = ", ".join(["all", *SHIFT_GROUPS, *SHIFTS])
+            raise InvalidOptionError(f"unknown shift {raw.strip()!r}; choose from: {valid}")
+    return tuple(dict.fromkeys(names))
+
+
+def apply_shift(
+    name: str, images: torch.Tensor, seed: int = 0, batch_index: int = 0
+) -> torch.Tensor:
+    """Apply shift ``name`` to a batch of images in [0, 1]; deterministic for a given seed.
+
+    ``name`` may be ``"clean"`` (returns the input unchanged).
+    """
+    if name == CLEAN:
+        return images
+    if name not in SHIFTS:
+        raise InvalidOptionError(f"unknown shift {name!r}; choose from: {', '.join(SHIFTS)}")
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + batch_index)
+    return SHIFTS[name](images, generator)
+
+
+def _loader(data: ImageData, batch_size: int, workers: int = 0) -> DataLoader:
+    return DataLoader(data.dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@torch.no_grad()
+def accuracy(
+    model: nn.Module,
+    data: ImageData,
+    shift: str = CLEAN,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+) -> float:
+    """Top-1 accuracy of ``model`` on labelled ``data`` under ``shift``; restores train mode."""
+    shifts = () if shift == CLEAN else (shift,)
+    report = evaluate(
+        {"model": model}, data, shifts=shifts, batch_size=batch_size, device=device, seed=seed
+    )
+    return report.accuracy["model"][shift]
+
+
+@dataclass
+class RobustnessReport:
+    """Accuracy per model and shift (fractions in [0, 1]); ``clean`` is the reference."""
+
+    models: list[str]
+    shifts: list[str]
+    accuracy: dict[str, dict[str, float]]
+    images: int = 0
+    dataset: str = ""
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def drop(self, model: str, shift: str) -> float:
+        """Clean accuracy minus accuracy under ``shift`` (positive = worse), as a fraction."""
+        return self.accuracy[model][CLEAN] - self.accuracy[model][shift]
+
+    def mean_drop(self, model: str) -> float:
+        """Mean drop over the report's shifts."""
+        shifts = [s for s in self.shifts if s != CLEAN]
+        return sum(self.drop(model, s) for s in shifts) / max(len(shifts), 1)
+
+    def table(self) -> str:
+        """Markdown table: one row per shift, one column per model, ``acc (drop)`` in %."""
+        header = ["shift", *self.models]
+        rows = []
+        for shift in self.shifts:
+            cells = [shift]
+            for model in self.models:
+                acc = 100 * self.accuracy[model][shift]
+                if shift == CLEAN:
+                    cells.append(f"{acc:.1f}")
+                else:
+                    cells.append(f"{acc:.1f} ({-100 * self.drop(model, shift):+.1f})")
+            rows.append(cells)
+        if len(self.shifts) > 1:
+            rows.append(["mean drop", *(f"{-100 * self.mean_drop(m):+.1f}" for m in self.models)])
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+        def line(cells: list[str]) -> str:
+            return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+        separator = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+        return "\n".join([line(header), separator, *(line(r) for r in rows)])
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data: accuracies, drops (fractions) and the shift descriptions."""
+        return {
+            "dataset": self.dataset,
+            "images": self.images,
+            "models": list(self.models),
+            "shifts": list(self.shifts),
+            "accuracy": self.accuracy,
+            "drop": {
+                m: {s: self.drop(m, s) for s in self.shifts if s != CLEAN} for m in self.models
+            },
+            "descriptions": {s: SHIFT_DESCRIPTIONS.get(s, s) for s in self.shifts},
+            **self.extras,
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """JSON text of :meth:`to_dict`."""
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def plot(self, path: str | os.PathLike[str], title: str | None = None) -> Path:
+        """Write a grouped bar chart of accuracy per shift (PNG, matplotlib Agg); atomic."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        figure = Figure(figsize=(max(6.0, 0.9 * len(self.shifts) + 2), 4.0), dpi=110)
+        FigureCanvasAgg(figure)
+        axes = figure.add_subplot(1, 1, 1)
+        count = len(self.models)
+        width = 0.8 / max(count, 1)
+        positions = range(len(self.shifts))
+        for index, model in enumerate(self.models):
+            values = [100 * self.accuracy[model][s] for s in self.shifts]
+            offsets = [p - 0.4 + width * (index + 0.5) for p in positions]
+            axes.bar(offsets, values, width=width, label=model)
+        axes.set_xticks(list(positions))
+        axes.set_xticklabels(self.shifts, rotation=30, ha="right")
+        axes.set_ylabel("top-1 accuracy (%)")
+        axes.set_ylim(0, 112)
+        axes.set_yticks(range(0, 101, 20))
+        axes.grid(axis="y", alpha=0.3)
+        axes.set_title(title or f"accuracy under appearance shift ({self.dataset})")
+        axes.legend(loc="upper center", ncol=max(count, 1), fontsize="small", frameon=False)
+        figure.tight_layout()
+        target = Path(path)
+        with atomic_output(target) as temp, open(temp, "wb") as handle:
+            figure.savefig(handle, format="png")
+        return target
+
+
+def _named_models(
+    models: Mapping[str, nn.Module] | Sequence[nn.Module] | nn.Module,
+) -> dict[str, nn.Module]:
+    if isinstance(models, nn.Module):
+        return {"model": models}
+    if isinstance(models, Mapping):
+        return dict(models)
+    return {f"model{i}": m for i, m in enumerate(models)}
+
+
+def _device_of(model: nn.Module, default: torch.device) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else default
+
+
+@torch.no_grad()
+def evaluate(
+    models: Mapping[str, nn.Module] | Sequence[nn.Module] | nn.Module,
+    data: ImageData,
+    shifts: str | Sequence[str] | None = "all",
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+    workers: int = 0,
+) -> RobustnessReport:
+    """Top-1 accuracy of each model on ``data``, clean and under each shift.
+
+    Args:
+        models: ``{name: model}`` (the table's column names), a list, or one model.
+        data: labelled images in [0, 1] with the mean/std the models expect.
+        shifts: ``"all"``, a comma list or a sequence of shift/group names (see :data:`SHIFTS`).
+        seed: seed of the noise shift.
+
+    Every model sees exactly the same shifted pixels. Models are put in eval mode and restored.
+    """
+    named = _named_models(models)
+    if not named:
+        raise InvalidOptionError("no models to evaluate")
+    if not data.labelled:
+        raise InvalidOptionError("evaluation needs labelled data (class sub-folders)")
+    shift_names = [CLEAN, *parse_shifts(shifts)]
+    target = torch.device(device) if device is not None else _default_device()
+    normalize = Normalize(data.mean, data.std).to(target)
+    modes = {name: model.training for name, model in named.items()}
+    correct = {name: dict.fromkeys(shift_names, 0) for name in named}
+    total = 0
+    try:
+        for model in named.values():
+            model.eval()
+        for batch_index, (images, labels) in enumerate(_loader(data, batch_size, workers)):
+            labels = labels.to(target)
+            for shift in shift_names:
+                shifted = apply_shift(shift, images.float(), seed=seed, batch_index=batch_index)
+                inputs = normalize(shifted.to(target))
+                for name, model in named.items():
+                    logits = model(inputs.to(_device_of(model, target)))
+                    correct[name][shift] += int((logits.argmax(1).to(target) == labels).sum())
+            total += int(labels.shape[0])
+    finally:
+        for name, model in named.items():
+            model.train(modes[name])
+    if total == 0:
+        raise InvalidOptionError("the evaluation data is empty")
+    table = {name: {s: correct[name][s] / total for s in shift_names} for name in named}
+    return RobustnessReport(list(named), shift_names, table, total, data.name)
+
+
+def evaluate_files(
+    checkpoints: Sequence[str | os.PathLike[str]],
+    *,
+    data: str | os.PathLike[str] | None = None,
+    dataset: str | None = None,
+    shifts: str | Sequence[str] | None = "all",
+    batch_size: int = 256,
+    seed: int = 0,
+    workers: int = 0,
+) -> RobustnessReport:
+    """What ``ibnify evaluate`` does: load ibnify checkpoints and evaluate them side by side.
+
+    Columns are named by file stem (with the parent folder where stems collide). ``data`` is an
+    ImageFolder directory, transformed with timm's eval transform for the first model;
+    ``dataset="digits"`` is the digits demo set's test split.
+    """
+    from .checkpoint import load
+    from .data import digits_data, image_folder_data
+
+    if (data is None) == (dataset is None):
+        raise InvalidOptionError("give either --data DIR or --dataset digits")
+    if not checkpoints:
+        raise InvalidOptionError("give at least one checkpoint")
+    parse_shifts(shifts)  # fail on a bad --shift before loading anything
+    paths = [Path(p) for p in checkpoints]
+    stems = [p.stem for p in paths]
+    names = [
+        f"{p.parent.name}/{p.stem}" if stems.count(p.stem) > 1 and p.parent.name else p.stem
+        for p in paths
+    ]
+    names = [n if names.count(n) == 1 else f"{n}#{i + 1}" for i, n in enumerate(names)]
+    models = {name: load(path) for name, path in zip(names, paths, strict=True)}
+    if dataset is not None:
+        if dataset != "digits":
+            raise InvalidOptionError(f"unknown dataset {dataset!r}; the built-in one is digits")
+        eval_data = digits_data("test")
+    else:
+        eval_data = image_folder_data(data, next(iter(models.values())), train=False)  # type: ignore[arg-type]
+    return evaluate(
+        models, eval_data, shifts=shifts, batch_size=batch_size, seed=seed, workers=workers
+    )

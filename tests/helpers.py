@@ -1,0 +1,27 @@
+"""Helpers shared by tests (and benchmarks): deterministic, non-trivial norm parameters."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every norm non-trivial affine parameters and running statistics.
+
+    With default init (gamma 1, beta 0, mean 0, var 1) a broken weight transfer or BN fold can
+    still look right; random values make such bugs show up in the outputs.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm | nn.InstanceNorm2d):
+                if module.affine:
+                    n = module.num_features
+                    module.weight.copy_(0.5 + torch.rand(n, generator=generator))
+                    module.bias.copy_(0.4 * torch.rand(n, generator=generator) - 0.2)
+                if module.track_running_stats and module.running_mean is not None:
+                    n = module.num_features
+                    module.running_mean.copy_(torch.rand(n, generator=generator) - 0.5)
+                    module.running_var.copy_(0.5 + 1.5 * torch.rand(n, generator=generator))
+    return model

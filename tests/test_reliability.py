@@ -1,0 +1,199 @@
+"""Reliability: atomic writes under SIGKILL/SIGINT, determinism, safe loading everywhere."""
+
+from __future__ import annotations
+
+import ast
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import ibnify
+from ibnify._io import atomic_write_bytes
+
+PACKAGE = Path(ibnify.__file__).parent
+
+
+def test_every_torch_load_uses_weights_only() -> None:
+    calls = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "load"
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "torch"
+            ):
+                keywords = {k.arg: k.value for k in node.keywords}
+                safe = isinstance(keywords.get("weights_only"), ast.Constant) and (
+                    keywords["weights_only"].value is True
+                )
+                calls.append((f"{path.name}:{node.lineno}", safe))
+    assert calls, "expected torch.load calls in the package"
+    assert [where for where, safe in calls if not safe] == []
+
+
+def test_atomic_write_replaces_whole_file(tmp_path) -> None:
+    target = tmp_path / "file.bin"
+    target.write_bytes(b"old")
+    atomic_write_bytes(target, b"new contents")
+    assert target.read_bytes() == b"new contents"
+    assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]
+
+
+_SLOW_WRITER = textwrap.dedent(
+    """
+    import os, sys, time
+    from pathlib import Path
+    import ibnify
+    from ibnify import _io
+
+    target, ready = Path(sys.argv[1]), Path(sys.argv[2])
+    real_write = os.write
+
+    def slow_write(fd, data):
+        if len(data) < 1_000_000:  # only the model file, not small writes during imports
+            return real_write(fd, data)
+        written = real_write(fd, bytes(data[: len(data) // 2]))
+        ready.write_text("half written")
+        time.sleep(60)
+        return written
+
+    _io.os.write = slow_write
+    model = ibnify.convert("resnet18", input_size=(3, 64, 64))
+    if sys.argv[3] == "cli":
+        from ibnify.cli import main
+        main(["convert", "resnet18", "--input-size", "64", "-o", str(target), "--force"])
+    else:
+        ibnify.save(model, target)
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("how", "sig"), [("api", signal.SIGKILL), ("cli", signal.SIGINT), ("cli", signal.SIGKILL)]
+)
+def test_interrupted_save_leaves_previous_file_intact(tmp_path, how, sig) -> None:
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    target = out_dir / "model.safetensors"
+    target.write_bytes(b"previous model")
+    ready = tmp_path / "ready"
+    process = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_WRITER, str(target), str(ready), how],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    while not ready.exists():
+        assert process.poll() is None, process.communicate()[1]
+        assert time.monotonic() < deadline, "the writer never started writing"
+        time.sleep(0.1)
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode != 0
+    if sig == signal.SIGINT:
+        assert process.returncode == 130
+        assert stderr.strip().splitlines() == ["error: interrupted; nothing was written"]
+    assert target.read_bytes() == b"previous model"
+    assert [p.name for p in out_dir.iterdir()] == ["model.safetensors"]
+
+
+def _convert_cli(out: Path, seed: int) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ibnify", "convert", "resnet18", "--input-size", "64",
+         "--seed", str(seed), "-o", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_convert_with_seed_is_bit_for_bit_reproducible(tmp_path) -> None:
+    first, second, other = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "c"
+    for path, seed in ((first, 5), (second, 5), (other, 6)):
+        done = _convert_cli(path, seed)
+        assert done.returncode == 0, done.stderr
+    assert first.read_bytes() == second.read_bytes()
+    assert first.read_bytes() != other.read_bytes()
+
+
+def test_no_stray_temp_files_after_failed_save(tmp_path) -> None:
+    import torchvision
+
+    from ibnify.errors import CheckpointError
+
+    with pytest.raises(CheckpointError):
+        ibnify.save(torchvision.models.resnet18(), tmp_path / "x.safetensors")
+    assert os.listdir(tmp_path) == []
+
+
+def test_finetune_killed_mid_epoch_resumes_to_the_same_weights(tmp_path) -> None:
+    """SIGKILL during epoch 2, `--resume`, and the result equals an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    tiny = {"width": 4}
+    checkpoint = tmp_path / "tiny.safetensors"
+    torch.manual_seed(0)
+    ibnify.save(
+        ibnify.convert("ibnify:digits_resnet", stages=(1, 2), model_kwargs=tiny), checkpoint
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+    def finetune(out: Path, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "ibnify", "finetune", str(checkpoint), "--dataset", "digits",
+                "--epochs", "4", "--batch-size", "16", "--lr", "0.05", "--seed", "1",
+                "--quiet", "--out", str(out), *extra]  # fmt: skip
+
+    straight = subprocess.run(finetune(tmp_path / "straight"), capture_output=True, text=True,
+                              env=env, timeout=600)  # fmt: skip
+    assert straight.returncode == 0, straight.stderr
+
+    crashed = tmp_path / "crashed"
+    process = subprocess.Popen(finetune(crashed), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, env=env)  # fmt: skip
+    metrics = crashed / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        assert process.poll() is None, process.communicate()[1]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.3)  # well into epoch 2
+    process.kill()
+    process.wait(timeout=60)
+    assert metrics.read_text().count("\n") < 4, "the run finished before it could be killed"
+    assert [p.name for p in crashed.iterdir() if p.name.startswith(".")] == []  # no partial files
+
+    resumed = subprocess.run(finetune(crashed, "--resume"), capture_output=True, text=True,
+                             env=env, timeout=600)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(crashed / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_atomic_write_with_a_relative_path(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    atomic_write_bytes("relative.bin", b"data")
+    assert (tmp_path / "relative.bin").read_bytes() == b"data"
+    assert sorted(os.listdir(tmp_path)) == ["relative.bin"]
+
+
+def test_public_functions_are_not_shadowed_by_submodules() -> None:
+    """Importing every submodule must leave ibnify.plan, ibnify.evaluate, ... as functions."""
+    import importlib
+
+    for path in PACKAGE.glob("*.py"):
+        if path.stem != "__init__":
+            importlib.import_module(f"ibnify.{path.stem}")
+    for name in ("convert", "plan", "save", "load", "evaluate", "finetune", "export_onnx"):
+        assert callable(getattr(ibnify, name)) and not isinstance(
+            getattr(ibnify, name), type(ibnify)
+        ), name
