@@ -20,16 +20,20 @@ Definitions (see DESIGN.md):
 
 from __future__ import annotations
 
+import logging
 import operator
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import fx, nn
 
 from .errors import TraceError
 from .layers import IBN
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "GraphAnalysis",
@@ -223,6 +227,8 @@ def analyze(
             raise
         return _analyze_walk(model, dummy, input_size, error)
     with _eval_mode(graph_module), torch.no_grad():
+        if _propagate_on_meta(graph_module, dummy):
+            return _describe(graph_module, input_size)
         try:
             _ShapeRecorder(graph_module).run(dummy)
         except Exception as exc:
@@ -232,6 +238,36 @@ def analyze(
                 f"failed ({type(exc).__name__}: {detail}); pass a valid input size"
             ) from exc
     return _describe(graph_module, input_size)
+
+
+class _ShapeRun(nn.Module):
+    """Wraps a GraphModule so functional_call can swap its tensors while shapes are recorded."""
+
+    def __init__(self, graph_module: fx.GraphModule) -> None:
+        super().__init__()
+        self.graph_module = graph_module
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return _ShapeRecorder(self.graph_module).run(x)
+
+
+def _propagate_on_meta(graph_module: fx.GraphModule, dummy: torch.Tensor) -> bool:
+    """Record shapes with meta tensors (no arithmetic, no memory); False if an op needs data.
+
+    Shapes are all the analysis needs, so the weights are swapped for meta tensors for the one
+    pass; where an op has no meta kernel or depends on values, the caller runs real tensors.
+    """
+    wrapper = _ShapeRun(graph_module)
+    tensors = {
+        name: torch.empty_like(tensor, device="meta")
+        for name, tensor in (*wrapper.named_parameters(), *wrapper.named_buffers())
+    }
+    try:
+        torch.func.functional_call(wrapper, tensors, (dummy.to("meta"),))
+    except Exception as exc:  # any failure only means "use real tensors"
+        logger.debug("meta shape propagation failed (%s); using real tensors", exc)
+        return False
+    return True
 
 
 def _analyze_walk(
