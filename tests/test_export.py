@@ -170,6 +170,24 @@ def test_export_matches_pytorch_from_one_dynamic_file(
     assert verification.passed and verification.max_abs <= 1e-4
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["timm:mobilenetv2_100", "timm:efficientnet_b0", "tv:mobilenet_v3_large", "tv:regnet_y_400mf"],
+)
+def test_generic_rule_models_export_within_tolerance(onnx_dir, name: str) -> None:
+    """The generic IBN-a rule's models (norm+act layers, SE, hard-swish) match in onnxruntime."""
+    model = _model(name)
+    sites = sum(isinstance(m, IBN) for m in model.modules())
+    assert sites > 0
+    path = onnx_dir / f"{name.replace(':', '_')}.onnx"
+    report = export_onnx(model, path, input_size=SIZE)
+    assert len(report.fold.folded) + len(report.fold.unfolded) == sites
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    assert ops.count("InstanceNormalization") == sites
+    verification = verify_onnx(path, model, batch_sizes=(1, 3))
+    assert verification.passed and verification.max_abs <= 1e-4
+
+
 def test_resnet50_ibn_a_optimized_graph_has_no_batchnorm(onnx_dir) -> None:
     model = _model("resnet50", "a")
     folded = onnx_dir / "resnet50_a.onnx"
