@@ -679,8 +679,14 @@ def _flatten(output: Any) -> list[torch.Tensor]:
     raise VerificationError(f"the model returns a {type(output).__name__}, not tensors")
 
 
-def load_images(directory: str | os.PathLike[str], size: tuple[int, int], limit: int = 8):
-    """Up to ``limit`` images from ``directory`` (recursively), resized, ImageNet-normalised."""
+def load_images(
+    directory: str | os.PathLike[str],
+    size: tuple[int, int],
+    limit: int = 8,
+    mean: Sequence[float] = (0.485, 0.456, 0.406),
+    std: Sequence[float] = (0.229, 0.224, 0.225),
+):
+    """Up to ``limit`` images from ``directory`` (recursively), resized and normalised."""
     from PIL import Image
 
     from .data import IMAGE_SUFFIXES, load_rgb_image
@@ -691,12 +697,12 @@ def load_images(directory: str | os.PathLike[str], size: tuple[int, int], limit:
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
     if not files:
         raise VerificationError(f"no images (.jpg, .png, ...) found under {str(root)!r}")
-    mean = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-    std = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+    mean_array = np.array(mean, dtype=np.float32)
+    std_array = np.array(std, dtype=np.float32)
     batch = []
     for file in files:
         rgb = load_rgb_image(file).resize((size[1], size[0]), Image.BILINEAR)
-        array = (np.asarray(rgb, dtype=np.float32) / 255.0 - mean) / std
+        array = (np.asarray(rgb, dtype=np.float32) / 255.0 - mean_array) / std_array
         batch.append(array.transpose(2, 0, 1))
     return torch.from_numpy(np.stack(batch))
 
@@ -798,7 +804,16 @@ def verify_onnx(
         case = f"random batch {sizes[-1]} {second[0]}x{second[1]}"
         report.rows += _compare(session, model, x, case, atol, rtol)
     if images is not None:
-        batch = load_images(images, (height, width), limit=8 if batch_dim != 1 else 1)
+        from .data import data_config
+
+        config = data_config(model)  # the model's own normalisation (timm cfg, else ImageNet)
+        batch = load_images(
+            images,
+            (height, width),
+            limit=8 if batch_dim != 1 else 1,
+            mean=config["mean"],
+            std=config["std"],
+        )
         if isinstance(batch_dim, int):
             batch = batch[:batch_dim]
             if batch.shape[0] < batch_dim:

@@ -305,3 +305,22 @@ def test_cli_bench_prints_a_ratio(cli_files, tmp_path) -> None:
     assert report.ratio() == pytest.approx(
         report.timings[0].median_ms / report.timings[1].median_ms
     )
+
+
+def test_cli_verify_with_real_images(cli_files, tmp_path) -> None:
+    """--images adds a case on real pictures, normalised with the model's own mean/std."""
+    from PIL import Image
+
+    folder = tmp_path / "images" / "class"
+    folder.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(0)
+    for i in range(3):
+        pixels = (torch.rand(40, 50, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    result = CliRunner().invoke(
+        cli,
+        ["verify", str(cli_files["onnx"]), "--against", str(cli_files["r18"]),
+         "--images", str(tmp_path / "images")],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "images batch 3" in result.stdout and result.stdout.rstrip().endswith("PASS")
