@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ._io import atomic_write_bytes
-from .errors import CheckpointError, ModelNotFoundError, WeightsError
+from .errors import CheckpointError, ModelNotFoundError, WeightsError, first_line
 from .plans import ConversionPlan
 from .surgery import apply_plan, get_plan
 
@@ -87,7 +87,7 @@ def read_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
         with safe_open(str(file), framework="pt") as handle:
             metadata = handle.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise CheckpointError(
             f"{str(file)!r} is not a valid safetensors checkpoint ({first[:160]})"
         ) from exc

@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .errors import IbnifyError
+from .errors import IbnifyError, first_line
 
 __all__ = ["cli", "main"]
 
@@ -53,7 +53,7 @@ class IbnifyGroup(click.Group):
         except IbnifyError as exc:
             _fail(str(exc), 1, debug)
         except (OSError, ValueError, RuntimeError, TypeError, KeyError) as exc:
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            message = first_line(exc, "")
             _fail(
                 f"{type(exc).__name__}: {message} (rerun with --debug for the traceback)",
                 1,

@@ -13,6 +13,7 @@ __all__ = [
     "TraceError",
     "VerificationError",
     "WeightsError",
+    "first_line",
 ]
 
 
@@ -54,3 +55,14 @@ class ExportError(IbnifyError):
 
 class VerificationError(IbnifyError):
     """onnxruntime output differs from PyTorch beyond tolerance, or the files do not match."""
+
+
+def first_line(exc: BaseException, fallback: str | None = None) -> str:
+    """The first line of an exception's message (libraries' messages run to many lines).
+
+    An empty message gives ``fallback``, or the exception's class name when that is None.
+    """
+    text = str(exc).strip()
+    if text:
+        return text.splitlines()[0]
+    return type(exc).__name__ if fallback is None else fallback

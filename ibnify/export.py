@@ -28,7 +28,7 @@ import torch
 from torch import fx, nn
 
 from ._io import atomic_output
-from .errors import ExportError, TraceError, VerificationError
+from .errors import ExportError, TraceError, VerificationError, first_line
 from .layers import IBN
 
 __all__ = [
@@ -518,7 +518,7 @@ def export_onnx(
         try:
             _torch_export(export_model, example, temp, opset, dynamic_batch, dynamic_size, dynamo)
         except Exception as exc:  # the exporters raise many types; all mean "export failed"
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {first}") from exc
         proto = onnx.load(str(temp))
         for key, value in metadata.items():
@@ -588,7 +588,7 @@ def open_session(path: str | os.PathLike[str], threads: int | None = None) -> An
     try:
         return ort_session(file, threads=threads)
     except Exception as exc:  # onnxruntime raises its own exception types for bad files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise VerificationError(
             f"{str(file)!r} is not a valid ONNX model onnxruntime can load ({first[:200]})"
         ) from exc
@@ -714,7 +714,7 @@ def _compare(
     try:
         onnx_outputs = session.run(None, {input_name: x.numpy()})
     except Exception as exc:  # onnxruntime's own error types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise VerificationError(
             f"onnxruntime cannot run the file on input {tuple(x.shape)} ({first[:200]})"
         ) from exc

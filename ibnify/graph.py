@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .errors import TraceError
+from .errors import TraceError, first_line
 from .layers import IBN
 
 logger = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     except Exception as exc:  # fx raises many types; all mean "not traceable"
         where = tracer.ibnify_module_path[-1] if tracer.ibnify_module_path else "<root>"
         where = where or "<root>"
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = first_line(exc)
         raise TraceError(
             f"torch.fx cannot trace {type(model).__name__}: failed inside module '{where}' "
             f"({type(exc).__name__}: {detail})"
@@ -232,7 +232,7 @@ def analyze(
         try:
             _ShapeRecorder(graph_module).run(dummy)
         except Exception as exc:
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            detail = first_line(exc, "")
             raise TraceError(
                 f"running a {tuple(dummy.shape)} dummy input through {type(model).__name__} "
                 f"failed ({type(exc).__name__}: {detail}); pass a valid input size"
@@ -284,7 +284,7 @@ def _analyze_walk(
         try:
             graph = walk(model, dummy, lambda m: isinstance(m, leaf_types))
         except Exception as exc:
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            detail = first_line(exc, "")
             raise TraceError(
                 f"{error}; the forward-hook fallback failed too ({type(exc).__name__}: {detail})"
             ) from exc

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ModelNotFoundError, WeightsError
+from .errors import ModelNotFoundError, WeightsError, first_line
 
 __all__ = [
     "SOURCES",
@@ -259,7 +259,7 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
             f"weights file {str(file)!r} is corrupt or truncated: not a readable checkpoint"
         ) from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise WeightsError(
             f"weights file {str(file)!r} is corrupt or truncated ({first[:160]})"
         ) from exc
@@ -290,7 +290,7 @@ def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(file))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise WeightsError(
             f"weights file {str(file)!r} is not a valid safetensors file ({first[:160]})"
         ) from exc

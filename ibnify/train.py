@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 
 from ._io import atomic_output
 from .data import ImageData, Normalize
-from .errors import CheckpointError, InvalidOptionError
+from .errors import CheckpointError, InvalidOptionError, first_line
 
 __all__ = [
     "CHECKPOINT_FILE",
@@ -294,7 +294,7 @@ def load_training_state(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise CheckpointError(
             f"training checkpoint {str(file)!r} is corrupt or unsafe ({first[:160]})"
         ) from exc
