@@ -226,10 +226,9 @@ def _run(
         onnx = _export_and_verify(ibn, files["onnx"], test_data)
         say(f"5. exported the IBN model to {files['onnx'].name} and verified it in onnxruntime")
     report.plot(files["plot"], title="digits: accuracy under appearance shift")
-    from ._io import atomic_output
+    from ._io import atomic_write_bytes
 
-    with atomic_output(files["report"]) as temp:
-        temp.write_text(report.to_json() + "\n")
+    atomic_write_bytes(files["report"], (report.to_json() + "\n").encode())
     _save_unconverted(copy.deepcopy(baseline), files["baseline"])
     _save_unconverted(copy.deepcopy(control), files["control"])
     ibnify.save(ibn, files["ibn"])

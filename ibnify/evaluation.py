@@ -10,6 +10,7 @@ the photometric shifts than its all-BN twin.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ._io import atomic_output
+from ._io import atomic_write_bytes
 from .data import ImageData, Normalize
 from .errors import InvalidOptionError
 
@@ -258,9 +259,9 @@ class RobustnessReport:
         axes.legend(loc="upper center", ncol=max(count, 1), fontsize="small", frameon=False)
         figure.tight_layout()
         target = Path(path)
-        with atomic_output(target) as temp, open(temp, "wb") as handle:
-            figure.savefig(handle, format="png")
-        return target
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png")
+        return atomic_write_bytes(target, buffer.getvalue())
 
 
 def _named_models(

@@ -11,6 +11,7 @@ multi-process data parallel training when started by ``torchrun`` (gloo on CPU, 
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
-from ._io import atomic_output
+from ._io import atomic_write_bytes
 from .data import ImageData, Normalize
 from .errors import CheckpointError, InvalidOptionError, first_line
 
@@ -734,10 +735,11 @@ def _write_outputs(
     }
     if scaler.is_enabled():
         state["scaler"] = scaler.state_dict()
-    with atomic_output(out_dir / CHECKPOINT_FILE) as temp:
-        torch.save(state, temp)
-    with atomic_output(out_dir / METRICS_FILE) as temp:
-        temp.write_text("".join(json.dumps(line) + "\n" for line in history))
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(out_dir / CHECKPOINT_FILE, buffer.getvalue())
+    metrics = "".join(json.dumps(line) + "\n" for line in history)
+    atomic_write_bytes(out_dir / METRICS_FILE, metrics.encode())
     if get_plan(model) is not None:
         from .checkpoint import save
 
