@@ -23,8 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ibnify
 from benchmarks._results import machine_line, update_section
-from ibnify.export import export_onnx, fold_bn_halves, optimized_op_types, verify_onnx
-from ibnify.onnx_bench import bench_onnx
+from ibnify.deploy.bench import bench_onnx
+from ibnify.deploy.export import export_onnx
+from ibnify.deploy.fold import fold_bn_halves
+from ibnify.deploy.ort import optimized_op_types
+from ibnify.deploy.verify import verify_onnx
 from tests.helpers import randomize_norms
 
 TARGET = 1.02

@@ -122,8 +122,8 @@ def run_one(model_id: str, max_params: float = DEFAULT_MAX_PARAMS) -> dict:
     import torch
 
     from ibnify.api import plan as make_plan
+    from ibnify.core.surgery import apply_plan
     from ibnify.errors import IbnifyError
-    from ibnify.surgery import apply_plan
 
     record: dict = {"model": model_id}
     started = time.perf_counter()

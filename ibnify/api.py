@@ -11,18 +11,18 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
+from .core.generic import require_batchnorm
+from .core.graph import analyze
+from .core.layouts import make_plan
+from .core.plans import ConversionPlan
+from .core.surgery import apply_plan
 from .errors import WeightsError
-from .generic import require_batchnorm
-from .graph import analyze
-from .layouts import make_plan
-from .models import build_model, describe_key_mismatch, load_state_dict_file
-from .plans import ConversionPlan
-from .surgery import apply_plan
+from .models import build_model
+from .weights import describe_key_mismatch, load_state_dict_file, load_weights
 
-__all__ = ["convert", "convert_named", "load_weights", "plan"]
+__all__ = ["convert", "convert_named", "plan"]
 
 
 def _as_model(
@@ -94,18 +94,6 @@ def convert(
         model_kwargs=model_kwargs,
     )
     return apply_plan(module, conversion, inplace=inplace or source is not None)
-
-
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], what: str = "weights") -> None:
-    """Load ``state`` into ``model`` strictly; a mismatch raises WeightsError with a summary."""
-    expected = model.state_dict()
-    if set(expected) != set(state) or any(
-        tuple(expected[k].shape) != tuple(state[k].shape) for k in expected
-    ):
-        raise WeightsError(
-            f"{what} do not fit {type(model).__name__}: " + describe_key_mismatch(expected, state)
-        )
-    model.load_state_dict(state, strict=True)
 
 
 def convert_named(

@@ -13,12 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from safetensors.torch import save as serialize
 from torch import nn
 
+from . import __version__
 from ._io import atomic_write_bytes
+from .core.plans import ConversionPlan
+from .core.surgery import apply_plan, get_plan
 from .errors import CheckpointError, ModelNotFoundError, WeightsError, first_line
-from .plans import ConversionPlan
-from .surgery import apply_plan, get_plan
+from .models import build_model
+from .weights import load_weights
 
 __all__ = ["FORMAT", "load", "read_recipe", "save"]
 
@@ -27,7 +33,6 @@ _RECIPE_KEY = "ibnify_recipe"
 
 
 def _recipe(model: nn.Module, source: str | None) -> dict[str, Any]:
-    from . import __version__
 
     plan = get_plan(model)
     if plan is None:
@@ -60,7 +65,6 @@ def save(
         source: ``source:name`` to rebuild the base model, when the plan does not record one.
         extra_metadata: more string metadata to store beside the recipe.
     """
-    from safetensors.torch import save as serialize
 
     recipe = _recipe(model, source)
     tensors: dict[str, torch.Tensor] = {}
@@ -78,7 +82,6 @@ def save(
 
 def read_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Return the recipe stored in an ibnify checkpoint (without loading tensors)."""
-    from safetensors import SafetensorError, safe_open
 
     file = Path(path)
     if not file.is_file():
@@ -114,10 +117,6 @@ def load(
         model: the unconverted base model, for models ibnify cannot build by name.
         map_location: device for the tensors.
     """
-    from safetensors.torch import load_file
-
-    from .api import load_weights
-    from .models import build_model
 
     recipe = read_recipe(path)
     plan = ConversionPlan.from_dict(recipe["plan"])

@@ -76,7 +76,7 @@ def _fail(message: str, code: int, debug: bool) -> None:
 def _parse_stages(ctx: click.Context, param: click.Parameter, value: str | None):
     if value is None:
         return None
-    from .plans import parse_stages
+    from .core.plans import parse_stages
 
     try:
         return parse_stages(value)
@@ -226,7 +226,7 @@ def convert_command(
     from ._io import check_output_path
     from .api import convert_named
     from .checkpoint import save
-    from .surgery import get_plan
+    from .core.surgery import get_plan
 
     if weights and pretrained:
         raise click.UsageError("give either --weights or --pretrained, not both")
@@ -519,7 +519,7 @@ def export_command(
     """Export the converted model in CHECKPOINT to ONNX, BN halves folded into their convs."""
     from ._io import check_output_path
     from .checkpoint import load
-    from .export import export_onnx
+    from .deploy.export import export_onnx
 
     target = check_output_path(output, force=force)
     model = load(checkpoint)
@@ -558,8 +558,8 @@ def verify_command(
 ) -> None:
     """Compare ONNX_FILE in onnxruntime with the PyTorch model in a checkpoint; exit 1 on error."""
     from .checkpoint import load
+    from .deploy.verify import verify_onnx
     from .errors import VerificationError
-    from .export import verify_onnx
 
     model = load(against)
     report = verify_onnx(
@@ -587,7 +587,7 @@ def bench_command(
     onnx_file: str, against: str | None, threads: int, batch: int, warmup: int, runs: int
 ) -> None:
     """onnxruntime latency of ONNX_FILE (median, p90); with --against, interleaved and a ratio."""
-    from .onnx_bench import bench_onnx
+    from .deploy.bench import bench_onnx
 
     paths = [onnx_file] if against is None else [onnx_file, against]
     bars: list = []  # the bar appears with the first timed run, after the files have loaded

@@ -15,10 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image, UnidentifiedImageError
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from timm.data import create_transform, resolve_data_config
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
+from torchvision.datasets import ImageFolder
 
 from .errors import IbnifyError
+from .small_models import DIGITS_MEAN, DIGITS_STD
 
 __all__ = [
     "DIGITS_SIZE",
@@ -85,8 +91,6 @@ def load_digits_images(
 
     Returns ``(train_x, train_y, test_x, test_y)``; the split is stratified and fixed by ``seed``.
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     ink = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
@@ -109,7 +113,6 @@ def load_digits_images(
 
 def digits_data(split: str = "train", size: int = DIGITS_SIZE, seed: int = 0) -> ImageData:
     """The digits demo set (``split`` is ``"train"`` or ``"test"``) with its mean/std."""
-    from .small_models import DIGITS_MEAN, DIGITS_STD
 
     if split not in ("train", "test"):
         raise DataError(f"digits split must be 'train' or 'test', got {split!r}")
@@ -122,7 +125,6 @@ def digits_data(split: str = "train", size: int = DIGITS_SIZE, seed: int = 0) ->
 
 def data_config(model: nn.Module) -> dict:
     """timm's data config for ``model`` (input size, interpolation, crop, mean, std)."""
-    from timm.data import resolve_data_config
 
     return resolve_data_config({}, model=model)
 
@@ -147,7 +149,6 @@ class UnlabeledImages(Dataset):
 
 def load_rgb_image(path: str | os.PathLike[str]):
     """Open an image as RGB; a corrupt or unreadable file raises DataError naming it."""
-    from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
@@ -167,8 +168,6 @@ def image_folder_data(
     sub-folders gives unlabelled images (for ``--distill-from``). Training uses timm's training
     augmentation (random resized crop, flip); evaluation its resize + centre crop.
     """
-    from timm.data import create_transform
-    from torchvision.datasets import ImageFolder
 
     directory = Path(root)
     if not directory.is_dir():

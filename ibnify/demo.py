@@ -17,11 +17,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from ._io import check_output_path
+from ._io import atomic_write_bytes, check_output_path
+from .api import convert
+from .checkpoint import save
+from .core.plans import ConversionPlan
+from .core.surgery import apply_plan, get_plan
+from .data import Normalize, digits_data
+from .deploy.export import export_onnx
+from .deploy.ort import open_session
+from .deploy.verify import verify_onnx
 from .evaluation import RobustnessReport, evaluate
+from .models import build_model
 from .train import FinetuneConfig, finetune
 
 __all__ = ["DemoConfig", "DemoResult", "demo_outputs", "run_demo"]
@@ -107,8 +117,6 @@ def _save_unconverted(model: nn.Module, path: Path) -> None:
     ``ibnify.load`` rebuilds it by name and applies no change, so ``ibnify evaluate`` can put the
     baseline and the control beside the IBN model.
     """
-    from . import ConversionPlan, save
-    from .surgery import apply_plan
 
     plan = ConversionPlan(
         arch=SOURCE, layout="none", stages=(), ratio=None, sites=(), family="resnet"
@@ -154,10 +162,6 @@ def _run(
     quiet: bool,
     say: Callable[[str], None],
 ) -> DemoResult:
-    import ibnify
-
-    from .data import digits_data
-    from .models import build_model
 
     started = time.perf_counter()
     torch.manual_seed(config.seed)
@@ -183,10 +187,7 @@ def _run(
     seconds = time.perf_counter() - step
     say(f"1. trained the BN baseline: {config.baseline_epochs} epochs in {seconds:.0f} s")
 
-    ibn = ibnify.convert(
-        baseline, layout="a", stages=config.stages, ratio=config.ratio, arch=SOURCE
-    )
-    from .surgery import get_plan
+    ibn = convert(baseline, layout="a", stages=config.stages, ratio=config.ratio, arch=SOURCE)
 
     plan = get_plan(ibn)
     sites = ", ".join(site.name for site in plan.sites) if plan else ""
@@ -226,21 +227,16 @@ def _run(
         onnx = _export_and_verify(ibn, files["onnx"], test_data)
         say(f"5. exported the IBN model to {files['onnx'].name} and verified it in onnxruntime")
     report.plot(files["plot"], title="digits: accuracy under appearance shift")
-    from ._io import atomic_write_bytes
 
     atomic_write_bytes(files["report"], (report.to_json() + "\n").encode())
     _save_unconverted(copy.deepcopy(baseline), files["baseline"])
     _save_unconverted(copy.deepcopy(control), files["control"])
-    ibnify.save(ibn, files["ibn"])
+    save(ibn, files["ibn"])
     return DemoResult(report, time.perf_counter() - started, files, onnx)
 
 
 def _export_and_verify(model: nn.Module, path: Path, test_data) -> dict[str, Any]:
     """Export with ``ibnify.export`` and verify against PyTorch on random and real digits."""
-    import numpy as np
-
-    from .data import Normalize
-    from .export import export_onnx, open_session, verify_onnx
 
     export_onnx(model, path, input_size=(3, 16, 16))
     verification = verify_onnx(path, model, batch_sizes=(1, 8))

@@ -20,11 +20,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.data import DataLoader
 
 from ._io import atomic_write_bytes
-from .data import ImageData, Normalize
+from .checkpoint import load
+from .data import ImageData, Normalize, digits_data, image_folder_data
 from .errors import InvalidOptionError
 
 __all__ = [
@@ -236,8 +239,6 @@ class RobustnessReport:
 
     def plot(self, path: str | os.PathLike[str], title: str | None = None) -> Path:
         """Write a grouped bar chart of accuracy per shift (PNG, matplotlib Agg); atomic."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
 
         figure = Figure(figsize=(max(6.0, 0.9 * len(self.shifts) + 2), 4.0), dpi=110)
         FigureCanvasAgg(figure)
@@ -347,8 +348,6 @@ def evaluate_files(
     ImageFolder directory, transformed with timm's eval transform for the first model;
     ``dataset="digits"`` is the digits demo set's test split.
     """
-    from .checkpoint import load
-    from .data import digits_data, image_folder_data
 
     if (data is None) == (dataset is None):
         raise InvalidOptionError("give either --data DIR or --dataset digits")

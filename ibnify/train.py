@@ -26,13 +26,20 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from tqdm.auto import tqdm
 
 from ._io import atomic_write_bytes
-from .data import ImageData, Normalize
+from .checkpoint import load, read_recipe, save
+from .core.surgery import get_plan
+from .data import ImageData, Normalize, digits_data, image_folder_data
 from .errors import CheckpointError, InvalidOptionError, first_line
+from .evaluation import accuracy
+from .models import build_model
+from .weights import describe_key_mismatch, load_state_dict_file, load_weights
 
 __all__ = [
     "CHECKPOINT_FILE",
@@ -173,7 +180,6 @@ def _init_distributed(device_type: str) -> _Dist:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return _Dist()
-    import torch.distributed as dist
 
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -398,8 +404,6 @@ def finetune(
         return _run(model, data, config, teacher, val_data, out_dir, dist_info, on_epoch)
     finally:
         if dist_info.owns_group:
-            import torch.distributed as dist
-
             dist.destroy_process_group()
 
 
@@ -533,8 +537,6 @@ def _run(
             if dist_info.enabled:
                 _sync_buffers(model)
             if val_data is not None:
-                from .evaluation import accuracy
-
                 metrics["val_acc"] = accuracy(model, val_data, batch_size=256, device=device)
                 net.train()
             history.append(metrics)
@@ -559,8 +561,6 @@ def _run(
                 if on_epoch is not None:
                     on_epoch(metrics)
             if dist_info.enabled:
-                import torch.distributed as dist
-
                 dist.barrier()
             epochs_run += 1
             if config.stop_after is not None and epochs_run >= config.stop_after:
@@ -590,7 +590,6 @@ def _check_resumable(
 
 def _check_same_model(model: nn.Module, saved: dict[str, torch.Tensor], out_dir: Path) -> None:
     """Refuse to resume a run that was started from another model, with a key summary."""
-    from .models import describe_key_mismatch
 
     expected = model.state_dict()
     if set(expected) != set(saved) or any(
@@ -605,7 +604,6 @@ def _check_same_model(model: nn.Module, saved: dict[str, torch.Tensor], out_dir:
 
 def _sync_buffers(model: nn.Module) -> None:
     """Give every rank rank 0's buffers (BN running statistics drift apart per shard)."""
-    import torch.distributed as dist
 
     for buffer in model.buffers():
         dist.broadcast(buffer, src=0)
@@ -627,7 +625,6 @@ def _train_epoch(
     use_amp: bool,
     amp_dtype: torch.dtype,
 ) -> dict[str, Any]:
-    from tqdm.auto import tqdm
 
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.float64, device=device)
@@ -678,8 +675,6 @@ def _train_epoch(
     seconds = time.perf_counter() - start
     totals = torch.stack([loss_sum, correct, torch.tensor(float(seen), device=device).double()])
     if dist_info.enabled:
-        import torch.distributed as dist
-
         dist.all_reduce(totals)
     loss_total, correct_total, count = (float(v) for v in totals.tolist())
     return {
@@ -718,7 +713,6 @@ def _write_outputs(
     run_info: dict[str, int],
 ) -> None:
     """Write the training state, the metrics lines and (for converted models) the model."""
-    from .surgery import get_plan
 
     out_dir.mkdir(parents=True, exist_ok=True)
     saved_config = {key: getattr(config, key) for key in _RESUME_KEYS}
@@ -741,8 +735,6 @@ def _write_outputs(
     metrics = "".join(json.dumps(line) + "\n" for line in history)
     atomic_write_bytes(out_dir / METRICS_FILE, metrics.encode())
     if get_plan(model) is not None:
-        from .checkpoint import save
-
         save(model, out_dir / MODEL_FILE)
 
 
@@ -753,9 +745,6 @@ def load_teacher(spec: str, recipe: dict[str, Any]) -> nn.Module:
     (built from the student's recipe, loaded strictly), or a model name (built with the
     library's pretrained weights).
     """
-    from .api import load_weights
-    from .checkpoint import load, read_recipe
-    from .models import build_model, load_state_dict_file
 
     path = Path(spec)
     kwargs = dict(recipe.get("model_kwargs", {}))
@@ -791,8 +780,6 @@ def finetune_files(
     The result lands in ``config.out_dir`` as ``model.safetensors`` (an ibnify checkpoint),
     ``checkpoint.pt`` (training state for ``--resume``) and ``metrics.jsonl``.
     """
-    from .checkpoint import load, read_recipe
-    from .data import digits_data, image_folder_data
 
     if (data is None) == (dataset is None):
         raise InvalidOptionError("give either --data DIR or --dataset digits")

@@ -327,7 +327,7 @@ def _make_model_assets(assets: Path) -> None:
     """Small ibnify checkpoints, an ONNX export, image folders and a stopped fine-tune run."""
     from PIL import Image
 
-    from ibnify.export import export_onnx
+    from ibnify.deploy.export import export_onnx
 
     tiny = ibnify.convert("ibnify:digits_resnet", stages=(1, 2), model_kwargs={"width": 4})
     ibnify.save(tiny, assets / "tiny.safetensors")

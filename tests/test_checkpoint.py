@@ -11,9 +11,10 @@ import torch
 import torchvision
 
 import ibnify
+from ibnify.core.surgery import get_plan
 from ibnify.errors import CheckpointError, ModelNotFoundError, WeightsError
-from ibnify.models import clean_state_dict, load_state_dict_file, resolve_name
-from ibnify.surgery import get_plan
+from ibnify.models import resolve_name
+from ibnify.weights import clean_state_dict, load_state_dict_file
 from tests.reference_ibn import resnet_ibn
 
 SMALL = (3, 64, 64)

@@ -14,17 +14,13 @@ from torch import nn
 
 import ibnify
 from ibnify.cli import cli
+from ibnify.core.layers import IBN
+from ibnify.deploy.bench import bench_onnx
+from ibnify.deploy.export import export_onnx
+from ibnify.deploy.fold import FoldedIBN, SplitConvIBN, fold_bn_halves
+from ibnify.deploy.ort import optimized_op_types
+from ibnify.deploy.verify import verify_onnx
 from ibnify.errors import VerificationError
-from ibnify.export import (
-    FoldedIBN,
-    SplitConvIBN,
-    export_onnx,
-    fold_bn_halves,
-    optimized_op_types,
-    verify_onnx,
-)
-from ibnify.layers import IBN
-from ibnify.onnx_bench import bench_onnx
 from tests.helpers import randomize_norms
 
 SIZE = 64  # small but valid for every model here (ResNet/DenseNet stride 32 → 2×2)
@@ -121,7 +117,7 @@ def test_unfoldable_sites_are_reported_and_still_exact(tmp_path, caplog) -> None
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.allclose(folded(x), model(x), atol=1e-6)
-    with caplog.at_level(logging.WARNING, logger="ibnify.export"):
+    with caplog.at_level(logging.WARNING, logger="ibnify.deploy.fold"):
         result = export_onnx(model, tmp_path / "shared.onnx", input_size=16)
     assert "exported unfolded" in caplog.text
     assert result.op_types["BatchNormalization"] == 2  # both BN halves kept, as reported

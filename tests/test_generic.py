@@ -13,12 +13,12 @@ from torch import nn
 
 import ibnify
 from ibnify.cli import cli
+from ibnify.core.generic import RULE_DEPTHWISE, RULE_PLAIN, RULE_RESIDUAL
+from ibnify.core.graph import ROLE_PRE_ADD, ROLE_SHORTCUT, analyze
+from ibnify.core.layers import IBN, IBNAct
+from ibnify.core.layouts import make_plan
+from ibnify.core.surgery import apply_plan
 from ibnify.errors import InvalidOptionError, NoBatchNormError, TraceError
-from ibnify.generic import RULE_DEPTHWISE, RULE_PLAIN, RULE_RESIDUAL
-from ibnify.graph import ROLE_PRE_ADD, ROLE_SHORTCUT, analyze
-from ibnify.layers import IBN, IBNAct
-from ibnify.layouts import make_plan
-from ibnify.surgery import apply_plan
 
 # (model id, input size): small sizes that each network accepts.
 MODELS = [
@@ -66,7 +66,7 @@ def _randomise_batchnorms(model: nn.Module) -> None:
 
 def _feeds_addition(graph_module, name: str) -> bool:
     """True when norm ``name``'s output reaches an addition through activations only."""
-    from ibnify.generic import PER_CHANNEL, op_kind
+    from ibnify.core.generic import PER_CHANNEL, op_kind
 
     starts = [n for n in graph_module.graph.nodes if n.op == "call_module" and n.target == name]
     stack = [user for node in starts for user in node.users]

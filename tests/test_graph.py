@@ -9,8 +9,8 @@ import torch
 import torchvision
 from torch import nn
 
+from ibnify.core.graph import analyze, list_norm_layers, trace
 from ibnify.errors import TraceError
-from ibnify.graph import analyze, list_norm_layers, trace
 
 
 class TinyBlock(nn.Module):

@@ -12,7 +12,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from ibnify.layers import IBN, IBNAct, ibn_split_sizes, instance_norm_from_batchnorm
+from ibnify.core.layers import IBN, IBNAct, ibn_split_sizes, instance_norm_from_batchnorm
 from tests.reference_ibn import ReferenceIBN
 
 

@@ -10,8 +10,8 @@ import torch
 import torchvision
 
 import ibnify
+from ibnify.core.surgery import get_plan
 from ibnify.errors import InvalidOptionError
-from ibnify.surgery import get_plan
 from tests.reference_ibn import DenseNetIBN, resnet_ibn, state_dict_shapes
 
 SMALL = (3, 64, 64)  # shape analysis input: small for speed, valid for every model here

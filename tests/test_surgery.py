@@ -10,10 +10,10 @@ import torchvision
 from torch import nn
 
 import ibnify
+from ibnify.core.layers import IBN
+from ibnify.core.plans import ConversionSite
+from ibnify.core.surgery import apply_plan, get_plan
 from ibnify.errors import ConversionError
-from ibnify.layers import IBN
-from ibnify.plans import ConversionSite
-from ibnify.surgery import apply_plan, get_plan
 from tests.helpers import randomize_norms
 from tests.reference_ibn import BottleneckIBN, resnet_ibn
 

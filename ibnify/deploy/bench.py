@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import IbnifyError, VerificationError
-from .export import open_session
+from ..errors import IbnifyError, VerificationError
+from .ort import open_session
 
 __all__ = ["BenchReport", "Timing", "bench_onnx"]
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from torch import nn
 
-from .errors import InvalidOptionError, NoBatchNormError, TraceError
+from ..errors import InvalidOptionError, NoBatchNormError, TraceError
 from .generic import choose, require_batchnorm
 from .graph import ROLE_PRE_ADD, ROLE_SHORTCUT, GraphAnalysis, NormLayer
 from .layers import IBN, ibn_split_sizes

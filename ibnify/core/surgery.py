@@ -12,7 +12,7 @@ import operator
 import torch
 from torch import fx, nn
 
-from .errors import ConversionError
+from ..errors import ConversionError
 from .graph import trace
 from .layers import IBN, IBNAct, instance_norm_from_batchnorm
 from .plans import KIND_IBN, KIND_IN, KIND_POST_ADD_IN, ConversionPlan, ConversionSite

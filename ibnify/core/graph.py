@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .errors import TraceError, first_line
+from ..errors import TraceError, first_line
+from .hookwalk import walk
 from .layers import IBN
 
 logger = logging.getLogger(__name__)
@@ -275,8 +276,6 @@ def _analyze_walk(
 ) -> GraphAnalysis:
     """The forward-hook fallback: describe the dataflow of one recorded forward pass."""
     from dataclasses import replace
-
-    from .hookwalk import walk
 
     leaves, _ = _timm_notrace()
     leaf_types = (*leaves, nn.modules.batchnorm._BatchNorm, nn.InstanceNorm2d, IBN)

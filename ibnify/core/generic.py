@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from .errors import NoBatchNormError
+from ..errors import NoBatchNormError
 from .graph import ROLE_MAIN, ROLE_OUTSIDE, ROLE_PRE_ADD, ROLE_SHORTCUT, GraphAnalysis, is_norm
 from .layers import IBN
 

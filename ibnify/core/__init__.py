@@ -1,0 +1,5 @@
+"""The converter's core: model → graph analysis → plan → converted module.
+
+Modules here import nothing from ibnify but :mod:`ibnify.errors` (a test enforces it), so the
+converter can be read, tested and reused on its own.
+"""
