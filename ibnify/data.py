@@ -21,21 +21,25 @@ from sklearn.model_selection import train_test_split
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
+from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
-from .errors import IbnifyError
+from .errors import IbnifyError, InvalidOptionError
 from .small_models import DIGITS_MEAN, DIGITS_STD
 
 __all__ = [
+    "BUILTIN_DATASETS",
     "DIGITS_SIZE",
     "DataError",
     "ImageData",
     "Normalize",
     "UnlabeledImages",
+    "check_data_source",
     "data_config",
     "digits_data",
     "image_folder_data",
     "load_digits_images",
+    "resolve_data_source",
 ]
 
 logger = logging.getLogger(__name__)
@@ -46,6 +50,7 @@ DIGITS_SIZE = 16
 _DIGITS_TINT = (1.0, 0.88, 0.76)
 _DIGITS_BACKGROUND = 0.1
 _DIGITS_INK = 0.8
+BUILTIN_DATASETS = ("digits",)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
 
 
@@ -173,10 +178,17 @@ def image_folder_data(
     if not directory.is_dir():
         raise DataError(f"data directory {str(directory)!r} does not exist or is not a directory")
     config = data_config(model)
-    transform = create_transform(
-        **{k: v for k, v in config.items() if k not in ("mean", "std")},
-        is_training=train,
-        normalize=False,
+    # Without normalisation timm's transform ends in uint8 tensors (0-255): scale them to
+    # [0, 1], where the appearance shifts and Normalize expect them.
+    transform = transforms.Compose(
+        [
+            create_transform(
+                **{k: v for k, v in config.items() if k not in ("mean", "std")},
+                is_training=train,
+                normalize=False,
+            ),
+            transforms.ConvertImageDtype(torch.float32),
+        ]
     )
     mean = tuple(float(v) for v in config["mean"])
     std = tuple(float(v) for v in config["std"])
@@ -195,3 +207,32 @@ def image_folder_data(
             "or, for label-free fine-tuning, image files)"
         )
     return ImageData(unlabeled, mean, std, None, False, directory.name)
+
+
+def check_data_source(data: str | os.PathLike[str] | None, dataset: str | None) -> None:
+    """Exactly one of an image folder and a built-in data set; InvalidOptionError otherwise."""
+    if (data is None) == (dataset is None):
+        raise InvalidOptionError("give either --data DIR or --dataset digits")
+    if dataset is not None and dataset not in BUILTIN_DATASETS:
+        raise InvalidOptionError(
+            f"unknown dataset {dataset!r}; the built-in one is {', '.join(BUILTIN_DATASETS)}"
+        )
+
+
+def resolve_data_source(
+    data: str | os.PathLike[str] | None,
+    dataset: str | None,
+    model: nn.Module,
+    *,
+    split: str,
+    seed: int = 0,
+) -> ImageData:
+    """The data a command names: an image folder (timm's transforms for ``model``) or digits.
+
+    ``split`` is ``"train"`` (training augmentation, the digits train split) or ``"test"``
+    (evaluation transform, the digits test split).
+    """
+    check_data_source(data, dataset)
+    if dataset is not None:
+        return digits_data(split, seed=seed)
+    return image_folder_data(data, model, train=split == "train")  # type: ignore[arg-type]

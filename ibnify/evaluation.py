@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from ._io import atomic_write_bytes
 from .checkpoint import load
-from .data import ImageData, Normalize, digits_data, image_folder_data
+from .data import ImageData, Normalize, check_data_source, resolve_data_source
 from .errors import InvalidOptionError
 
 __all__ = [
@@ -349,8 +349,7 @@ def evaluate_files(
     ``dataset="digits"`` is the digits demo set's test split.
     """
 
-    if (data is None) == (dataset is None):
-        raise InvalidOptionError("give either --data DIR or --dataset digits")
+    check_data_source(data, dataset)
     if not checkpoints:
         raise InvalidOptionError("give at least one checkpoint")
     parse_shifts(shifts)  # fail on a bad --shift before loading anything
@@ -362,12 +361,7 @@ def evaluate_files(
     ]
     names = [n if names.count(n) == 1 else f"{n}#{i + 1}" for i, n in enumerate(names)]
     models = {name: load(path) for name, path in zip(names, paths, strict=True)}
-    if dataset is not None:
-        if dataset != "digits":
-            raise InvalidOptionError(f"unknown dataset {dataset!r}; the built-in one is digits")
-        eval_data = digits_data("test")
-    else:
-        eval_data = image_folder_data(data, next(iter(models.values())), train=False)  # type: ignore[arg-type]
+    eval_data = resolve_data_source(data, dataset, next(iter(models.values())), split="test")
     return evaluate(
         models, eval_data, shifts=shifts, batch_size=batch_size, seed=seed, workers=workers
     )

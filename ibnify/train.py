@@ -35,7 +35,14 @@ from tqdm.auto import tqdm
 from ._io import atomic_write_bytes
 from .checkpoint import load, read_recipe, save
 from .core.surgery import get_plan
-from .data import ImageData, Normalize, digits_data, image_folder_data
+from .data import (
+    ImageData,
+    Normalize,
+    check_data_source,
+    digits_data,
+    image_folder_data,
+    resolve_data_source,
+)
 from .errors import CheckpointError, InvalidOptionError, first_line
 from .evaluation import accuracy
 from .models import build_model
@@ -407,6 +414,92 @@ def finetune(
             dist.destroy_process_group()
 
 
+@dataclass
+class _Runtime:
+    """Where and how steps run: device, memory format, mixed precision and the processes."""
+
+    device: torch.device
+    dist: _Dist
+    memory_format: torch.memory_format
+    use_amp: bool
+    amp_dtype: torch.dtype
+    scaler: torch.amp.GradScaler
+
+    @classmethod
+    def create(cls, config: FinetuneConfig, dist_info: _Dist) -> _Runtime:
+        """AMP and channels-last switch on with CUDA unless the config says otherwise."""
+        device = _pick_device(config, dist_info.local_rank)
+        on_cuda = device.type == "cuda"
+        use_amp = on_cuda if config.amp is None else (config.amp and on_cuda)
+        channels_last = on_cuda if config.channels_last is None else config.channels_last
+        bf16 = on_cuda and torch.cuda.is_bf16_supported()
+        return cls(
+            device=device,
+            dist=dist_info,
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format,
+            use_amp=use_amp,
+            amp_dtype=torch.bfloat16 if bf16 else torch.float16,
+            scaler=torch.amp.GradScaler("cuda", enabled=use_amp and not bf16),
+        )
+
+    def autocast(self) -> Any:
+        """The autocast context of a forward pass (a no-op without AMP)."""
+        if not self.use_amp:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def place(self, module: nn.Module) -> nn.Module:
+        """Move ``module`` to the device in the run's memory format."""
+        return module.to(device=self.device, memory_format=self.memory_format)
+
+
+@dataclass(frozen=True)
+class _Schedule:
+    """Steps per epoch and the warmup/cosine schedule's lengths for one run."""
+
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    drop_last: bool
+
+    @classmethod
+    def create(cls, num_samples: int, config: FinetuneConfig, world_size: int) -> _Schedule:
+        """Drop the last partial batch (a batch of 1 breaks BN) unless it is the only one."""
+        per_process = num_samples // world_size
+        drop_last = per_process > config.batch_size
+        steps = (
+            per_process // config.batch_size
+            if drop_last
+            else math.ceil(per_process / config.batch_size)
+        )
+        steps = max(1, steps)
+        total = steps * config.epochs
+        warmup = round(config.warmup_epochs * steps)
+        if warmup > total // 2:
+            # A warmup as long as the run would leave no room for the cosine decay.
+            logger.info("warmup shortened to half the run (%d steps)", total // 2)
+            warmup = total // 2
+        return cls(steps, total, warmup, drop_last)
+
+
+@dataclass
+class _Training:
+    """What a run updates: the model (and its DDP wrapper), optimizer and LR scheduler."""
+
+    model: nn.Module
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    normalize: Normalize
+    teacher: nn.Module | None
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
 def _run(
     model: nn.Module,
     data: ImageData,
@@ -417,15 +510,8 @@ def _run(
     dist_info: _Dist,
     on_epoch: Callable[[dict[str, Any]], None] | None,
 ) -> FinetuneResult:
-    device = _pick_device(config, dist_info.local_rank)
-    on_cuda = device.type == "cuda"
-    use_amp = on_cuda if config.amp is None else (config.amp and on_cuda)
-    channels_last = on_cuda if config.channels_last is None else config.channels_last
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
-    np.random.seed(config.seed % 2**32)
-
+    runtime = _Runtime.create(config, dist_info)
+    _seed_everything(config.seed)
     small = config.batch_size < config.small_batch_warning
     if small and dist_info.is_main and _has_batchnorm(model):
         logger.warning(
@@ -433,133 +519,40 @@ def _run(
             "(the IBN-Net recipe uses 32+ per GPU); consider a larger batch or fewer processes",
             config.batch_size,
         )
-    model.to(device=device, memory_format=memory_format)
-    normalize = Normalize(data.mean, data.std).to(device)
+    runtime.place(model)
     if teacher is not None:
-        teacher.to(device=device, memory_format=memory_format).eval()
+        runtime.place(teacher).eval()
         teacher.requires_grad_(False)
-
-    dataset = data.dataset
-    per_process = len(dataset) // dist_info.world_size  # type: ignore[arg-type]
-    # Drop the last partial batch (a batch of 1 breaks BN) unless it is the only one.
-    drop_last = per_process > config.batch_size
-    steps_per_epoch = (
-        per_process // config.batch_size
-        if drop_last
-        else math.ceil(per_process / config.batch_size)
-    )
-    steps_per_epoch = max(1, steps_per_epoch)
-    total_steps = steps_per_epoch * config.epochs
-    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
-    if warmup_steps > total_steps // 2:
-        # A warmup as long as the run would leave no room for the cosine decay.
-        logger.info("warmup shortened to half the run (%d steps)", total_steps // 2)
-        warmup_steps = total_steps // 2
-    min_ratio = config.min_lr / config.lr
+    schedule = _Schedule.create(len(data.dataset), config, dist_info.world_size)  # type: ignore[arg-type]
     optimizer = _make_optimizer(model, config)
+    min_ratio = config.min_lr / config.lr
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: _lr_factor(step, warmup_steps, total_steps, min_ratio)
+        optimizer,
+        lambda step: _lr_factor(step, schedule.warmup_steps, schedule.total_steps, min_ratio),
     )
-    bf16 = on_cuda and torch.cuda.is_bf16_supported()
-    amp_dtype = torch.bfloat16 if bf16 else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and not bf16)
-
-    start_epoch = 0
-    history: list[dict[str, Any]] = []
+    training = _Training(
+        model, model, optimizer, scheduler, Normalize(data.mean, data.std), teacher
+    )
+    training.normalize.to(runtime.device)
+    start_epoch, history = 0, []
     if config.resume and out_dir is not None:
-        state = load_training_state(out_dir / CHECKPOINT_FILE)
-        _check_same_model(model, state["model"], out_dir)
-        _check_resumable(state, config, dist_info.world_size, steps_per_epoch)
-        model.load_state_dict(state["model"], strict=True)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if "scaler" in state and scaler.is_enabled():
-            scaler.load_state_dict(state["scaler"])
-        start_epoch = int(state["epoch"])
-        history = list(state.get("history", []))
-        _set_rng_state(state["rng"])
-        logger.info("resumed %s at epoch %d of %d", out_dir, start_epoch, config.epochs)
+        start_epoch, history = _resume(training, runtime, config, schedule, out_dir)
     if start_epoch >= config.epochs:
         logger.info("the run in %s is already complete (%d epochs)", out_dir, start_epoch)
         return FinetuneResult(model, history, True, out_dir)
-
-    net: nn.Module = model
     if dist_info.enabled:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if on_cuda else None
+        training.net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
         )
-    loader_kwargs: dict[str, Any] = {
-        "batch_size": config.batch_size,
-        "num_workers": config.workers,
-        "drop_last": drop_last,
-        "pin_memory": on_cuda,
-    }
     epochs_run = 0
     with _training_mode(model):
-        net.train()
+        training.net.train()
         for epoch in range(start_epoch, config.epochs):
-            if dist_info.enabled:
-                sampler: Any = DistributedSampler(
-                    dataset,
-                    num_replicas=dist_info.world_size,
-                    rank=dist_info.rank,
-                    shuffle=True,
-                    seed=config.seed,
-                    drop_last=True,
-                )
-                sampler.set_epoch(epoch)
-            else:
-                sampler = RandomSampler(
-                    dataset, generator=torch.Generator().manual_seed(config.seed * 1000 + epoch)
-                )
-            loader = DataLoader(
-                dataset,
-                sampler=sampler,
-                generator=torch.Generator().manual_seed(config.seed * 1000 + epoch),
-                **loader_kwargs,
-            )
-            metrics = _train_epoch(
-                net,
-                loader,
-                normalize,
-                optimizer,
-                scheduler,
-                scaler,
-                teacher,
-                config,
-                epoch,
-                dist_info,
-                device,
-                memory_format,
-                use_amp,
-                amp_dtype,
-            )
-            if dist_info.enabled:
-                _sync_buffers(model)
-            if val_data is not None:
-                metrics["val_acc"] = accuracy(model, val_data, batch_size=256, device=device)
-                net.train()
-            history.append(metrics)
-            if dist_info.is_main:
-                _log_epoch(metrics, config)
-                if out_dir is not None:
-                    run_info = {
-                        "world_size": dist_info.world_size,
-                        "steps_per_epoch": steps_per_epoch,
-                    }
-                    _write_outputs(
-                        out_dir,
-                        model,
-                        optimizer,
-                        scheduler,
-                        scaler,
-                        epoch + 1,
-                        history,
-                        config,
-                        run_info,
-                    )
-                if on_epoch is not None:
-                    on_epoch(metrics)
+            loader = _epoch_loader(data.dataset, config, schedule, runtime, epoch)
+            metrics = _train_epoch(training, loader, runtime, config, epoch)
+            _finish_epoch(training, metrics, history, runtime, config, schedule, val_data, out_dir)
+            if on_epoch is not None and dist_info.is_main:
+                on_epoch(metrics)
             if dist_info.enabled:
                 dist.barrier()
             epochs_run += 1
@@ -567,6 +560,87 @@ def _run(
                 break
     completed = start_epoch + epochs_run >= config.epochs
     return FinetuneResult(model, history, completed, out_dir)
+
+
+def _resume(
+    training: _Training,
+    runtime: _Runtime,
+    config: FinetuneConfig,
+    schedule: _Schedule,
+    out_dir: Path,
+) -> tuple[int, list[dict[str, Any]]]:
+    """Restore model, optimizer, scheduler, scaler and RNG states; return (epoch, history)."""
+    state = load_training_state(out_dir / CHECKPOINT_FILE)
+    _check_same_model(training.model, state["model"], out_dir)
+    _check_resumable(state, config, runtime.dist.world_size, schedule.steps_per_epoch)
+    training.model.load_state_dict(state["model"], strict=True)
+    training.optimizer.load_state_dict(state["optimizer"])
+    training.scheduler.load_state_dict(state["scheduler"])
+    if "scaler" in state and runtime.scaler.is_enabled():
+        runtime.scaler.load_state_dict(state["scaler"])
+    start_epoch = int(state["epoch"])
+    _set_rng_state(state["rng"])
+    logger.info("resumed %s at epoch %d of %d", out_dir, start_epoch, config.epochs)
+    return start_epoch, list(state.get("history", []))
+
+
+def _epoch_loader(
+    dataset: Dataset, config: FinetuneConfig, schedule: _Schedule, runtime: _Runtime, epoch: int
+) -> DataLoader:
+    """This epoch's loader: a seeded shuffle (per shard under DDP), so resume is exact."""
+    if runtime.dist.enabled:
+        sampler: Any = DistributedSampler(
+            dataset,
+            num_replicas=runtime.dist.world_size,
+            rank=runtime.dist.rank,
+            shuffle=True,
+            seed=config.seed,
+            drop_last=True,
+        )
+        sampler.set_epoch(epoch)
+    else:
+        sampler = RandomSampler(
+            dataset, generator=torch.Generator().manual_seed(config.seed * 1000 + epoch)
+        )
+    return DataLoader(
+        dataset,
+        sampler=sampler,
+        generator=torch.Generator().manual_seed(config.seed * 1000 + epoch),
+        batch_size=config.batch_size,
+        num_workers=config.workers,
+        drop_last=schedule.drop_last,
+        pin_memory=runtime.device.type == "cuda",
+    )
+
+
+def _finish_epoch(
+    training: _Training,
+    metrics: dict[str, Any],
+    history: list[dict[str, Any]],
+    runtime: _Runtime,
+    config: FinetuneConfig,
+    schedule: _Schedule,
+    val_data: ImageData | None,
+    out_dir: Path | None,
+) -> None:
+    """Sync buffers, validate, record the metrics, log them and write the epoch's files."""
+    if runtime.dist.enabled:
+        _sync_buffers(training.model)
+    if val_data is not None:
+        metrics["val_acc"] = accuracy(
+            training.model, val_data, batch_size=256, device=runtime.device
+        )
+        training.net.train()
+    history.append(metrics)
+    if not runtime.dist.is_main:
+        return
+    _log_epoch(metrics, config)
+    if out_dir is not None:
+        run_info = {
+            "world_size": runtime.dist.world_size,
+            "steps_per_epoch": schedule.steps_per_epoch,
+        }
+        _write_outputs(out_dir, training, runtime, metrics["epoch"], history, config, run_info)
 
 
 def _check_resumable(
@@ -610,56 +684,32 @@ def _sync_buffers(model: nn.Module) -> None:
 
 
 def _train_epoch(
-    net: nn.Module,
+    training: _Training,
     loader: DataLoader,
-    normalize: Normalize,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    teacher: nn.Module | None,
+    runtime: _Runtime,
     config: FinetuneConfig,
     epoch: int,
-    dist_info: _Dist,
-    device: torch.device,
-    memory_format: torch.memory_format,
-    use_amp: bool,
-    amp_dtype: torch.dtype,
 ) -> dict[str, Any]:
-
+    """One pass over ``loader``; returns the epoch's metrics (summed over processes)."""
+    device = runtime.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.float64, device=device)
     seen = 0
     start = time.perf_counter()
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=amp_dtype) if use_amp else nullcontext()
-    )
     bar = tqdm(
         loader,
         desc=f"epoch {epoch + 1}/{config.epochs}",
         # None: tqdm shows the bar on a terminal only (not in logs, pipes or tests).
-        disable=True if config.quiet or not dist_info.is_main else None,
+        disable=True if config.quiet or not runtime.dist.is_main else None,
         leave=False,
         unit="batch",
     )
     for step, (images, labels) in enumerate(bar):
-        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        images = images.to(device, non_blocking=True).contiguous(
+            memory_format=runtime.memory_format
+        )
         labels = labels.to(device, non_blocking=True)
-        inputs = normalize(images)
-        with autocast:
-            logits = net(inputs)
-            if teacher is not None:
-                with torch.no_grad():
-                    target_logits = teacher(inputs)
-                loss = distillation_loss(logits, target_logits, config.distill_temperature)
-                target = target_logits.argmax(1)
-            else:
-                loss = F.cross_entropy(logits.float(), labels)
-                target = labels
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+        loss, logits, target = _step(training, runtime, config, images, labels)
         batch = images.shape[0]
         seen += batch
         loss_sum += loss.detach().double() * batch
@@ -669,25 +719,52 @@ def _train_epoch(
             bar.set_postfix(
                 loss=f"{loss_sum.item() / seen:.4f}",
                 acc=f"{correct.item() / seen:.3f}",
-                img_s=f"{seen * dist_info.world_size / elapsed:.0f}",
+                img_s=f"{seen * runtime.dist.world_size / elapsed:.0f}",
             )
     bar.close()
     seconds = time.perf_counter() - start
     totals = torch.stack([loss_sum, correct, torch.tensor(float(seen), device=device).double()])
-    if dist_info.enabled:
+    if runtime.dist.enabled:
         dist.all_reduce(totals)
     loss_total, correct_total, count = (float(v) for v in totals.tolist())
     return {
         "epoch": epoch + 1,
         "epochs": config.epochs,
         "loss": loss_total / max(count, 1.0),
-        "metric": "teacher_agreement" if teacher is not None else "accuracy",
+        "metric": "teacher_agreement" if training.teacher is not None else "accuracy",
         "acc": correct_total / max(count, 1.0),
-        "lr": optimizer.param_groups[0]["lr"],
+        "lr": training.optimizer.param_groups[0]["lr"],
         "images": int(count),
         "seconds": round(seconds, 4),
         "images_per_s": round(count / max(seconds, 1e-9), 1),
     }
+
+
+def _step(
+    training: _Training,
+    runtime: _Runtime,
+    config: FinetuneConfig,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimisation step; returns (loss, logits, the targets accuracy is counted against)."""
+    inputs = training.normalize(images)
+    with runtime.autocast():
+        logits = training.net(inputs)
+        if training.teacher is not None:
+            with torch.no_grad():
+                target_logits = training.teacher(inputs)
+            loss = distillation_loss(logits, target_logits, config.distill_temperature)
+            target = target_logits.argmax(1)
+        else:
+            loss = F.cross_entropy(logits.float(), labels)
+            target = labels
+    training.optimizer.zero_grad(set_to_none=True)
+    runtime.scaler.scale(loss).backward()
+    runtime.scaler.step(training.optimizer)
+    runtime.scaler.update()
+    training.scheduler.step()
+    return loss, logits, target
 
 
 def _log_epoch(metrics: dict[str, Any], config: FinetuneConfig) -> None:
@@ -703,17 +780,15 @@ def _log_epoch(metrics: dict[str, Any], config: FinetuneConfig) -> None:
 
 def _write_outputs(
     out_dir: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
+    training: _Training,
+    runtime: _Runtime,
     epochs_done: int,
     history: list[dict[str, Any]],
     config: FinetuneConfig,
     run_info: dict[str, int],
 ) -> None:
     """Write the training state, the metrics lines and (for converted models) the model."""
-
+    model = training.model
     out_dir.mkdir(parents=True, exist_ok=True)
     saved_config = {key: getattr(config, key) for key in _RESUME_KEYS}
     saved_config.update(run_info)
@@ -721,14 +796,14 @@ def _write_outputs(
         "format": _FORMAT,
         "epoch": epochs_done,
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
+        "optimizer": training.optimizer.state_dict(),
+        "scheduler": training.scheduler.state_dict(),
         "rng": _rng_state(),
         "history": history,
         "config": saved_config,
     }
-    if scaler.is_enabled():
-        state["scaler"] = scaler.state_dict()
+    if runtime.scaler.is_enabled():
+        state["scaler"] = runtime.scaler.state_dict()
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write_bytes(out_dir / CHECKPOINT_FILE, buffer.getvalue())
@@ -781,20 +856,14 @@ def finetune_files(
     ``checkpoint.pt`` (training state for ``--resume``) and ``metrics.jsonl``.
     """
 
-    if (data is None) == (dataset is None):
-        raise InvalidOptionError("give either --data DIR or --dataset digits")
+    check_data_source(data, dataset)
     if not config.out_dir:
         raise InvalidOptionError("give an output directory (--out DIR)")
     recipe = read_recipe(checkpoint)
     model = load(checkpoint)
-    if dataset is not None:
-        if dataset != "digits":
-            raise InvalidOptionError(f"unknown dataset {dataset!r}; the built-in one is digits")
-        train_data = digits_data("train", seed=config.seed)
-        validation = digits_data("test", seed=config.seed)
-    else:
-        train_data = image_folder_data(data, model, train=True)  # type: ignore[arg-type]
-        validation = None
+    train_data = resolve_data_source(data, dataset, model, split="train", seed=config.seed)
+    # The digits set validates on its test split by default; a folder only with --val-data.
+    validation = digits_data("test", seed=config.seed) if dataset is not None else None
     if val_data is not None:
         validation = image_folder_data(val_data, model, train=False)
     teacher = load_teacher(distill_from, recipe) if distill_from else None
