@@ -269,8 +269,13 @@ def _data_options(function):
 
 
 def _one_data_source(data: str | None, dataset: str | None) -> None:
-    if (data is None) == (dataset is None):
-        raise click.UsageError("give either --data DIR or --dataset digits")
+    """The library's check of --data/--dataset, reported as a usage error (exit 2)."""
+    from .data import check_data_source
+
+    try:
+        check_data_source(data, dataset)
+    except IbnifyError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 @cli.command("finetune")
