@@ -7,19 +7,25 @@ by explicit sizes, so odd channel counts and ratios above 0.5 work.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Literal
 
 import torch
+from timm.layers import FrozenBatchNormAct2d
 from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
 
 __all__ = [
     "IBN",
     "IBNAct",
     "InstanceNormAct2d",
     "Order",
+    "batchnorm_channels",
+    "freeze_instance_norms",
     "ibn_split_sizes",
     "instance_norm_from_batchnorm",
+    "is_frozen_batchnorm",
 ]
 
 Order = Literal["in_first", "bn_first"]
@@ -134,40 +140,49 @@ class IBN(nn.Module):
 
     @classmethod
     def from_batchnorm(
-        cls, bn: nn.modules.batchnorm._BatchNorm, ratio: float = 0.5, order: Order = "in_first"
+        cls,
+        bn: nn.Module,
+        ratio: float = 0.5,
+        order: Order = "in_first",
+        freeze_in: bool = False,
     ) -> IBN:
-        """Build an IBN that starts from a trained BatchNorm.
+        """Build an IBN that starts from a trained BatchNorm (plain, sync or frozen).
 
         The BN half keeps its slice of ``weight, bias, running_mean, running_var`` and the IN
         half's affine takes the matching ``gamma, beta`` slice; mode, device and dtype follow
-        ``bn``.
+        ``bn``. The BN half is of ``bn``'s kind: a ``SyncBatchNorm`` stays synchronised and a
+        frozen BN (detection backbones) stays a ``FrozenBatchNorm2d``. The IN half is trainable
+        unless ``freeze_in`` (or, for a plain BN, unless ``bn``'s own affine is frozen).
         """
-        kwargs = _batchnorm_kwargs(bn)
-        ibn = cls(bn.num_features, ratio=ratio, order=order, **kwargs)
-        ibn.copy_from_batchnorm(bn)
+        ibn = cls(batchnorm_channels(bn), ratio=ratio, order=order, **_batchnorm_kwargs(bn))
+        ibn.BN = _bn_half_like(bn, ibn.bn_channels)
+        ibn.copy_from_batchnorm(bn, freeze_in=freeze_in)
         return ibn
 
     @torch.no_grad()
-    def copy_from_batchnorm(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
+    def copy_from_batchnorm(self, bn: nn.Module, freeze_in: bool = False) -> None:
         """Copy a BatchNorm's parameters and statistics into the two halves (see from_batchnorm)."""
-        if bn.num_features != self.num_features:
-            raise ValueError(
-                f"BatchNorm has {bn.num_features} channels, IBN expects {self.num_features}"
-            )
+        channels = batchnorm_channels(bn)
+        if channels != self.num_features:
+            raise ValueError(f"BatchNorm has {channels} channels, IBN expects {self.num_features}")
         ins, bns = self.in_slice(), self.bn_slice()
-        if bn.affine:
-            self.IN.weight.copy_(bn.weight[ins])
-            self.IN.bias.copy_(bn.bias[ins])
-            self.BN.weight.copy_(bn.weight[bns])
-            self.BN.bias.copy_(bn.bias[bns])
-        if bn.track_running_stats and bn.running_mean is not None:
-            self.BN.running_mean.copy_(bn.running_mean[bns])
+        weight, bias = getattr(bn, "weight", None), getattr(bn, "bias", None)
+        if weight is not None and bias is not None:
+            self.IN.weight.copy_(weight[ins])
+            self.IN.bias.copy_(bias[ins])
+            self.BN.weight.copy_(weight[bns])
+            self.BN.bias.copy_(bias[bns])
+        running_mean = getattr(bn, "running_mean", None)
+        if running_mean is not None and getattr(self.BN, "running_mean", None) is not None:
+            self.BN.running_mean.copy_(running_mean[bns])
             self.BN.running_var.copy_(bn.running_var[bns])
-            self.BN.num_batches_tracked.copy_(bn.num_batches_tracked)
+            tracked = getattr(bn, "num_batches_tracked", None)
+            if tracked is not None and getattr(self.BN, "num_batches_tracked", None) is not None:
+                self.BN.num_batches_tracked.copy_(tracked)
         self.train(bn.training)
-        for param, source in ((self.IN.weight, bn.weight), (self.IN.bias, bn.bias)):
-            if source is not None:
-                param.requires_grad_(source.requires_grad)
+        for param, source in ((self.IN.weight, weight), (self.IN.bias, bias)):
+            trainable = source.requires_grad if isinstance(source, nn.Parameter) else True
+            param.requires_grad_(trainable and not freeze_in)
 
 
 class IBNAct(IBN):
@@ -194,27 +209,81 @@ class IBNAct(IBN):
 
     @classmethod
     def from_batchnorm(
-        cls, bn: nn.modules.batchnorm._BatchNorm, ratio: float = 0.5, order: Order = "in_first"
+        cls,
+        bn: nn.Module,
+        ratio: float = 0.5,
+        order: Order = "in_first",
+        freeze_in: bool = False,
     ) -> IBNAct:
-        """Build from a timm ``BatchNormAct2d``, keeping its ``act`` and ``drop`` modules."""
-        import copy
-
-        kwargs = _batchnorm_kwargs(bn)
+        """Build from a timm ``BatchNormAct2d``/``FrozenBatchNormAct2d``, keeping act and drop."""
         act = copy.deepcopy(getattr(bn, "act", None))
         drop = copy.deepcopy(getattr(bn, "drop", None))
-        ibn = cls(bn.num_features, ratio=ratio, act=act, drop=drop, order=order, **kwargs)
-        ibn.copy_from_batchnorm(bn)
+        kwargs = _batchnorm_kwargs(bn)
+        ibn = cls(batchnorm_channels(bn), ratio=ratio, act=act, drop=drop, order=order, **kwargs)
+        ibn.BN = _bn_half_like(bn, ibn.bn_channels)
+        ibn.copy_from_batchnorm(bn, freeze_in=freeze_in)
         return ibn
 
 
-def _batchnorm_kwargs(bn: nn.modules.batchnorm._BatchNorm) -> dict:
+def batchnorm_channels(bn: nn.Module) -> int:
+    """Channels of a BatchNorm; frozen BNs (torchvision's) carry no ``num_features``."""
+    channels = getattr(bn, "num_features", None)
+    if isinstance(channels, int):
+        return channels
+    return int(bn.running_mean.numel())
+
+
+def is_frozen_batchnorm(module: nn.Module) -> bool:
+    """True for a BN whose statistics and affine are buffers: ``x * scale + shift`` only.
+
+    torchvision's ``FrozenBatchNorm2d`` and timm's ``FrozenBatchNormAct2d`` count by type.
+    """
+    return isinstance(module, FrozenBatchNorm2d | FrozenBatchNormAct2d)
+
+
+def _bn_half_like(bn: nn.Module, channels: int) -> nn.Module:
+    """A new BN over ``channels`` of ``bn``'s kind (plain, sync or frozen), on its device."""
+    reference = getattr(bn, "running_mean", None)
+    if reference is None:
+        reference = bn.weight
+    factory = {"device": reference.device, "dtype": reference.dtype}
+    if is_frozen_batchnorm(bn):
+        return FrozenBatchNorm2d(channels, eps=bn.eps).to(**factory)
+    kind = nn.SyncBatchNorm if isinstance(bn, nn.SyncBatchNorm) else nn.BatchNorm2d
+    return kind(
+        channels,
+        eps=bn.eps,
+        momentum=bn.momentum,
+        affine=bn.affine,
+        track_running_stats=bn.track_running_stats,
+        **factory,
+    )
+
+
+def freeze_instance_norms(model: nn.Module) -> int:
+    """Freeze the IN halves' affine of every IBN in ``model``; returns how many were frozen.
+
+    Detection fine-tuning freezes BN entirely; the IN half needs no running statistics, so its
+    affine stays trainable by default. Call this to freeze it too.
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, IBN):
+            module.IN.requires_grad_(False)
+            count += 1
+    return count
+
+
+def _batchnorm_kwargs(bn: nn.Module) -> dict:
     """Constructor arguments that make a new norm match ``bn``'s hyper-parameters and placement."""
-    reference = bn.weight if bn.weight is not None else bn.running_mean
+    reference = getattr(bn, "weight", None)
+    if reference is None:
+        reference = getattr(bn, "running_mean", None)
     return {
         "eps": bn.eps,
-        "momentum": bn.momentum,
-        "affine": bn.affine,
-        "track_running_stats": bn.track_running_stats,
+        "momentum": getattr(bn, "momentum", 0.1),
+        "affine": getattr(bn, "affine", True),
+        "track_running_stats": getattr(bn, "track_running_stats", True),
         "device": reference.device if reference is not None else None,
         "dtype": reference.dtype if reference is not None else None,
     }
@@ -244,13 +313,11 @@ def instance_norm_from_batchnorm(bn: nn.modules.batchnorm._BatchNorm) -> nn.Inst
 
     A timm ``BatchNormAct2d`` becomes an :class:`InstanceNormAct2d` so its activation survives.
     """
-    import copy
-
     kwargs = _batchnorm_kwargs(bn)
     factory = {"device": kwargs["device"], "dtype": kwargs["dtype"]}
     if hasattr(bn, "act") and isinstance(bn.act, nn.Module):
         norm: nn.InstanceNorm2d = InstanceNormAct2d(
-            bn.num_features,
+            batchnorm_channels(bn),
             act=copy.deepcopy(bn.act),
             drop=copy.deepcopy(getattr(bn, "drop", None)),
             eps=bn.eps,
@@ -260,9 +327,9 @@ def instance_norm_from_batchnorm(bn: nn.modules.batchnorm._BatchNorm) -> nn.Inst
         )
     else:
         norm = nn.InstanceNorm2d(
-            bn.num_features, eps=bn.eps, affine=True, track_running_stats=False, **factory
+            batchnorm_channels(bn), eps=bn.eps, affine=True, track_running_stats=False, **factory
         )
-    if bn.affine:
+    if getattr(bn, "weight", None) is not None and getattr(bn, "bias", None) is not None:
         norm.weight.copy_(bn.weight)
         norm.bias.copy_(bn.bias)
     norm.train(bn.training)
