@@ -24,11 +24,13 @@ from ibnify.train import (
     METRICS_FILE,
     MODEL_FILE,
     FinetuneConfig,
-    _lr_factor,
     distillation_loss,
     finetune,
     load_training_state,
     parameter_groups,
+)
+from ibnify.train import (
+    lr_factor as _lr_factor,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
