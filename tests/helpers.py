@@ -1,6 +1,9 @@
-"""Helpers shared by tests (and benchmarks): deterministic, non-trivial norm parameters."""
+"""Helpers shared by tests (and benchmarks): deterministic, non-trivial norm parameters, and
+every spelling of a residual addition."""
 
 from __future__ import annotations
+
+import operator
 
 import torch
 from torch import nn
@@ -25,3 +28,31 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
                     module.running_mean.copy_(torch.rand(n, generator=generator) - 0.5)
                     module.running_var.copy_(0.5 + 1.5 * torch.rand(n, generator=generator))
     return model
+
+
+# Every spelling of a residual addition ``a + b`` (the sum is what each returns).
+def _plus(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a + b
+
+
+def _augmented(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a += b
+    return a
+
+
+def _inplace_method(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a.add_(b)  # the sum is handed on through the mutated tensor, not the call's value
+    return a
+
+
+ADD_SPELLINGS = {
+    "plus": _plus,
+    "augmented": _augmented,
+    "add_": _inplace_method,
+    "add": lambda a, b: a.add(b),
+    "torch.add": lambda a, b: torch.add(a, b),
+    "Tensor.add": lambda a, b: torch.Tensor.add(a, b),
+    "operator.add": lambda a, b: operator.add(a, b),
+    "operator.iadd": lambda a, b: operator.iadd(a, b),
+    "radd": lambda a, b: b.__radd__(a),
+}

@@ -13,18 +13,14 @@ from hypothesis import strategies as st
 from torch import nn
 
 from ibnify.core.layers import IBN, IBNAct, ibn_split_sizes, instance_norm_from_batchnorm
+from tests.helpers import randomize_norms
 from tests.reference_ibn import ReferenceIBN
 
 
 def _random_bn(channels: int, seed: int = 0) -> nn.BatchNorm2d:
-    generator = torch.Generator().manual_seed(seed)
-    bn = nn.BatchNorm2d(channels)
-    with torch.no_grad():
-        bn.weight.copy_(torch.rand(channels, generator=generator) + 0.5)
-        bn.bias.copy_(torch.randn(channels, generator=generator))
-        bn.running_mean.copy_(torch.randn(channels, generator=generator))
-        bn.running_var.copy_(torch.rand(channels, generator=generator) + 0.5)
-        bn.num_batches_tracked.fill_(7)
+    """An eval-mode BN with random affine and statistics, 7 batches tracked."""
+    bn = randomize_norms(nn.BatchNorm2d(channels), seed=seed)
+    bn.num_batches_tracked.fill_(7)
     return bn.eval()
 
 

@@ -8,8 +8,11 @@ import pytest
 import timm
 import torch
 import torchvision
+from click.testing import CliRunner
 
 import ibnify
+from ibnify.cli import cli
+from ibnify.core.layouts import LAYOUTS, Family, layout_choices, resolve_layout
 from ibnify.core.surgery import get_plan
 from ibnify.errors import InvalidOptionError
 from tests.reference_ibn import DenseNetIBN, resnet_ibn, state_dict_shapes
@@ -168,19 +171,6 @@ def test_ibn_b_refused_for_densenet() -> None:
         ibnify.plan(torchvision.models.densenet121(), layout="b", input_size=SMALL)
 
 
-def test_plan_json_round_trip_and_reasons() -> None:
-    plan = ibnify.plan("resnet50", input_size=SMALL)
-    again = type(plan).from_json(plan.to_json())
-    assert again == plan
-    reasons = {s.name: s.reason for s in plan.skipped}
-    assert reasons["bn1"].startswith("stem")
-    assert reasons["layer1.0.downsample.1"] == "shortcut (downsample) BN"
-    assert reasons["layer1.0.bn3"].startswith("last BN before the residual addition")
-    assert reasons["layer4.0.bn1"] == "stage 4 not chosen"
-    table = plan.details(verbose=True)
-    assert "layer1.0.bn1" in table and "parameter delta +0" in table
-
-
 def test_already_converted_model_is_refused() -> None:
     converted = ibnify.convert("resnet18", input_size=SMALL)
     with pytest.raises(ibnify.errors.NoBatchNormError, match="already converted"):
@@ -196,3 +186,27 @@ def test_timm_resnet_d_variant_keeps_deep_stem() -> None:
     assert plan.family == "resnet"
     assert [s.name for s in plan.sites] == [f"layer{k}.{i}.bn1" for k in (1, 2, 3) for i in (0, 1)]
     assert all(not s.name.startswith("conv1") for s in plan.sites)
+
+
+def test_layout_names_come_from_the_registry_and_the_cli_offers_them() -> None:
+    assert layout_choices() == [
+        "a", "b", "generic", "resnet-a", "resnet-b", "densenet-a", "generic-a"
+    ]  # fmt: skip
+    assert all(layout.name == name for name, layout in LAYOUTS.items())
+    (option,) = [p for p in cli.commands["plan"].params if p.name == "layout"]
+    assert list(option.type.choices) == layout_choices()
+    # The help text (prose, kept torch-free) names every layout of the registry.
+    help_text = " ".join(CliRunner().invoke(cli, ["plan", "--help"]).output.split())
+    assert all(f" {name}" in help_text for name in LAYOUTS)
+    assert resolve_layout("A", Family.DENSENET) == "densenet-a"
+    assert resolve_layout("generic", Family.RESNET) == "generic-a"
+    assert resolve_layout("b", Family.RESNET) == "resnet-b"
+    with pytest.raises(InvalidOptionError, match=r"layout b \(IBN-b\) is defined for the ResNet"):
+        resolve_layout("b", Family.GENERIC)
+
+
+def test_ibn_b_refuses_a_ratio_and_keeps_none_in_the_plan() -> None:
+    with pytest.raises(InvalidOptionError, match="IBN-b has no channel split"):
+        ibnify.plan("resnet18", layout="b", ratio=0.5, input_size=SMALL)
+    plan = ibnify.plan("resnet18", layout="b", input_size=SMALL)
+    assert (plan.ratio, plan.stages, plan.family) == (None, (1, 2), "resnet")

@@ -14,7 +14,7 @@ from ibnify.core.layers import IBN
 from ibnify.core.plans import ConversionSite
 from ibnify.core.surgery import apply_plan, get_plan
 from ibnify.errors import ConversionError
-from tests.helpers import randomize_norms
+from tests.helpers import ADD_SPELLINGS, randomize_norms
 from tests.reference_ibn import BottleneckIBN, resnet_ibn
 
 SMALL = (3, 64, 64)
@@ -162,3 +162,79 @@ def test_plan_that_does_not_fit_is_refused() -> None:
     )})  # fmt: skip
     with pytest.raises(ConversionError, match=r"no layer named .layer9\.0\.bn1."):
         apply_plan(torchvision.models.resnet18(), missing)
+
+
+class _Block(nn.Module):
+    """A basic residual block whose addition is spelled ``style``."""
+
+    def __init__(self, channels: int, style: str) -> None:
+        super().__init__()
+        self.style = style
+        self.conv1 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.style == "add_":
+            out.add_(identity)  # the sum lives on in the mutated tensor
+        elif self.style == "+=":
+            out += identity
+        else:
+            out = ADD_SPELLINGS[self.style](out, identity)
+        return self.relu(out)
+
+
+class _TinyResNet(nn.Module):
+    """torchvision's ResNet layout (conv1/bn1 stem, layer1, layer2), 8 channels, no downsampling."""
+
+    def __init__(self, style: str) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, 2, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.layer1 = nn.Sequential(_Block(8, style), _Block(8, style))
+        self.layer2 = nn.Sequential(_Block(8, style), _Block(8, style))
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        return self.layer2(self.layer1(x)).mean((2, 3))
+
+
+def _reference_ibn_b(model: nn.Module, x: torch.Tensor, with_in: bool = True) -> torch.Tensor:
+    """IBN-b by hand with the converted model's layers: IN after the addition, before the ReLU."""
+    x = torch.relu(model.bn1(model.conv1(x)))
+    for layer in (model.layer1, model.layer2):
+        for block in layer:
+            out = torch.relu(block.bn1(block.conv1(x)))
+            out = block.bn2(block.conv2(out)) + x
+            if with_in and hasattr(block, "IN"):
+                out = block.IN(out)
+            x = torch.relu(out)
+    return x.mean((2, 3))
+
+
+@pytest.mark.parametrize("style", ["add_", "+=", "torch.add", "add"])
+def test_ibn_b_with_any_addition_spelling_equals_hand_written_reference(style: str) -> None:
+    model = randomize_norms(_TinyResNet(style))
+    converted = ibnify.convert(model, layout="b", input_size=(3, 32, 32)).eval()
+    plan = get_plan(converted)
+    assert [(s.name, s.kind) for s in plan.sites] == [
+        ("bn1", "in"),
+        ("layer1.1.IN", "post_add_in"),
+        ("layer2.1.IN", "post_add_in"),
+    ]
+    assert isinstance(converted.bn1, nn.InstanceNorm2d)
+    with torch.no_grad():
+        for name in ("layer1.1.IN", "layer2.1.IN"):
+            converted.get_submodule(name).weight.uniform_(0.5, 1.5)
+            converted.get_submodule(name).bias.normal_()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        actual = converted(x.clone())
+        torch.testing.assert_close(actual, _reference_ibn_b(converted, x), atol=1e-5, rtol=1e-5)
+        without_in = _reference_ibn_b(converted, x, with_in=False)
+    assert (actual - without_in).abs().max() > 1e-2  # the post-addition IN really runs

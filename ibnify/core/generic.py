@@ -33,16 +33,26 @@ they get no site; the layout then raises NoBatchNormError with the commonest rea
 from __future__ import annotations
 
 import logging
-import operator
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import fx, nn
 
-from ..errors import NoBatchNormError
-from .graph import ROLE_MAIN, ROLE_OUTSIDE, ROLE_PRE_ADD, ROLE_SHORTCUT, GraphAnalysis, is_norm
-from .layers import IBN
+from ..errors import NoBatchNormError, TraceError
+from .graph import GraphAnalysis, NormLayer, Role, output_stride, stage_of_stride
+from .ops import (
+    BATCHNORM_KINDS,
+    BN_LIKE_KINDS,
+    CONV_KINDS,
+    OpKind,
+    concat_inputs,
+    is_norm,
+    norm_kind,
+    reached,
+    shape_of,
+    target_name,
+)
+from .plans import Reason, ReasonCode, stages_text
 
 __all__ = [
     "RULE_DEPTHWISE",
@@ -52,7 +62,7 @@ __all__ = [
     "NormContext",
     "choose",
     "norm_contexts",
-    "op_kind",
+    "raise_no_site",
     "require_batchnorm",
 ]
 
@@ -62,116 +72,7 @@ RULE_RESIDUAL = "generic-a residual: first safe main-branch BN of the block"
 RULE_DEPTHWISE = "generic-a depthwise-separable: BN after the expansion (first pointwise) conv"
 RULE_PLAIN = "generic-a plain stack: BN after a conv"
 
-# Op kinds: every graph node is one of these, decided in op_kind() only.
-CONV = "conv"  # groups == 1: mixes all channels
-GROUPED = "grouped"  # 1 < groups < in_channels
-DEPTHWISE = "depthwise"  # groups == in_channels
-LINEAR = "linear"  # mixes all channels
-PER_CHANNEL = "per_channel"  # activations, norms, pools, dropout, scaling: channel i stays i
-ADD = "add"  # residual or branch addition of two same-shape tensors
-CONCAT = "concat"  # torch.cat along channels
-SPLIT = "split"  # chunk / split / tensor_split / unbind
-GETITEM = "getitem"  # indexing or slicing
-RESHAPE = "reshape"  # view / reshape / flatten / permute / transpose / ...
-SHUFFLE = "shuffle"  # channel / pixel shuffle
-OUTPUT = "output"
-UNKNOWN = "unknown"
-
-
-def _words(text: str) -> frozenset[str]:
-    return frozenset(text.split())
-
-
-_PER_CHANNEL_NAMES = _words(
-    """relu relu_ relu6 leaky_relu leaky_relu_ elu elu_ selu celu gelu silu silu_ mish
-    hardswish hardswish_ hardsigmoid hardsigmoid_ hardtanh hardtanh_ sigmoid sigmoid_ tanh
-    tanh_ softplus swish hard_swish hard_sigmoid hard_mish gelu_tanh quick_gelu
-    dropout dropout_ dropout2d drop_path drop_block_2d drop_block_fast_2d
-    adaptive_avg_pool2d adaptive_max_pool2d avg_pool2d max_pool2d lp_pool2d interpolate
-    upsample pad mul mul_ truediv div div_ sub sub_ rsub neg abs exp pow sqrt rsqrt
-    clamp clamp_ clamp_min clamp_max contiguous to float half type_as detach clone
-    mean sum amax max min logsumexp batch_norm instance_norm stochastic_depth"""
-)
-_SPLIT_NAMES = _words("chunk split tensor_split unbind split_with_sizes")
-_RESHAPE_NAMES = _words(
-    "view reshape flatten unflatten permute transpose squeeze unsqueeze expand movedim swapaxes "
-    "view_as reshape_as"
-)
-_SHUFFLE_NAMES = frozenset({"channel_shuffle", "pixel_shuffle", "pixel_unshuffle"})
-_PER_CHANNEL_MODULE_HOMES = (
-    "torch.nn.modules.activation",
-    "torch.nn.modules.dropout",
-    "torch.nn.modules.pooling",
-    "torch.nn.modules.padding",
-    "torch.nn.modules.upsampling",
-    "timm.layers.activations",
-    "timm.layers.activations_me",
-    "timm.layers.drop",
-    "timm.layers.pool2d_same",
-    "timm.layers.blur_pool",
-    "timm.layers.create_act",
-    "torchvision.ops.stochastic_depth",
-)
-
-
-def _shape(node: object) -> tuple[int, ...] | None:
-    if not isinstance(node, fx.Node):
-        return None
-    shape = getattr(node.meta.get("tensor_meta"), "shape", None)
-    return tuple(int(v) for v in shape) if shape is not None else None
-
-
-def _target_name(node: fx.Node) -> str:
-    if node.op == "call_method":
-        return str(node.target)
-    return str(getattr(node.target, "__name__", node.target))
-
-
-def op_kind(node: fx.Node, graph_module: fx.GraphModule) -> str:
-    """The kind of ``node`` (one of the constants above); unknown ops get ``UNKNOWN``."""
-    if node.op == "output":
-        return OUTPUT
-    if node.op in ("placeholder", "get_attr"):
-        return UNKNOWN
-    if node.op == "call_module":
-        module = graph_module.get_submodule(str(node.target))
-        if isinstance(module, nn.Conv2d | nn.Conv1d | nn.Conv3d):
-            if module.groups == 1:
-                return CONV
-            return DEPTHWISE if module.groups == module.in_channels else GROUPED
-        if isinstance(module, nn.Linear):
-            return LINEAR
-        if is_norm(module) or isinstance(module, nn.Identity | nn.GroupNorm | nn.LayerNorm):
-            return PER_CHANNEL
-        if isinstance(module, nn.Sequential) and len(module) == 0:
-            return PER_CHANNEL  # an empty Sequential is an identity (seen by the hook walk)
-        if isinstance(module, nn.Flatten):
-            return RESHAPE
-        if isinstance(module, nn.ChannelShuffle | nn.PixelShuffle | nn.PixelUnshuffle):
-            return SHUFFLE
-        if type(module).__module__.startswith(_PER_CHANNEL_MODULE_HOMES):
-            return PER_CHANNEL
-        return UNKNOWN
-    name = _target_name(node)
-    if node.op == "call_function" and node.target is operator.getitem:
-        return GETITEM
-    if node.target in (operator.add, operator.iadd, torch.add) or name in ("add", "add_", "iadd"):
-        tensors = [a for a in node.args[:2] if isinstance(a, fx.Node)]
-        same = len(tensors) == 2 and _shape(tensors[0]) == _shape(tensors[1])
-        return ADD if same else PER_CHANNEL
-    if node.target is torch.cat or name in ("cat", "concat", "concatenate"):
-        return CONCAT
-    if name in _SPLIT_NAMES:
-        return SPLIT
-    if name in _SHUFFLE_NAMES:
-        return SHUFFLE
-    if name in _RESHAPE_NAMES:
-        return RESHAPE
-    if name in _PER_CHANNEL_NAMES or name in ("size", "dim", "getattr"):  # shape queries too
-        return PER_CHANNEL
-    if name in ("conv2d", "linear"):
-        return CONV
-    return UNKNOWN
+Kinds = Mapping[fx.Node, OpKind]
 
 
 @dataclass(frozen=True)
@@ -182,15 +83,21 @@ class NormContext:
     ``projection`` is true when that op is a 1×1 conv fed by a depthwise conv, ``expansion`` is
     the output stride of the depthwise conv the norm's output reaches (None when it reaches
     none; a downsampling block's expansion BN runs one resolution above the block it belongs
-    to), ``hazard`` says why the norm's channels must not be split (None when they may), and
-    ``feeds_addition`` is true when that is because its output is an operand of an addition.
+    to), and ``hazard`` says why the norm's channels must not be split (None when they may).
     """
 
-    producer: str
+    producer: OpKind
     projection: bool
     expansion: int | None
-    hazard: str | None
-    feeds_addition: bool = False
+    hazard: Reason | None
+
+    @property
+    def feeds_addition(self) -> bool:
+        """True when the hazard is that the norm's output is an operand of an addition."""
+        return self.hazard is not None and self.hazard.code == ReasonCode.FEEDS_ADDITION
+
+
+_NO_CONTEXT = NormContext(OpKind.UNKNOWN, False, None, None)
 
 
 def norm_contexts(analysis: GraphAnalysis) -> dict[str, NormContext]:
@@ -203,22 +110,10 @@ def norm_contexts(analysis: GraphAnalysis) -> dict[str, NormContext]:
             continue
         if not is_norm(graph_module.get_submodule(str(node.target))):
             continue
-        producer = _producer(node, graph_module)
-        producer_kind = op_kind(producer, graph_module) if producer is not None else UNKNOWN
-        projection = False
-        if producer is not None and producer_kind == CONV and _is_pointwise(producer, graph_module):
-            before = _producer(producer, graph_module)
-            projection = before is not None and op_kind(before, graph_module) == DEPTHWISE
-        hazard = _hazard(node, graph_module)
-        if hazard is not None and "does not know" in hazard:
-            unknown.add(hazard.rsplit("(at ", 1)[-1].rstrip(")"))
-        contexts[str(node.target)] = NormContext(
-            producer=producer_kind,
-            projection=projection,
-            expansion=_depthwise_stride(node, graph_module, analysis.input_size[1]),
-            hazard=hazard,
-            feeds_addition=hazard is not None and hazard.startswith(_FEEDS_ADDITION),
-        )
+        context = _context(node, graph_module, analysis.ops, analysis.input_size[1])
+        if context.hazard is not None and context.hazard.code == ReasonCode.UNKNOWN_OP:
+            unknown.add(str(context.hazard.at))
+        contexts[str(node.target)] = context
     if unknown:
         logger.warning(
             "generic IBN rule: ops of unknown kind %s follow some BatchNorms; those BNs are "
@@ -226,6 +121,22 @@ def norm_contexts(analysis: GraphAnalysis) -> dict[str, NormContext]:
             ", ".join(sorted(unknown)),
         )
     return contexts
+
+
+def _context(node: fx.Node, graph_module: fx.GraphModule, kinds: Kinds, height: int) -> NormContext:
+    """The :class:`NormContext` of the norm called by ``node``."""
+    producer = _producer(node, kinds)
+    producer_kind = kinds[producer] if producer is not None else OpKind.UNKNOWN
+    projection = False
+    if producer_kind == OpKind.CONV and _is_pointwise(producer, graph_module):
+        before = _producer(producer, kinds)
+        projection = before is not None and kinds[before] == OpKind.DEPTHWISE
+    return NormContext(
+        producer=producer_kind,
+        projection=projection,
+        expansion=_depthwise_stride(node, kinds, height),
+        hazard=_hazard(node, kinds),
+    )
 
 
 def _is_pointwise(node: fx.Node, graph_module: fx.GraphModule) -> bool:
@@ -236,51 +147,46 @@ def _is_pointwise(node: fx.Node, graph_module: fx.GraphModule) -> bool:
 def _main_input(node: fx.Node) -> fx.Node | None:
     """The input that carries ``node``'s channels: the first one with the output's shape."""
     inputs = node.all_input_nodes
-    shape = _shape(node)
+    shape = shape_of(node)
     for candidate in inputs:
-        if _shape(candidate) == shape:
+        if shape_of(candidate) == shape:
             return candidate
     return inputs[0] if inputs else None
 
 
-def _producer(node: fx.Node, graph_module: fx.GraphModule) -> fx.Node | None:
+def _producer(node: fx.Node, kinds: Kinds) -> fx.Node | None:
     """The nearest op before ``node`` (skipping per-channel ops) that is not per-channel."""
     current = _main_input(node)
     for _ in range(64):
-        if current is None or op_kind(current, graph_module) != PER_CHANNEL:
+        if current is None or kinds[current] != OpKind.PER_CHANNEL:
             return current
         current = _main_input(current)
     return None
 
 
-def _depthwise_stride(node: fx.Node, graph_module: fx.GraphModule, height: int) -> int | None:
+def _depthwise_stride(node: fx.Node, kinds: Kinds, height: int) -> int | None:
     """Output stride of the depthwise conv ``node``'s output reaches through per-channel ops."""
-    stack, seen = list(node.users), set()
-    while stack:
-        user = stack.pop()
-        if user in seen:
-            continue
-        seen.add(user)
-        kind = op_kind(user, graph_module)
-        shape = _shape(user)
-        if kind == DEPTHWISE and shape is not None and len(shape) == 4 and shape[2]:
-            return max(1, round(height / shape[2]))
-        if kind == PER_CHANNEL:
-            stack.extend(user.users)
+    for user, kind in reached(list(node.users), kinds):
+        stride = output_stride(user, height) if kind == OpKind.DEPTHWISE else None
+        if stride is not None:
+            return stride
     return None
 
 
-_FEEDS_ADDITION = "its output feeds an addition directly"
+# One step of the channel walk in _hazard: a reason to stop, or the (node, lo, hi) to follow.
+_Step = Reason | list[tuple[fx.Node, int, int]]
+_Follow = Callable[[fx.Node, fx.Node, int, int, Kinds], _Step]
 
 
-def _hazard(start: fx.Node, graph_module: fx.GraphModule) -> str | None:
+def _hazard(start: fx.Node, kinds: Kinds) -> Reason | None:
     """Why ``start``'s channels must not be split into IN and BN parts, or None if they may.
 
     Follows the channel range [lo, hi) that holds the norm's output through per-channel ops,
     concatenations, slices and splits, until every path reaches an op that mixes channels
-    (conv, linear) or a grouped conv.
+    (conv, linear) or a grouped conv. What each kind of op does is in :data:`_FOLLOW`.
     """
-    channels = (_shape(start) or (0, 0))[1] if len(_shape(start) or ()) >= 2 else 0
+    shape = shape_of(start) or ()
+    channels = shape[1] if len(shape) >= 2 else 0
     stack: list[tuple[fx.Node, int, int]] = [(start, 0, channels)]
     seen: set[tuple[fx.Node, int, int]] = set()
     while stack:
@@ -289,94 +195,114 @@ def _hazard(start: fx.Node, graph_module: fx.GraphModule) -> str | None:
             continue
         seen.add((node, lo, hi))
         for user in node.users:
-            kind = op_kind(user, graph_module)
-            if kind in (CONV, GROUPED, DEPTHWISE, LINEAR, OUTPUT):
-                continue
-            name = _target_name(user)
-            if kind == PER_CHANNEL:
-                out = _shape(user)
-                if out is not None and len(out) >= 2 and out[1] == _width(node):
-                    stack.append((user, lo, hi))
-                continue  # a reduction over channels mixes them: safe
-            if kind == ADD:
-                return f"{_FEEDS_ADDITION} (at {user.name})"
-            if kind == CONCAT:
-                stack.extend((user, lo + off, hi + off) for off in _concat_offsets(user, node))
-                continue
-            if kind == GETITEM:
-                kept = _slice(user, node)
-                if kept is None:
-                    return f"its channels are indexed in a way ibnify cannot follow ({user.name})"
-                start_, stop = kept
-                if stop <= lo or start_ >= hi:
-                    continue
-                if start_ > lo or stop < hi:
-                    return f"a channel slice cuts through its IN and BN parts (at {user.name})"
-                stack.append((user, lo - start_, hi - start_))
-                continue
-            if kind == SPLIT:
-                pieces = _split_pieces(user, node)
-                if pieces is None:
-                    return f"its channels are split along an unknown dim (at {user.name})"
-                if any(lo < begin < hi for begin, _ in pieces):
-                    if _every_piece_convolved(user, graph_module):
-                        continue  # split → conv per piece → concat: a grouped conv (MixConv)
-                    return (
-                        "a channel split would send its IN and BN parts down different paths "
-                        f"(at {user.name})"
-                    )
-                for item in user.users:
-                    index = item.args[1] if len(item.args) > 1 else None
-                    if isinstance(index, int) and index < len(pieces):
-                        begin, end = pieces[index]
-                        if begin <= lo and hi <= end:
-                            stack.append((item, lo - begin, hi - begin))
-                continue
-            if kind == RESHAPE:
-                out, src = _shape(user), _shape(node)
-                if out is not None and len(out) <= 2 and src is not None and len(src) >= 2:
-                    continue  # flattened for a linear head, which mixes everything
-                if out is not None and src is not None and out[:2] == src[:2]:
-                    stack.append((user, lo, hi))  # channels stay on dim 1 (e.g. flatten(2))
-                    continue
-                return (
-                    "a reshape/transpose moves its channels (channel shuffle or layout change), "
-                    f"ibnify does not follow them (at {user.name})"
-                )
-            if kind == SHUFFLE:
-                return f"a channel shuffle interleaves its channels (at {user.name})"
-            return f"its output reaches an op ibnify does not know, cautious default (at {name})"
+            step = _FOLLOW.get(kinds[user], _at_unknown)(user, node, lo, hi, kinds)
+            if isinstance(step, Reason):
+                return step
+            stack.extend(step)
     return None
 
 
-def _every_piece_convolved(split: fx.Node, graph_module: fx.GraphModule) -> bool:
+def _stop(user: fx.Node, node: fx.Node, lo: int, hi: int, kinds: Kinds) -> _Step:
+    """Convs, linear layers and the output end the walk: they mix (or keep) all channels."""
+    return []
+
+
+def _through_per_channel(user: fx.Node, node: fx.Node, lo: int, hi: int, kinds: Kinds) -> _Step:
+    out = shape_of(user)
+    if out is not None and len(out) >= 2 and out[1] == _width(node):
+        return [(user, lo, hi)]
+    return []  # a reduction over channels mixes them: safe
+
+
+def _at_addition(user: fx.Node, node: fx.Node, lo: int, hi: int, kinds: Kinds) -> _Step:
+    return Reason(ReasonCode.FEEDS_ADDITION, at=user.name)
+
+
+def _through_concat(user: fx.Node, node: fx.Node, lo: int, hi: int, kinds: Kinds) -> _Step:
+    return [(user, lo + off, hi + off) for off in _concat_offsets(user, node)]
+
+
+def _through_getitem(user: fx.Node, node: fx.Node, lo: int, hi: int, kinds: Kinds) -> _Step:
+    kept = _slice(user, node)
+    if kept is None:
+        return Reason(ReasonCode.INDEXED, at=user.name)
+    start, stop = kept
+    if stop <= lo or start >= hi:
+        return []
+    if start > lo or stop < hi:
+        return Reason(ReasonCode.SLICE_CUTS, at=user.name)
+    return [(user, lo - start, hi - start)]
+
+
+def _through_split(user: fx.Node, node: fx.Node, lo: int, hi: int, kinds: Kinds) -> _Step:
+    pieces = _split_pieces(user, node)
+    if pieces is None:
+        return Reason(ReasonCode.SPLIT_UNKNOWN_DIM, at=user.name)
+    if any(lo < begin < hi for begin, _ in pieces):
+        if _every_piece_convolved(user, kinds):
+            return []  # split → conv per piece → concat: a grouped conv (MixConv)
+        return Reason(ReasonCode.SPLIT_PATHS, at=user.name)
+    steps = []
+    for item in user.users:
+        index = item.args[1] if len(item.args) > 1 else None
+        if isinstance(index, int) and index < len(pieces):
+            begin, end = pieces[index]
+            if begin <= lo and hi <= end:
+                steps.append((item, lo - begin, hi - begin))
+    return steps
+
+
+def _through_reshape(user: fx.Node, node: fx.Node, lo: int, hi: int, kinds: Kinds) -> _Step:
+    out, src = shape_of(user), shape_of(node)
+    if out is not None and len(out) <= 2 and src is not None and len(src) >= 2:
+        return []  # flattened for a linear head, which mixes everything
+    if out is not None and src is not None and out[:2] == src[:2]:
+        return [(user, lo, hi)]  # channels stay on dim 1 (e.g. flatten(2))
+    return Reason(ReasonCode.RESHAPE, at=user.name)
+
+
+def _at_shuffle(user: fx.Node, node: fx.Node, lo: int, hi: int, kinds: Kinds) -> _Step:
+    return Reason(ReasonCode.SHUFFLE, at=user.name)
+
+
+def _at_unknown(user: fx.Node, node: fx.Node, lo: int, hi: int, kinds: Kinds) -> _Step:
+    return Reason(ReasonCode.UNKNOWN_OP, at=target_name(user))
+
+
+_FOLLOW: dict[OpKind, _Follow] = {
+    OpKind.CONV: _stop,
+    OpKind.GROUPED: _stop,
+    OpKind.DEPTHWISE: _stop,
+    OpKind.LINEAR: _stop,
+    OpKind.OUTPUT: _stop,
+    OpKind.PER_CHANNEL: _through_per_channel,
+    OpKind.ADD: _at_addition,
+    OpKind.CONCAT: _through_concat,
+    OpKind.GETITEM: _through_getitem,
+    OpKind.SPLIT: _through_split,
+    OpKind.RESHAPE: _through_reshape,
+    OpKind.SHUFFLE: _at_shuffle,
+}
+
+
+def _every_piece_convolved(split: fx.Node, kinds: Kinds) -> bool:
     """True when every piece of ``split`` goes only into convs (through per-channel ops)."""
     for item in split.users:
-        stack, seen = list(item.users), set()
-        if not stack:
+        if not item.users:
             return False
-        while stack:
-            user = stack.pop()
-            if user in seen:
-                continue
-            seen.add(user)
-            kind = op_kind(user, graph_module)
-            if kind == PER_CHANNEL:
-                stack.extend(user.users)
-            elif kind not in (CONV, GROUPED, DEPTHWISE):
-                return False
+        if any(kind not in CONV_KINDS for _, kind in reached(list(item.users), kinds)):
+            return False
     return bool(split.users)
 
 
 def _width(node: fx.Node) -> int | None:
-    shape = _shape(node)
+    shape = shape_of(node)
     return shape[1] if shape is not None and len(shape) >= 2 else None
 
 
 def _concat_offsets(cat: fx.Node, source: fx.Node) -> Iterator[int]:
-    inputs = cat.args[0] if cat.args else cat.kwargs.get("tensors", ())
     offset = 0
-    for tensor in inputs:
+    for tensor in concat_inputs(cat):
         if tensor is source:
             yield offset
         offset += _width(tensor) or 0 if isinstance(tensor, fx.Node) else 0
@@ -404,7 +330,7 @@ def _slice(item: fx.Node, source: fx.Node) -> tuple[int, int] | None:
 def _split_pieces(split: fx.Node, source: fx.Node) -> list[tuple[int, int]] | None:
     """Channel ranges of the pieces of a split/chunk along dim 1; None for another dim."""
     width = _width(source) or 0
-    name = _target_name(split)
+    name = target_name(split)
     args = list(split.args[1:])
     size_arg = args[0] if args else split.kwargs.get("chunks", split.kwargs.get("split_size"))
     size_arg = split.kwargs.get("split_size_or_sections", size_arg)
@@ -436,7 +362,7 @@ def require_batchnorm(model: nn.Module, arch: str) -> None:
     """Raise NoBatchNormError (naming the norms the model does use) when it has no BatchNorm."""
     others: dict[str, None] = {}
     for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm | IBN):
+        if norm_kind(module) in BN_LIKE_KINDS:
             return
         kind = type(module).__name__
         if "Norm" in kind and not any(True for _ in module.children()):
@@ -454,82 +380,109 @@ class GenericChoice:
 
     rules: dict[str, str]
     stages: dict[str, int]
-    reasons: dict[str, str]
+    reasons: dict[str, Reason]
 
 
-def _stage_of_stride(stride: int, stage_strides: tuple[int, ...]) -> int:
-    """The stage working at ``stride``: the deepest stage whose stride is not above it."""
-    return max((rank + 1 for rank, s in enumerate(stage_strides) if stride >= s), default=0)
-
-
-def choose(model: nn.Module, analysis: GraphAnalysis, stages: tuple[int, ...]) -> GenericChoice:
+def choose(model: nn.Module, analysis: GraphAnalysis, stages: Sequence[int]) -> GenericChoice:
     """Apply the generic IBN-a rule (module docstring) to ``analysis`` for ``stages``."""
     contexts = norm_contexts(analysis)
     residual_net = bool(analysis.blocks)
-    rules: dict[str, str] = {}
-    reasons: dict[str, str] = {}
-    chosen_stage: dict[str, int] = {}
+    choice = GenericChoice(rules={}, stages={}, reasons={})
     taken_blocks: set[str] = set()
     for norm in analysis.norms:
-        module = model.get_submodule(norm.name)
-        ctx = contexts.get(norm.name, NormContext(UNKNOWN, False, None, None))
+        ctx = contexts.get(norm.name, _NO_CONTEXT)
         stage = norm.stage
-        if norm.role == ROLE_OUTSIDE and ctx.expansion is not None and analysis.stage_strides:
-            stage = _stage_of_stride(ctx.expansion, analysis.stage_strides)
-        candidate = isinstance(module, nn.modules.batchnorm._BatchNorm | IBN)
-        if not candidate or len(norm.output_shape) != 4:
-            reasons[norm.name] = f"not a 2-D BatchNorm ({norm.kind})"
-        elif stage == 0:
-            reasons[norm.name] = "stem (IBN-a keeps the stem BN)"
-        elif stage not in stages:
-            reasons[norm.name] = f"stage {stage} not chosen"
-        elif norm.channels < 2:
-            reasons[norm.name] = "fewer than 2 channels: nothing to split"
-        elif norm.output_shape[2] * norm.output_shape[3] == 1:
-            reasons[norm.name] = "runs on pooled 1×1 features (attention/SE branch): IN needs H×W"
-        elif norm.role == ROLE_SHORTCUT:
-            reasons[norm.name] = f"shortcut BN (block {norm.block})"
-        elif norm.role == ROLE_PRE_ADD and ctx.feeds_addition:
-            reasons[norm.name] = (
-                f"last BN before the residual addition, sets its scale (block {norm.block})"
-            )
-        elif ctx.hazard is not None:
-            reasons[norm.name] = ctx.hazard
-        elif norm.role in (ROLE_MAIN, ROLE_PRE_ADD):  # a conv follows a last BN: it is safe
-            if norm.block in taken_blocks:
-                reasons[norm.name] = (
-                    "not the first safe main-branch BN, IBN-a converts one BN per block "
-                    f"(block {norm.block})"
-                )
-            else:
-                taken_blocks.add(str(norm.block))
-                rules[norm.name] = RULE_RESIDUAL
-                chosen_stage[norm.name] = stage
-        elif norm.role == ROLE_OUTSIDE:
-            rule, reason = _outside_rule(ctx, residual_net)
-            if rule is not None:
-                rules[norm.name] = rule
-                chosen_stage[norm.name] = stage
-            else:
-                reasons[norm.name] = reason
-        else:  # pragma: no cover - every role is handled above
-            reasons[norm.name] = f"role {norm.role!r} unknown to the generic rule"
-    return GenericChoice(rules=rules, stages=chosen_stage, reasons=reasons)
+        if norm.role == Role.OUTSIDE and ctx.expansion is not None and analysis.stage_strides:
+            stage = stage_of_stride(ctx.expansion, analysis.stage_strides)
+        module = model.get_submodule(norm.name)
+        reason = _skip_reason(norm, norm_kind(module) in BN_LIKE_KINDS, ctx, stage, stages)
+        rule = None
+        if reason is None:
+            rule, reason = _site_rule(norm, ctx, residual_net, taken_blocks)
+        if rule is not None:
+            choice.rules[norm.name] = rule
+            choice.stages[norm.name] = stage
+        else:
+            choice.reasons[norm.name] = reason or Reason(ReasonCode.NOT_PICKED)
+    return choice
 
 
-def _outside_rule(ctx: NormContext, residual_net: bool) -> tuple[str | None, str]:
+def _skip_reason(
+    norm: NormLayer, batchnorm: bool, ctx: NormContext, stage: int, stages: Sequence[int]
+) -> Reason | None:
+    """Why ``norm`` can take no IN at all, checked in order; None when it may."""
+    if not batchnorm or len(norm.output_shape) != 4:
+        return Reason(ReasonCode.NOT_2D_BATCHNORM, value=norm.kind)
+    if stage == 0:
+        return Reason(ReasonCode.STEM)
+    if stage not in stages:
+        return Reason(ReasonCode.STAGE_NOT_CHOSEN, value=stage)
+    if norm.channels < 2:
+        return Reason(ReasonCode.TOO_FEW_CHANNELS)
+    if norm.output_shape[2] * norm.output_shape[3] == 1:
+        return Reason(ReasonCode.POOLED)
+    if norm.role == Role.SHORTCUT:
+        return Reason(ReasonCode.SHORTCUT, at=norm.block)
+    if norm.role == Role.PRE_ADD and ctx.feeds_addition:
+        return Reason(ReasonCode.SETS_RESIDUAL_SCALE, at=norm.block)
+    return ctx.hazard
+
+
+def _site_rule(
+    norm: NormLayer, ctx: NormContext, residual_net: bool, taken_blocks: set[str]
+) -> tuple[str | None, Reason | None]:
+    """The rule that converts a norm that may take IN, or why none does."""
+    if norm.role in (Role.MAIN, Role.PRE_ADD):  # a conv follows a last BN: it is safe
+        if norm.block in taken_blocks:
+            return None, Reason(ReasonCode.NOT_FIRST_IN_BLOCK, at=norm.block)
+        taken_blocks.add(str(norm.block))
+        return RULE_RESIDUAL, None
+    if norm.role == Role.OUTSIDE:
+        return _outside_rule(ctx, residual_net)
+    return None, Reason(ReasonCode.UNKNOWN_ROLE, value=norm.role)  # pragma: no cover
+
+
+def _outside_rule(ctx: NormContext, residual_net: bool) -> tuple[str | None, Reason | None]:
     """Rule for a BN outside every residual block: depthwise-separable, then plain stacks."""
-    if ctx.producer not in (CONV, GROUPED, DEPTHWISE):
-        return None, "not fed by a convolution (pre-activation, head or unknown input)"
-    if ctx.producer == DEPTHWISE:
-        return None, (
-            "after a depthwise conv (the depthwise-separable rule converts the BN after the "
-            "block's expansion conv)"
-        )
+    if ctx.producer not in CONV_KINDS:
+        return None, Reason(ReasonCode.NOT_FED_BY_CONV)
+    if ctx.producer == OpKind.DEPTHWISE:
+        return None, Reason(ReasonCode.AFTER_DEPTHWISE)
     if ctx.expansion is not None:  # also a DS block's pointwise conv feeding the next dw conv
-        return RULE_DEPTHWISE, ""
+        return RULE_DEPTHWISE, None
     if ctx.projection:
-        return None, "projection BN of a depthwise-separable block (after the depthwise conv)"
+        return None, Reason(ReasonCode.PROJECTION)
     if residual_net:
-        return None, "outside the residual blocks (transition or aggregation layer)"
-    return RULE_PLAIN, ""
+        return None, Reason(ReasonCode.OUTSIDE_BLOCKS)
+    return RULE_PLAIN, None
+
+
+def raise_no_site(
+    arch: str, analysis: GraphAnalysis, stages: Sequence[int], reasons: dict[str, Reason]
+) -> None:
+    """Raise one line that says why no BN in ``stages`` can take IN (the commonest reasons).
+
+    Raises:
+        NoBatchNormError: always; TraceError instead when the analysis is a hook walk's record.
+    """
+    counts: dict[str, int] = {}
+    for norm in analysis.norms:
+        if norm.stage in stages:
+            summary = reasons[norm.name].summary if norm.name in reasons else "?"
+            counts[summary] = counts.get(summary, 0) + 1
+    if not counts:
+        where = sorted({n.stage for n in analysis.norms if n.norm_kind in BATCHNORM_KINDS})
+        raise NoBatchNormError(
+            f"{arch}: no BatchNorm in stages {stages_text(stages)}; its BatchNorm layers are in "
+            f"stage {stages_text(where) or 'none'} (stage 0 is the stem, which IBN-a keeps)"
+        )
+    common = "; ".join(f"{n} × {r}" for r, n in sorted(counts.items(), key=lambda i: -i[1])[:3])
+    message = f"{arch}: no BatchNorm in stages {stages_text(stages)} can take IN safely" + (
+        f" ({common})" if common else ""
+    )
+    if analysis.trace_error is not None:
+        raise TraceError(
+            f"{analysis.trace_error}; the forward-hook walk's record was not enough to place "
+            f"IBN safely ({message})"
+        )
+    raise NoBatchNormError(message)

@@ -1,4 +1,7 @@
-"""Graph analysis: trace with torch.fx, propagate shapes, find stages and residual blocks.
+"""Graph analysis: find the residual blocks, the stages and the role of every norm.
+
+Tracing and shape propagation are in :mod:`ibnify.core.tracing`; every node's op kind comes from
+:mod:`ibnify.core.ops` (classified once, kept as ``GraphAnalysis.ops``).
 
 The analysis never modifies the model and always restores its train/eval mode. Every record is
 keyed by the module's qualified name as ``named_modules()`` gives it.
@@ -15,102 +18,67 @@ Definitions (see DESIGN.md):
   no stem and every resolution a norm runs at is a stage.
 
 ``analyze(model, fallback=True)`` describes models fx cannot trace from a forward-hook walk
-(:mod:`ibnify.hookwalk`) instead of raising.
+(:mod:`ibnify.core.hookwalk`) instead of raising.
 """
 
 from __future__ import annotations
 
-import logging
-import operator
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
 
 import torch
 from torch import fx, nn
 
 from ..errors import TraceError, first_line
 from .hookwalk import walk
-from .layers import IBN
-
-logger = logging.getLogger(__name__)
+from .ops import (
+    NormKind,
+    OpKind,
+    classify,
+    concat_inputs,
+    is_channel_concat,
+    is_norm,
+    norm_kind,
+    shape_of,
+)
+from .tracing import (
+    default_input_size,
+    dummy_input,
+    eval_mode,
+    record_shapes,
+    timm_notrace,
+    trace,
+)
 
 __all__ = [
     "GraphAnalysis",
     "NormLayer",
     "ResidualBlock",
+    "Role",
     "analyze",
     "default_input_size",
     "is_norm",
     "list_norm_layers",
+    "output_stride",
+    "stage_of_stride",
     "trace",
 ]
 
-ROLE_MAIN = "main"
-ROLE_PRE_ADD = "pre_add"
-ROLE_SHORTCUT = "shortcut"
-ROLE_OUTSIDE = "outside"
 
-_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
-_ADD_METHODS = {"add", "add_"}
+class Role(StrEnum):
+    """Where a norm sits relative to the residual block that holds it."""
 
-
-def is_norm(module: nn.Module) -> bool:
-    """True for modules the converter treats as normalization leaves (BN, IN, IBN)."""
-    return isinstance(module, nn.modules.batchnorm._BatchNorm | nn.InstanceNorm2d | IBN)
+    MAIN = "main"  # main branch, not the last norm before the addition
+    PRE_ADD = "pre_add"  # the main branch's last norm
+    SHORTCUT = "shortcut"  # the shortcut (downsample) branch
+    OUTSIDE = "outside"  # in no residual block (stem, transitions, heads, plain stacks)
 
 
-class _LeafTracer(fx.Tracer):
-    """fx tracer that keeps norms and timm's non-traceable modules/functions as leaves.
-
-    It also remembers which module it was inside when tracing fails, so the error can name it.
-    """
-
-    def __init__(self) -> None:
-        leaf_modules, autowrap = _timm_notrace()
-        super().__init__(autowrap_functions=tuple(autowrap))
-        self._timm_leaves = tuple(leaf_modules)
-        self.ibnify_module_path: list[str] = []
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if is_norm(m) or (self._timm_leaves and isinstance(m, self._timm_leaves)):
-            return True
-        return super().is_leaf_module(m, module_qualified_name)
-
-    def call_module(self, m, forward, args, kwargs):
-        name = self.path_of_module(m)
-        self.ibnify_module_path.append(name)
-        result = super().call_module(m, forward, args, kwargs)
-        self.ibnify_module_path.pop()
-        return result
-
-
-def _timm_notrace() -> tuple[list[type], list]:
-    """timm's registry of modules and functions fx must not trace into (empty without timm)."""
-    try:
-        from timm.layers import _fx as timm_fx
-    except ImportError:  # pragma: no cover - timm is a dependency, but stay usable without it
-        return [], []
-    modules = list(timm_fx.get_notrace_modules())
-    functions = list(timm_fx.get_notrace_functions())
-    return modules, functions
-
-
-def trace(model: nn.Module) -> fx.GraphModule:
-    """Symbolically trace ``model``; raise TraceError naming the module that failed."""
-    tracer = _LeafTracer()
-    try:
-        graph = tracer.trace(model)
-    except Exception as exc:  # fx raises many types; all mean "not traceable"
-        where = tracer.ibnify_module_path[-1] if tracer.ibnify_module_path else "<root>"
-        where = where or "<root>"
-        detail = first_line(exc)
-        raise TraceError(
-            f"torch.fx cannot trace {type(model).__name__}: failed inside module '{where}' "
-            f"({type(exc).__name__}: {detail})"
-        ) from exc
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+ROLE_MAIN = Role.MAIN
+ROLE_PRE_ADD = Role.PRE_ADD
+ROLE_SHORTCUT = Role.SHORTCUT
+ROLE_OUTSIDE = Role.OUTSIDE
 
 
 def list_norm_layers(model: nn.Module) -> list[str]:
@@ -123,33 +91,20 @@ def list_norm_layers(model: nn.Module) -> list[str]:
     return list(seen)
 
 
-def default_input_size(model: nn.Module) -> tuple[int, int, int]:
-    """(C, H, W) of the dummy input: timm's ``pretrained_cfg`` where present, else 3×224×224."""
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    size = cfg.get("input_size") if isinstance(cfg, dict) else None
-    if size is not None and len(size) == 3:
-        return tuple(int(v) for v in size)  # type: ignore[return-value]
-    channels = 3
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            channels = module.in_channels
-            break
-    return (channels, 224, 224)
-
-
 @dataclass(frozen=True)
 class NormLayer:
     """One normalization layer as the analysis sees it."""
 
     name: str
-    kind: str
+    kind: str  # the module's class name
     channels: int
     output_shape: tuple[int, ...]
     stride: int
     stage: int
     block: str | None
-    role: str
+    role: Role
     index: int
+    norm_kind: NormKind | None = None
 
 
 @dataclass(frozen=True)
@@ -173,6 +128,8 @@ class GraphAnalysis:
     blocks: tuple[ResidualBlock, ...]
     stage_strides: tuple[int, ...]
     graph_module: fx.GraphModule = field(repr=False, compare=False)
+    # The kind of every graph node, classified once (see ibnify.core.ops).
+    ops: Mapping[fx.Node, OpKind] = field(default_factory=dict, repr=False, compare=False)
     # Set when fx could not trace the model and the graph is a forward-hook walk's record.
     trace_error: str | None = field(default=None, compare=False)
 
@@ -187,18 +144,6 @@ class GraphAnalysis:
     def num_stages(self) -> int:
         """Number of stages (excluding the stem)."""
         return len(self.stage_strides)
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode and restore each one's own flag afterwards."""
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes.items():
-            module.training = training
 
 
 def analyze(
@@ -217,71 +162,25 @@ def analyze(
     """
     if input_size is None:
         input_size = default_input_size(model)
-    reference = next(iter(model.parameters()), None)
-    device = reference.device if reference is not None else torch.device("cpu")
-    dtype = reference.dtype if reference is not None and reference.is_floating_point() else None
-    dummy = torch.zeros((1, *input_size), device=device, dtype=dtype or torch.float32)
+    dummy = dummy_input(model, input_size)
     try:
         graph_module = trace(model)
     except TraceError as error:
         if not fallback:
             raise
         return _analyze_walk(model, dummy, input_size, error)
-    with _eval_mode(graph_module), torch.no_grad():
-        if _propagate_on_meta(graph_module, dummy):
-            return _describe(graph_module, input_size)
-        try:
-            _ShapeRecorder(graph_module).run(dummy)
-        except Exception as exc:
-            detail = first_line(exc, "")
-            raise TraceError(
-                f"running a {tuple(dummy.shape)} dummy input through {type(model).__name__} "
-                f"failed ({type(exc).__name__}: {detail}); pass a valid input size"
-            ) from exc
+    record_shapes(graph_module, dummy, type(model).__name__)
     return _describe(graph_module, input_size)
-
-
-class _ShapeRun(nn.Module):
-    """Wraps a GraphModule so functional_call can swap its tensors while shapes are recorded."""
-
-    def __init__(self, graph_module: fx.GraphModule) -> None:
-        super().__init__()
-        self.graph_module = graph_module
-
-    def forward(self, x: torch.Tensor) -> Any:
-        return _ShapeRecorder(self.graph_module).run(x)
-
-
-def _propagate_on_meta(graph_module: fx.GraphModule, dummy: torch.Tensor) -> bool:
-    """Record shapes with meta tensors (no arithmetic, no memory); False if an op needs data.
-
-    Shapes are all the analysis needs, so the weights are swapped for meta tensors for the one
-    pass; where an op has no meta kernel or depends on values, the caller runs real tensors.
-    """
-    wrapper = _ShapeRun(graph_module)
-    tensors = {
-        name: torch.empty_like(tensor, device="meta")
-        for name, tensor in (*wrapper.named_parameters(), *wrapper.named_buffers())
-    }
-    try:
-        torch.func.functional_call(wrapper, tensors, (dummy.to("meta"),))
-    except Exception as exc:  # any failure only means "use real tensors"
-        logger.debug("meta shape propagation failed (%s); using real tensors", exc)
-        return False
-    return True
 
 
 def _analyze_walk(
     model: nn.Module, dummy: torch.Tensor, input_size: tuple[int, int, int], error: TraceError
 ) -> GraphAnalysis:
     """The forward-hook fallback: describe the dataflow of one recorded forward pass."""
-    from dataclasses import replace
-
-    leaves, _ = _timm_notrace()
-    leaf_types = (*leaves, nn.modules.batchnorm._BatchNorm, nn.InstanceNorm2d, IBN)
-    with _eval_mode(model), torch.no_grad():
+    leaves = tuple(timm_notrace()[0])
+    with eval_mode(model), torch.no_grad():
         try:
-            graph = walk(model, dummy, lambda m: isinstance(m, leaf_types))
+            graph = walk(model, dummy, lambda m: is_norm(m) or isinstance(m, leaves))
         except Exception as exc:
             detail = first_line(exc, "")
             raise TraceError(
@@ -291,46 +190,90 @@ def _analyze_walk(
     return replace(_describe(graph_module, input_size), trace_error=str(error))
 
 
-@dataclass(frozen=True)
-class TensorShape:
-    """What shape propagation records for a node: ``node.meta["tensor_meta"].shape``."""
-
-    shape: tuple[int, ...]
-
-
-class _ShapeRecorder(fx.Interpreter):
-    """Runs the graph once and stores each tensor node's output shape in ``node.meta``.
-
-    Unlike torch's ShapeProp it does not print a traceback when a node fails, so a bad input
-    size ends in one clear error.
-    """
-
-    def run_node(self, n: fx.Node):
-        result = super().run_node(n)
-        if isinstance(result, torch.Tensor):
-            n.meta["tensor_meta"] = TensorShape(tuple(result.shape))
-        return result
-
-
-def _output_stride(node: fx.Node, input_height: int) -> int | None:
-    meta = node.meta.get("tensor_meta")
-    shape = getattr(meta, "shape", None)
+def output_stride(node: fx.Node, input_height: int) -> int | None:
+    """Input height / the height of ``node``'s 4-D output (None for other outputs)."""
+    shape = shape_of(node)
     if shape is None or len(shape) != 4 or shape[2] == 0:
         return None
     return max(1, round(input_height / shape[2]))
 
 
-def _is_add(node: fx.Node) -> bool:
-    is_add_call = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
-        node.op == "call_method" and node.target in _ADD_METHODS
-    )
-    if not is_add_call:
-        return False
-    tensors = [arg for arg in node.args[:2] if isinstance(arg, fx.Node)]
-    if len(tensors) != 2:
-        return False
-    shapes = [getattr(t.meta.get("tensor_meta"), "shape", None) for t in tensors]
-    return shapes[0] is not None and shapes[0] == shapes[1] and len(shapes[0]) == 4
+def stage_of_stride(stride: int, stage_strides: Sequence[int]) -> int:
+    """The stage working at ``stride``: the deepest stage whose stride is not above it (0: none).
+
+    ``stage_strides`` are the strides of stages 1, 2, ... in ascending order.
+    """
+    return max((rank + 1 for rank, s in enumerate(stage_strides) if stride >= s), default=0)
+
+
+@dataclass(frozen=True)
+class _Dataflow:
+    """The traced graph as the description reads it: node order, ancestor sets, op kinds."""
+
+    nodes: list[fx.Node]
+    position: dict[fx.Node, int]
+    ancestors: dict[fx.Node, int]  # ancestor sets as integer bitsets over positions
+    kinds: dict[fx.Node, OpKind]
+    height: int
+
+    @classmethod
+    def of(cls, graph_module: fx.GraphModule, height: int) -> _Dataflow:
+        """Positions, ancestor bitsets (cheap for a few thousand nodes) and op kinds."""
+        nodes = list(graph_module.graph.nodes)
+        position = {node: i for i, node in enumerate(nodes)}
+        ancestors: dict[fx.Node, int] = {}
+        for node in nodes:
+            bits = 0
+            for parent in node.all_input_nodes:
+                bits |= ancestors[parent] | (1 << position[parent])
+            ancestors[node] = bits
+        return cls(nodes, position, ancestors, classify(graph_module), height)
+
+    def reach(self, node: fx.Node) -> int:
+        """Bitset of ``node`` and its ancestors."""
+        return self.ancestors[node] | (1 << self.position[node])
+
+    def stride(self, node: fx.Node) -> int | None:
+        """Output stride of ``node``."""
+        return output_stride(node, self.height)
+
+
+@dataclass(frozen=True)
+class _Region:
+    """A fork → add region: the add node, its output stride, main and shortcut bitsets."""
+
+    add: fx.Node
+    stride: int | None
+    main: int
+    shortcut: int
+
+    @property
+    def size(self) -> int:
+        return (self.main | self.shortcut).bit_count()
+
+
+def _is_residual_add(node: fx.Node, kind: OpKind) -> bool:
+    """An addition of two same-shape 4-D feature maps."""
+    shape = shape_of(node.args[0]) if kind == OpKind.ADD else None
+    return shape is not None and len(shape) == 4
+
+
+def _residual_regions(flow: _Dataflow) -> list[_Region]:
+    """Every fork → add region; the branch with more nodes is the main branch."""
+    regions = []
+    for node in flow.nodes:
+        if not _is_residual_add(node, flow.kinds[node]):
+            continue
+        left_set, right_set = (flow.reach(arg) for arg in node.args[:2])
+        common = left_set & right_set
+        if not common:
+            continue
+        fork_set = flow.reach(flow.nodes[common.bit_length() - 1])
+        branches = [left_set & ~fork_set, right_set & ~fork_set]
+        main_bits, short_bits = sorted(branches, key=lambda b: -b.bit_count())
+        if main_bits:
+            regions.append(_Region(node, flow.stride(node), main_bits, short_bits))
+    return regions
 
 
 def _common_prefix(names: list[str]) -> str:
@@ -344,161 +287,76 @@ def _common_prefix(names: list[str]) -> str:
     return ".".join(prefix)
 
 
-def _describe(graph_module: fx.GraphModule, input_size: tuple[int, int, int]) -> GraphAnalysis:
-    nodes = list(graph_module.graph.nodes)
-    position = {node: i for i, node in enumerate(nodes)}
-    # Ancestor sets as integer bitsets: cheap for graphs of a few thousand nodes.
-    ancestors: dict[fx.Node, int] = {}
-    for node in nodes:
-        bits = 0
-        for parent in node.all_input_nodes:
-            bits |= ancestors[parent] | (1 << position[parent])
-        ancestors[node] = bits
-    input_height = input_size[1]
+_Membership = dict[fx.Node, tuple[ResidualBlock, Role]]
 
-    norm_nodes = [
-        node
-        for node in nodes
-        if node.op == "call_module" and is_norm(graph_module.get_submodule(node.target))
-    ]
-    raw_blocks = []
-    for node in nodes:
-        if not _is_add(node):
-            continue
-        left, right = (arg for arg in node.args[:2])
-        left_set = ancestors[left] | (1 << position[left])
-        right_set = ancestors[right] | (1 << position[right])
-        common = left_set & right_set
-        if not common:
-            continue
-        fork = nodes[common.bit_length() - 1]
-        fork_set = ancestors[fork] | (1 << position[fork])
-        branches = [left_set & ~fork_set, right_set & ~fork_set]
-        main_bits, short_bits = sorted(branches, key=lambda b: -b.bit_count())
-        if main_bits == 0:
-            continue
-        members = [n for n in nodes if (main_bits | short_bits) >> position[n] & 1]
-        module_names = [n.target for n in members if n.op == "call_module"]
-        raw_blocks.append((node, fork, main_bits, short_bits, module_names))
 
-    block_strides = sorted(
-        {s for s in (_output_stride(b[0], input_height) for b in raw_blocks) if s is not None}
-    )
-    stage_of_stride = {stride: rank + 1 for rank, stride in enumerate(block_strides)}
-
-    blocks: list[ResidualBlock] = []
-    norm_block: dict[fx.Node, tuple[ResidualBlock, str]] = {}
-    # Innermost block first: a norm belongs to the smallest region that contains it.
-    for add, _fork, main_bits, short_bits, module_names in sorted(
-        raw_blocks, key=lambda b: (b[2] | b[3]).bit_count()
-    ):
-        stride = _output_stride(add, input_height) or 1
-        main_norms = [n for n in norm_nodes if main_bits >> position[n] & 1]
-        short_norms = [n for n in norm_nodes if short_bits >> position[n] & 1]
+def _residual_blocks(
+    flow: _Dataflow, regions: list[_Region], norm_nodes: list[fx.Node], strides: tuple[int, ...]
+) -> tuple[list[ResidualBlock], _Membership]:
+    """One ResidualBlock per region, and the innermost block (with the role) of each norm."""
+    blocks: list[tuple[int, ResidualBlock]] = []
+    membership: _Membership = {}
+    for region in sorted(regions, key=lambda r: r.size):  # innermost first
+        members = [n for n in flow.nodes if (region.main | region.shortcut) >> flow.position[n] & 1]
+        module_names = [str(n.target) for n in members if n.op == "call_module"]
+        main_norms = [n for n in norm_nodes if region.main >> flow.position[n] & 1]
+        short_norms = [n for n in norm_nodes if region.shortcut >> flow.position[n] & 1]
+        stride = region.stride or 1
         block = ResidualBlock(
-            name=_common_prefix(module_names) if module_names else add.name,
-            add_node=add.name,
+            name=_common_prefix(module_names) if module_names else region.add.name,
+            add_node=region.add.name,
             stride=stride,
-            stage=stage_of_stride.get(stride, 0),
-            main_norms=tuple(n.target for n in main_norms),
-            shortcut_norms=tuple(n.target for n in short_norms),
+            stage=stage_of_stride(stride, strides),
+            main_norms=tuple(str(n.target) for n in main_norms),
+            shortcut_norms=tuple(str(n.target) for n in short_norms),
         )
-        blocks.append(block)
+        blocks.append((flow.position[region.add], block))
         for i, norm_node in enumerate(main_norms):
-            role = ROLE_PRE_ADD if i == len(main_norms) - 1 else ROLE_MAIN
-            norm_block.setdefault(norm_node, (block, role))
+            role = Role.PRE_ADD if i == len(main_norms) - 1 else Role.MAIN
+            membership.setdefault(norm_node, (block, role))
         for norm_node in short_norms:
-            norm_block.setdefault(norm_node, (block, ROLE_SHORTCUT))
-    blocks.sort(key=lambda b: position[next(n for n in nodes if n.name == b.add_node)])
-
-    first_block_start = min((position[n] for n in norm_block), default=len(nodes))
-    norms: list[NormLayer] = []
-    norm_by_name: dict[str, fx.Node] = {}
-    seen: set[str] = set()
-    for index, node in enumerate(norm_nodes):
-        if node.target in seen:
-            continue
-        seen.add(node.target)
-        norm_by_name[node.target] = node
-        module = graph_module.get_submodule(node.target)
-        meta = node.meta.get("tensor_meta")
-        shape = tuple(int(v) for v in getattr(meta, "shape", ()))
-        stride = _output_stride(node, input_height) or 1
-        if node in norm_block:
-            block, role = norm_block[node]
-            stage, block_name = block.stage, block.name
-        else:
-            role, block_name = ROLE_OUTSIDE, None
-            stage = _stage_outside_blocks(stride, position[node] < first_block_start, block_strides)
-        norms.append(
-            NormLayer(
-                name=node.target,
-                kind=type(module).__name__,
-                channels=_channels(module),
-                output_shape=shape,
-                stride=stride,
-                stage=stage,
-                block=block_name,
-                role=role,
-                index=index,
-            )
-        )
-    stage_strides = tuple(block_strides)
-    if not block_strides:
-        joins = _join_regions(nodes, position, ancestors, input_height)
-        stage_strides = tuple(sorted({stride for stride, _, _ in joins}))
-        stage_strides = stage_strides or tuple(sorted({n.stride for n in norms}))
-        first_fork = min((fork for _, fork, _ in joins), default=-1)
-        stage_of_stride = {stride: rank + 1 for rank, stride in enumerate(stage_strides)}
-        restaged = []
-        for n in norms:
-            at = position[norm_by_name[n.name]]
-            inside = [(members.bit_count(), s) for s, _, members in joins if members >> at & 1]
-            if inside:  # the innermost join region that holds the norm gives its stage
-                stage = stage_of_stride[min(inside)[1]]
-            else:
-                stage = _stage_outside_blocks(n.stride, at < first_fork, list(stage_strides))
-            restaged.append(_replace_stage(n, stage))
-        norms = restaged
-    return GraphAnalysis(
-        input_size=input_size,
-        norms=tuple(norms),
-        blocks=tuple(blocks),
-        stage_strides=stage_strides,
-        graph_module=graph_module,
-    )
+            membership.setdefault(norm_node, (block, Role.SHORTCUT))
+    return [block for _, block in sorted(blocks, key=lambda b: b[0])], membership
 
 
-def _channels(module: nn.Module) -> int:
-    return int(module.num_features)
-
-
-def _stage_outside_blocks(stride: int, before_first_block: bool, block_strides: list[int]) -> int:
-    """Stage of a norm that is in no residual block (stem, transitions, heads)."""
-    if before_first_block or not block_strides:
+def _stage_outside(flow: _Dataflow, node: fx.Node, first: int, strides: Sequence[int]) -> int:
+    """Stage of a norm in no block: the stem (0) before position ``first``, else by stride."""
+    if flow.position[node] < first:
         return 0
-    stage = 0
-    for rank, block_stride in enumerate(block_strides):
-        if stride >= block_stride:
-            stage = rank + 1
-    return stage
+    return stage_of_stride(flow.stride(node) or 1, strides)
 
 
-def _is_channel_concat(node: fx.Node) -> bool:
-    """``torch.cat(tensors, dim=1)`` over at least two 4-D feature maps."""
-    if node.op != "call_function" or node.target is not torch.cat or not node.args:
-        return False
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-    inputs = node.args[0]
-    shape = getattr(node.meta.get("tensor_meta"), "shape", None)
-    if shape is None or len(shape) != 4 or dim not in (1, -3):
-        return False
-    return isinstance(inputs, list | tuple) and sum(isinstance(t, fx.Node) for t in inputs) >= 2
+def _stage_by_blocks(
+    flow: _Dataflow, norm_nodes: list[fx.Node], membership: _Membership, strides: tuple[int, ...]
+) -> dict[fx.Node, int]:
+    """Norm stages of a residual network: a block's stage, else stem or by stride."""
+    first = min((flow.position[n] for n in membership), default=len(flow.nodes))
+    return {
+        n: membership[n][0].stage if n in membership else _stage_outside(flow, n, first, strides)
+        for n in norm_nodes
+    }
 
 
-def _join_regions(
-    nodes: list[fx.Node], position: dict[fx.Node, int], ancestors: dict[fx.Node, int], height: int
-) -> list[tuple[int, int, int]]:
+def _stage_by_joins(
+    flow: _Dataflow, norm_nodes: list[fx.Node]
+) -> tuple[tuple[int, ...], dict[fx.Node, int]]:
+    """Stage strides and norm stages of a network without residual blocks (see _join_regions)."""
+    joins = _join_regions(flow)
+    strides = tuple(sorted({stride for stride, _, _ in joins}))
+    strides = strides or tuple(sorted({flow.stride(n) or 1 for n in norm_nodes}))
+    first_fork = min((fork for _, fork, _ in joins), default=-1)
+    stages = {}
+    for node in norm_nodes:
+        at = flow.position[node]
+        inside = [(members.bit_count(), s) for s, _, members in joins if members >> at & 1]
+        if inside:  # the innermost join region that holds the norm gives its stage
+            stages[node] = stage_of_stride(min(inside)[1], strides)
+        else:
+            stages[node] = _stage_outside(flow, node, first_fork, strides)
+    return strides, stages
+
+
+def _join_regions(flow: _Dataflow) -> list[tuple[int, int, int]]:
     """(output stride, fork position, member bitset) of each concatenation joining branches.
 
     Networks without residual additions (GoogLeNet, ShuffleNet, DenseNet) are built from blocks
@@ -507,25 +365,81 @@ def _join_regions(
     no joins at all (VGG-BN) has no stem: every resolution its norms run at is a stage.
     """
     regions = []
-    for node in nodes:
-        if not _is_channel_concat(node):
+    for node in flow.nodes:
+        if not is_channel_concat(node, flow.kinds[node]):
             continue
-        inputs = [t for t in node.args[0] if isinstance(t, fx.Node)]
         common, union = -1, 0
-        for tensor in inputs:
-            reach = ancestors[tensor] | (1 << position[tensor])
-            common &= reach
-            union |= reach
-        stride = _output_stride(node, height)
+        for tensor in concat_inputs(node):
+            if isinstance(tensor, fx.Node):
+                common &= flow.reach(tensor)
+                union |= flow.reach(tensor)
+        stride = flow.stride(node)
         if common <= 0 or stride is None:
             continue
         fork = common.bit_length() - 1
-        fork_set = ancestors[nodes[fork]] | (1 << fork)
-        regions.append((stride, fork, union & ~fork_set))
+        regions.append((stride, fork, union & ~flow.reach(flow.nodes[fork])))
     return regions
 
 
-def _replace_stage(norm: NormLayer, stage: int) -> NormLayer:
-    from dataclasses import replace
+def _norm_records(
+    graph_module: fx.GraphModule,
+    flow: _Dataflow,
+    norm_nodes: list[fx.Node],
+    membership: _Membership,
+    stages: dict[fx.Node, int],
+) -> list[NormLayer]:
+    """One NormLayer per norm module (its first call), with the stage decided beforehand."""
+    records: list[NormLayer] = []
+    seen: set[str] = set()
+    for index, node in enumerate(norm_nodes):
+        name = str(node.target)
+        if name in seen:
+            continue
+        seen.add(name)
+        module = graph_module.get_submodule(name)
+        block, role = membership.get(node, (None, Role.OUTSIDE))
+        records.append(
+            NormLayer(
+                name=name,
+                kind=type(module).__name__,
+                channels=int(module.num_features),
+                output_shape=shape_of(node) or (),
+                stride=flow.stride(node) or 1,
+                stage=stages[node],
+                block=block.name if block is not None else None,
+                role=role,
+                index=index,
+                norm_kind=norm_kind(module),
+            )
+        )
+    return records
 
-    return replace(norm, stage=stage)
+
+def _describe(graph_module: fx.GraphModule, input_size: tuple[int, int, int]) -> GraphAnalysis:
+    """Describe a shape-annotated graph: its residual blocks, stages and norm records.
+
+    Ops are classified once; residual regions (fork → add) give the blocks and, ranked by
+    output stride, the stages. A network without residual blocks is staged by its
+    concatenation joins instead. Every norm's stage is decided before its record is built.
+    """
+    flow = _Dataflow.of(graph_module, input_size[1])
+    norm_nodes = [
+        node
+        for node in flow.nodes
+        if node.op == "call_module" and is_norm(graph_module.get_submodule(str(node.target)))
+    ]
+    regions = _residual_regions(flow)
+    strides = tuple(sorted({r.stride for r in regions if r.stride is not None}))
+    blocks, membership = _residual_blocks(flow, regions, norm_nodes, strides)
+    if strides:
+        stages = _stage_by_blocks(flow, norm_nodes, membership, strides)
+    else:
+        strides, stages = _stage_by_joins(flow, norm_nodes)
+    return GraphAnalysis(
+        input_size=input_size,
+        norms=tuple(_norm_records(graph_module, flow, norm_nodes, membership, stages)),
+        blocks=tuple(blocks),
+        stage_strides=strides,
+        graph_module=graph_module,
+        ops=flow.kinds,
+    )

@@ -22,16 +22,10 @@ import torch
 from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 
+from .ops import is_add_function
+
 __all__ = ["walk"]
 
-_ADD_FUNCS: set[Any] = {
-    torch.add,
-    torch.Tensor.add,
-    torch.Tensor.add_,
-    torch.Tensor.__add__,
-    torch.Tensor.__iadd__,
-    torch.Tensor.__radd__,
-}
 _GETITEM_FUNCS: set[Any] = {torch.Tensor.__getitem__}
 
 
@@ -108,7 +102,7 @@ class _Recorder(TorchFunctionMode):
             return result
         node_args = self._arg(tuple(args))
         node_kwargs = self._arg(kwargs)
-        if func in _ADD_FUNCS:
+        if is_add_function(func):  # every spelling becomes fx's operator.add
             node = self.graph.call_function(operator.add, node_args[:2])
         elif func in _GETITEM_FUNCS:
             node = self.graph.call_function(operator.getitem, node_args, node_kwargs)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Literal
+from typing import Literal, Self
 
 import torch
 from timm.layers import FrozenBatchNormAct2d
@@ -145,7 +145,7 @@ class IBN(nn.Module):
         ratio: float = 0.5,
         order: Order = "in_first",
         freeze_in: bool = False,
-    ) -> IBN:
+    ) -> Self:
         """Build an IBN that starts from a trained BatchNorm (plain, sync or frozen).
 
         The BN half keeps its slice of ``weight, bias, running_mean, running_var`` and the IN
@@ -154,10 +154,16 @@ class IBN(nn.Module):
         frozen BN (detection backbones) stays a ``FrozenBatchNorm2d``. The IN half is trainable
         unless ``freeze_in`` (or, for a plain BN, unless ``bn``'s own affine is frozen).
         """
-        ibn = cls(batchnorm_channels(bn), ratio=ratio, order=order, **_batchnorm_kwargs(bn))
+        kwargs = {**_batchnorm_kwargs(bn), **cls._kwargs_from(bn)}
+        ibn = cls(batchnorm_channels(bn), ratio=ratio, order=order, **kwargs)
         ibn.BN = _bn_half_like(bn, ibn.bn_channels)
         ibn.copy_from_batchnorm(bn, freeze_in=freeze_in)
         return ibn
+
+    @classmethod
+    def _kwargs_from(cls, bn: nn.Module) -> dict:
+        """Constructor arguments a subclass takes over from the BN it replaces (none here)."""
+        return {}
 
     @torch.no_grad()
     def copy_from_batchnorm(self, bn: nn.Module, freeze_in: bool = False) -> None:
@@ -208,21 +214,12 @@ class IBNAct(IBN):
         return self.act(self.drop(super().forward(x)))
 
     @classmethod
-    def from_batchnorm(
-        cls,
-        bn: nn.Module,
-        ratio: float = 0.5,
-        order: Order = "in_first",
-        freeze_in: bool = False,
-    ) -> IBNAct:
-        """Build from a timm ``BatchNormAct2d``/``FrozenBatchNormAct2d``, keeping act and drop."""
-        act = copy.deepcopy(getattr(bn, "act", None))
-        drop = copy.deepcopy(getattr(bn, "drop", None))
-        kwargs = _batchnorm_kwargs(bn)
-        ibn = cls(batchnorm_channels(bn), ratio=ratio, act=act, drop=drop, order=order, **kwargs)
-        ibn.BN = _bn_half_like(bn, ibn.bn_channels)
-        ibn.copy_from_batchnorm(bn, freeze_in=freeze_in)
-        return ibn
+    def _kwargs_from(cls, bn: nn.Module) -> dict:
+        """A timm ``BatchNormAct2d``/``FrozenBatchNormAct2d``'s ``act`` and ``drop``, copied."""
+        return {
+            "act": copy.deepcopy(getattr(bn, "act", None)),
+            "drop": copy.deepcopy(getattr(bn, "drop", None)),
+        }
 
 
 def batchnorm_channels(bn: nn.Module) -> int:

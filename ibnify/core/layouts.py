@@ -1,4 +1,4 @@
-"""Layouts: pure functions from a model and its graph analysis to a ConversionPlan.
+"""Layouts: where IBN goes, as a registry of :class:`Layout` records.
 
 Published IBN-Net layouts win where they apply:
 - ``resnet-a`` (IBN-a): the ``bn1`` of every block of the chosen stages becomes IBN (IN first).
@@ -6,31 +6,39 @@ Published IBN-Net layouts win where they apply:
   after the residual addition of the last block of each chosen stage (default stages 1 and 2).
 - ``densenet-a``: ``norm1`` of dense layers 1, 4, 7, ... of the chosen dense blocks becomes IBN
   with ratio 0.4, BN first.
-- ``generic-a``: every other BN network (see :func:`generic_a`).
+- ``generic-a``: every other BN network (the rule in :mod:`ibnify.core.generic`).
 
-User-facing layout names are ``"a"`` (pick by family), ``"b"`` (ResNet family only) and the
-explicit names above; :data:`LAYOUTS` maps each to its function.
+A layout contributes only what is its own (family, defaults, how to count stages, which norms to
+pick and why the others stay); :func:`make_plan` does the shared steps once: resolve the user's
+layout name (``"a"``, ``"b"``, an alias or an explicit name; :func:`layout_choices` lists them),
+apply defaults, check stages and ratio, record a reason for every norm left alone and assemble the
+plan.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
 
 from torch import nn
 
-from ..errors import InvalidOptionError, NoBatchNormError, TraceError
-from .generic import choose, require_batchnorm
-from .graph import ROLE_PRE_ADD, ROLE_SHORTCUT, GraphAnalysis, NormLayer
-from .layers import IBN, ibn_split_sizes
+from ..errors import InvalidOptionError, NoBatchNormError
+from .generic import choose, raise_no_site, require_batchnorm
+from .graph import GraphAnalysis, NormLayer, Role
+from .layers import ibn_split_sizes
+from .ops import BATCHNORM_KINDS, BN_LIKE_KINDS, NormKind, norm_kind
 from .plans import (
-    KIND_IBN,
-    KIND_IN,
-    KIND_POST_ADD_IN,
     ConversionPlan,
     ConversionSite,
+    PlanOptions,
+    Reason,
+    ReasonCode,
+    SiteKind,
     SkippedNorm,
     parse_stages,
+    stages_text,
 )
 
 __all__ = [
@@ -40,28 +48,89 @@ __all__ = [
     "FAMILY_GENERIC",
     "FAMILY_RESNET",
     "LAYOUTS",
+    "Family",
+    "Layout",
+    "LayoutRequest",
+    "PlanOptions",
+    "Selection",
     "detect_family",
+    "layout_choices",
     "make_plan",
     "parse_stages",
+    "resolve_layout",
 ]
 
-FAMILY_RESNET = "resnet"
-FAMILY_DENSENET = "densenet"
-FAMILY_GENERIC = "generic"
 
-DEFAULT_STAGES = {
-    "resnet-a": (1, 2, 3),
-    "resnet-b": (1, 2),
-    "densenet-a": (1, 2, 3),
-    "generic-a": (1, 2, 3),
-}
-DEFAULT_RATIO = {"resnet-a": 0.5, "resnet-b": None, "densenet-a": 0.4, "generic-a": 0.5}
+class Family(StrEnum):
+    """Architecture families with a published (or the generic) IBN layout."""
+
+    RESNET = "resnet"
+    DENSENET = "densenet"
+    GENERIC = "generic"
+
+
+FAMILY_RESNET = Family.RESNET
+FAMILY_DENSENET = Family.DENSENET
+FAMILY_GENERIC = Family.GENERIC
+_FAMILY_TITLE = {Family.RESNET: "ResNet", Family.DENSENET: "DenseNet", Family.GENERIC: "generic"}
 
 _DENSE_BLOCK = re.compile(r"^(?:(.*)\.)?denseblock(\d+)$")
 _DENSE_LAYER = re.compile(r"^denselayer(\d+)$")
 
 
-def detect_family(model: nn.Module) -> str:
+@dataclass(frozen=True)
+class LayoutRequest:
+    """What a layout's site selection gets: the model, its analysis and the checked options."""
+
+    model: nn.Module
+    analysis: GraphAnalysis
+    arch: str
+    stages: tuple[int, ...]  # checked against the model's stages
+    ratio: float | None  # the user's, else the layout's default
+    explicit_stages: bool  # the user chose the stages (not the layout's default)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A layout's answer: the chosen sites, and why every other norm stays as it is."""
+
+    sites: dict[str, ConversionSite]  # by norm name
+    reason: Callable[[NormLayer], Reason]
+    extra_sites: tuple[ConversionSite, ...] = ()  # new modules (IBN-b's post-addition IN)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One IBN layout: its names, family, defaults and site selection.
+
+    The user's short name is the ``variant`` after the family in ``name`` (``resnet-b`` → ``b``);
+    the family decides how stages are counted.
+    """
+
+    name: str
+    family: Family
+    title: str  # for messages: "IBN-a", "IBN-b", ...
+    default_stages: tuple[int, ...]
+    default_ratio: float | None  # None: no channel split, a ratio is refused
+    select: Callable[[LayoutRequest], Selection]
+    aliases: tuple[str, ...] = ()
+    keep_deepest_stage: bool = True  # False: defaults never include the deepest stage
+
+    @property
+    def variant(self) -> str:
+        """``"a"`` or ``"b"``: what the user may call the layout within its family."""
+        return self.name.rpartition("-")[2]
+
+    def count_stages(self, model: nn.Module, analysis: GraphAnalysis) -> int:
+        """Stages of ``model`` as this layout's family counts them."""
+        if self.family == Family.RESNET:
+            return len(_resnet_stages(model))
+        if self.family == Family.DENSENET:
+            return len(_dense_blocks(model))
+        return analysis.num_stages
+
+
+def detect_family(model: nn.Module) -> Family:
     """``"resnet"``, ``"densenet"`` or ``"generic"``, from the module structure.
 
     A ResNet has at least two ``layer{k}`` stages; HRNet's lone ``layer1`` does not count.
@@ -89,10 +158,6 @@ def _resnet_stages(model: nn.Module) -> list[tuple[str, list[str]]]:
     return stages
 
 
-def _is_norm_like(module: object) -> bool:
-    return isinstance(module, nn.modules.batchnorm._BatchNorm | IBN)
-
-
 def _dense_blocks(model: nn.Module) -> list[tuple[int, str, list[tuple[int, str]]]]:
     """[(block number, block name, [(layer number, layer name)])] for DenseNet-style models."""
     blocks = []
@@ -110,6 +175,10 @@ def _dense_blocks(model: nn.Module) -> list[tuple[int, str, list[tuple[int, str]
     return blocks
 
 
+def _is_norm_like(module: object) -> bool:
+    return norm_kind(module) in BN_LIKE_KINDS
+
+
 def _check_stages(stages: Sequence[int], num_stages: int, arch: str) -> tuple[int, ...]:
     chosen = tuple(sorted(set(int(s) for s in stages)))
     if not chosen:
@@ -123,16 +192,18 @@ def _check_stages(stages: Sequence[int], num_stages: int, arch: str) -> tuple[in
 
 
 def _ibn_site(
-    norm: NormLayer, module: nn.Module, ratio: float, order: str, rule: str, stage: int
+    request: LayoutRequest, norm: NormLayer, order: str, rule: str, stage: int
 ) -> ConversionSite:
+    """An IBN site for ``norm`` with the request's ratio."""
+    ratio = float(request.ratio)  # type: ignore[arg-type]  # IBN layouts have a default ratio
     in_channels, bn_channels = ibn_split_sizes(norm.channels, ratio, order)  # type: ignore[arg-type]
-    affine = bool(getattr(module, "affine", True))
+    affine = bool(getattr(request.model.get_submodule(norm.name), "affine", True))
     return ConversionSite(
         name=norm.name,
-        kind=KIND_IBN,
+        kind=SiteKind.IBN,
         channels=norm.channels,
         stage=stage,
-        ratio=ratio,
+        ratio=request.ratio,
         order=order,
         in_channels=in_channels,
         bn_channels=bn_channels,
@@ -141,139 +212,39 @@ def _ibn_site(
     )
 
 
-def _build_plan(
-    model: nn.Module,
-    analysis: GraphAnalysis,
-    *,
-    arch: str,
-    layout: str,
-    family: str,
-    stages: tuple[int, ...],
-    ratio: float | None,
-    num_stages: int,
-    chosen: dict[str, ConversionSite],
-    reasons: Callable[[NormLayer], str],
-    extra_sites: Iterable[ConversionSite] = (),
-) -> ConversionPlan:
-    """Assemble a plan: chosen sites in execution order, a reason for every other norm."""
-    sites: list[ConversionSite] = []
-    skipped: list[SkippedNorm] = []
-    for norm in analysis.norms:
-        if norm.name in chosen:
-            module = model.get_submodule(norm.name)
-            if isinstance(module, IBN) or (
-                chosen[norm.name].kind == KIND_IN and isinstance(module, nn.InstanceNorm2d)
-            ):
-                skipped.append(SkippedNorm(norm.name, norm.stage, "already converted"))
-                continue
-            sites.append(chosen[norm.name])
-        else:
-            skipped.append(SkippedNorm(norm.name, norm.stage, reasons(norm)))
-    for site in extra_sites:
-        try:
-            model.get_submodule(site.name)
-        except AttributeError:
-            sites.append(site)
-        else:
-            skipped.append(SkippedNorm(site.name, site.stage, "already converted"))
-    if not sites:
-        if any(s.reason == "already converted" for s in skipped):
-            raise NoBatchNormError(
-                f"{arch} is already converted: every site of layout {layout} in stages "
-                f"{_stages_text(stages)} is IBN already"
-            )
-        raise NoBatchNormError(
-            f"{arch} has no BatchNorm layer to convert in stages {_stages_text(stages)} "
-            f"with layout {layout}"
-        )
-    return ConversionPlan(
-        arch=arch,
-        layout=layout,
-        stages=stages,
-        ratio=ratio,
-        sites=tuple(sites),
-        skipped=tuple(skipped),
-        family=family,
-        num_stages=num_stages,
-    )
-
-
-def _stages_text(stages: Sequence[int]) -> str:
-    return ",".join(str(s) for s in stages)
-
-
-def resnet_a(
-    model: nn.Module,
-    analysis: GraphAnalysis,
-    *,
-    arch: str,
-    stages: Sequence[int] | None,
-    ratio: float | None,
-) -> ConversionPlan:
+def _select_resnet_a(request: LayoutRequest) -> Selection:
     """IBN-a for the ResNet family: ``layer{k}.{i}.bn1`` → IBN(ratio, IN first), k in stages."""
-    layout = "resnet-a"
-    resnet_stages = _resnet_stages(model)
-    chosen_stages = _check_stages(stages or DEFAULT_STAGES[layout], len(resnet_stages), arch)
-    ratio = DEFAULT_RATIO[layout] if ratio is None else ratio
     chosen: dict[str, ConversionSite] = {}
-    for k, (_, blocks) in enumerate(resnet_stages, start=1):
-        if k not in chosen_stages:
-            continue
-        for block in blocks:
-            name = f"{block}.bn1"
-            norm = analysis.norm(name)
-            chosen[name] = _ibn_site(
-                norm, model.get_submodule(name), ratio, "in_first", "IBN-a: block's bn1", k
-            )
+    for k, (_, blocks) in enumerate(_resnet_stages(request.model), start=1):
+        if k in request.stages:
+            for block in blocks:
+                norm = request.analysis.norm(f"{block}.bn1")
+                chosen[norm.name] = _ibn_site(request, norm, "in_first", "IBN-a: block's bn1", k)
 
-    def reason(norm: NormLayer) -> str:
+    def reason(norm: NormLayer) -> Reason:
         if norm.stage == 0:
-            return "stem (IBN-a keeps the stem BN)"
-        if norm.stage not in chosen_stages:
-            return f"stage {norm.stage} not chosen"
-        if norm.role == ROLE_SHORTCUT:
-            return "shortcut (downsample) BN"
-        if norm.role == ROLE_PRE_ADD:
-            return "last BN before the residual addition (sets the residual's scale)"
-        return "IBN-a converts only the block's first BN (bn1)"
+            return Reason(ReasonCode.STEM)
+        if norm.stage not in request.stages:
+            return Reason(ReasonCode.STAGE_NOT_CHOSEN, value=norm.stage)
+        if norm.role == Role.SHORTCUT:
+            return Reason(ReasonCode.RESNET_SHORTCUT)
+        if norm.role == Role.PRE_ADD:
+            return Reason(ReasonCode.RESNET_PRE_ADD)
+        return Reason(ReasonCode.RESNET_NOT_BN1)
 
-    return _build_plan(
-        model,
-        analysis,
-        arch=arch,
-        layout=layout,
-        family=FAMILY_RESNET,
-        stages=chosen_stages,
-        ratio=ratio,
-        num_stages=len(resnet_stages),
-        chosen=chosen,
-        reasons=reason,
-    )
+    return Selection(chosen, reason)
 
 
-def resnet_b(
-    model: nn.Module,
-    analysis: GraphAnalysis,
-    *,
-    arch: str,
-    stages: Sequence[int] | None,
-    ratio: float | None,
-) -> ConversionPlan:
+def _select_resnet_b(request: LayoutRequest) -> Selection:
     """IBN-b: stem ``bn1`` → InstanceNorm2d; IN after the last block's addition per stage."""
-    layout = "resnet-b"
-    if ratio is not None:
-        raise InvalidOptionError("IBN-b has no channel split; --ratio applies to IBN-a only")
-    resnet_stages = _resnet_stages(model)
-    chosen_stages = _check_stages(stages or DEFAULT_STAGES[layout], len(resnet_stages), arch)
-    if not isinstance(
-        getattr(model, "bn1", None), nn.modules.batchnorm._BatchNorm | nn.InstanceNorm2d
-    ):
-        raise InvalidOptionError(f"{arch} has no stem 'bn1' BatchNorm; IBN-b needs one")
+    model, analysis = request.model, request.analysis
+    if norm_kind(getattr(model, "bn1", None)) not in BATCHNORM_KINDS | {NormKind.INSTANCENORM}:
+        raise InvalidOptionError(f"{request.arch} has no stem 'bn1' BatchNorm; IBN-b needs one")
     stem = analysis.norm("bn1")
     chosen = {
         "bn1": ConversionSite(
             name="bn1",
-            kind=KIND_IN,
+            kind=SiteKind.IN,
             channels=stem.channels,
             stage=0,
             in_channels=stem.channels,
@@ -283,20 +254,19 @@ def resnet_b(
     }
     blocks_by_name = {block.name: block for block in analysis.blocks}
     extra: list[ConversionSite] = []
-    for k, (_, blocks) in enumerate(resnet_stages, start=1):
-        if k not in chosen_stages:
+    for k, (_, blocks) in enumerate(_resnet_stages(model), start=1):
+        if k not in request.stages:
             continue
-        last = blocks[-1]
-        block = blocks_by_name.get(last)
+        block = blocks_by_name.get(blocks[-1])
         if block is None or not block.main_norms:
             raise InvalidOptionError(
-                f"{last} has no residual addition; IBN-b cannot place IN there"
+                f"{blocks[-1]} has no residual addition; IBN-b cannot place IN there"
             )
         channels = analysis.norm(block.main_norms[-1]).channels
         extra.append(
             ConversionSite(
-                name=f"{last}.IN",
-                kind=KIND_POST_ADD_IN,
+                name=f"{blocks[-1]}.IN",
+                kind=SiteKind.POST_ADD_IN,
                 channels=channels,
                 stage=k,
                 in_channels=channels,
@@ -304,235 +274,217 @@ def resnet_b(
                 rule="IBN-b: IN after the addition of the stage's last block",
             )
         )
-
-    def reason(norm: NormLayer) -> str:
-        return "IBN-b changes only the stem BN and adds IN after additions"
-
-    return _build_plan(
-        model,
-        analysis,
-        arch=arch,
-        layout=layout,
-        family=FAMILY_RESNET,
-        stages=chosen_stages,
-        ratio=None,
-        num_stages=len(resnet_stages),
-        chosen=chosen,
-        reasons=reason,
-        extra_sites=extra,
-    )
+    return Selection(chosen, lambda norm: Reason(ReasonCode.IBN_B_UNTOUCHED), tuple(extra))
 
 
-def densenet_a(
-    model: nn.Module,
-    analysis: GraphAnalysis,
-    *,
-    arch: str,
-    stages: Sequence[int] | None,
-    ratio: float | None,
-) -> ConversionPlan:
+def _select_densenet_a(request: LayoutRequest) -> Selection:
     """DenseNet IBN-a: ``norm1`` of dense layers 1, 4, 7, ... → IBN(0.4, BN first)."""
-    layout = "densenet-a"
-    dense_blocks = _dense_blocks(model)
-    chosen_stages = _check_stages(stages or DEFAULT_STAGES[layout], len(dense_blocks), arch)
-    ratio = DEFAULT_RATIO[layout] if ratio is None else ratio
     chosen: dict[str, ConversionSite] = {}
     stage_of_block = {}
-    for number, block_name, layers in dense_blocks:
+    for number, block_name, layers in _dense_blocks(request.model):
         stage_of_block[block_name] = number
-        if number not in chosen_stages:
+        if number not in request.stages:
             continue
         for layer_number, layer_name in layers:
-            if (layer_number - 1) % 3 != 0:
-                continue
-            name = f"{layer_name}.norm1"
-            chosen[name] = _ibn_site(
-                analysis.norm(name),
-                model.get_submodule(name),
-                ratio,
-                "bn_first",
-                "DenseNet IBN-a: norm1 of dense layers 1, 4, 7, ...",
-                number,
-            )
+            if (layer_number - 1) % 3 == 0:
+                norm = request.analysis.norm(f"{layer_name}.norm1")
+                rule = "DenseNet IBN-a: norm1 of dense layers 1, 4, 7, ..."
+                chosen[norm.name] = _ibn_site(request, norm, "bn_first", rule, number)
 
-    def reason(norm: NormLayer) -> str:
+    def reason(norm: NormLayer) -> Reason:
         block = next((b for b in stage_of_block if norm.name.startswith(b + ".")), None)
         if block is None:
-            return "outside the dense blocks (stem, transition or head)"
-        if stage_of_block[block] not in chosen_stages:
-            return f"dense block {stage_of_block[block]} not chosen"
+            return Reason(ReasonCode.DENSE_OUTSIDE)
+        if stage_of_block[block] not in request.stages:
+            return Reason(ReasonCode.DENSE_BLOCK_NOT_CHOSEN, value=stage_of_block[block])
         if norm.name.endswith(".norm2"):
-            return "DenseNet IBN-a converts norm1 only"
-        return "DenseNet IBN-a converts every third dense layer (1, 4, 7, ...)"
+            return Reason(ReasonCode.DENSE_NOT_NORM1)
+        return Reason(ReasonCode.DENSE_NOT_THIRD)
 
-    return _build_plan(
-        model,
-        analysis,
-        arch=arch,
-        layout=layout,
-        family=FAMILY_DENSENET,
-        stages=chosen_stages,
-        ratio=ratio,
-        num_stages=len(dense_blocks),
-        chosen=chosen,
-        reasons=reason,
-    )
+    return Selection(chosen, reason)
 
 
-def generic_a(
-    model: nn.Module,
-    analysis: GraphAnalysis,
-    *,
-    arch: str,
-    stages: Sequence[int] | None,
-    ratio: float | None,
-) -> ConversionPlan:
+def _select_generic_a(request: LayoutRequest) -> Selection:
     """Generic IBN-a for any BatchNorm CNN, driven by the graph rather than by names.
 
-    The rule lives in :mod:`ibnify.generic`: the first safe main-branch BN of each residual
+    The rule lives in :mod:`ibnify.core.generic`: the first safe main-branch BN of each residual
     block, the expansion BN of depthwise-separable blocks, the BN after each conv of plain
     stacks; never a shortcut BN, the last BN before an addition, or a BN whose channels are
     later split or shuffled. Default stages: 1-3, but never the last stage unless asked.
 
     Raises:
-        NoBatchNormError: the model has no BatchNorm, or none in the chosen stages can take IN.
-        InvalidOptionError: a chosen stage is out of range or holds no BatchNorm.
+        NoBatchNormError: none of the BatchNorms in the chosen stages can take IN.
+        InvalidOptionError: a chosen stage holds no BatchNorm.
         TraceError: fx could not trace the model and the forward-hook walk's record was not
             enough to place IBN safely.
     """
-    layout = "generic-a"
-    require_batchnorm(model, arch)
-    batchnorms = [n for n in analysis.norms if _is_batchnorm(model.get_submodule(n.name))]
-    num_stages = analysis.num_stages
-    # Default: stages 1-3 but never the deepest stage (IBN keeps BN in the deep layers).
-    default = tuple(s for s in DEFAULT_STAGES[layout] if s < num_stages) or (1,)
-    chosen_stages = _check_stages(stages or default, num_stages, arch)
-    empty = [k for k in chosen_stages if not any(n.stage == k for n in batchnorms)]
-    if empty and stages:
+    analysis = request.analysis
+    batchnorms = [n for n in analysis.norms if n.norm_kind in BATCHNORM_KINDS]
+    empty = [k for k in request.stages if not any(n.stage == k for n in batchnorms)]
+    if empty and request.explicit_stages:
         with_bn = sorted({n.stage for n in batchnorms if n.stage > 0})
         raise InvalidOptionError(
-            f"stage {_stages_text(empty)} of {arch} holds no BatchNorm; stages with BatchNorm: "
-            f"{_stages_text(with_bn) or 'none'}"
+            f"stage {stages_text(empty)} of {request.arch} holds no BatchNorm; stages with "
+            f"BatchNorm: {stages_text(with_bn) or 'none'}"
         )
-    ratio = DEFAULT_RATIO[layout] if ratio is None else ratio
-    choice = choose(model, analysis, chosen_stages)
+    choice = choose(request.model, analysis, request.stages)
     chosen = {
         norm.name: _ibn_site(
-            norm,
-            model.get_submodule(norm.name),
-            ratio,
-            "in_first",
-            choice.rules[norm.name],
-            choice.stages[norm.name],
+            request, norm, "in_first", choice.rules[norm.name], choice.stages[norm.name]
         )
         for norm in analysis.norms
         if norm.name in choice.rules
     }
     if not chosen:
-        _raise_no_site(arch, analysis, chosen_stages, choice.reasons)
-    return _build_plan(
-        model,
-        analysis,
-        arch=arch,
-        layout=layout,
-        family=FAMILY_GENERIC,
-        stages=chosen_stages,
-        ratio=ratio,
-        num_stages=num_stages,
-        chosen=chosen,
-        reasons=lambda norm: choice.reasons.get(norm.name, "not picked by the generic rule"),
-    )
+        raise_no_site(request.arch, analysis, request.stages, choice.reasons)
+
+    def reason(norm: NormLayer) -> Reason:
+        return choice.reasons.get(norm.name, Reason(ReasonCode.NOT_PICKED))
+
+    return Selection(chosen, reason)
 
 
-def _raise_no_site(
-    arch: str, analysis: GraphAnalysis, stages: tuple[int, ...], reasons: dict[str, str]
-) -> None:
-    """One line that says why no BN in ``stages`` can take IN (the commonest reasons)."""
-    counts: dict[str, int] = {}
-    for norm in analysis.norms:
-        if norm.stage in stages:
-            reason = re.sub(r" \((?:block|at) [^)]*\)$", "", reasons.get(norm.name, "?"))
-            counts[reason] = counts.get(reason, 0) + 1
-    if not counts:
-        where = sorted({n.stage for n in analysis.norms if _is_batchnorm_kind(n.kind)})
-        raise NoBatchNormError(
-            f"{arch}: no BatchNorm in stages {_stages_text(stages)}; its BatchNorm layers are in "
-            f"stage {_stages_text(where) or 'none'} (stage 0 is the stem, which IBN-a keeps)"
-        )
-    common = "; ".join(f"{n} × {r}" for r, n in sorted(counts.items(), key=lambda i: -i[1])[:3])
-    message = f"{arch}: no BatchNorm in stages {_stages_text(stages)} can take IN safely" + (
-        f" ({common})" if common else ""
-    )
-    if analysis.trace_error is not None:
-        raise TraceError(
-            f"{analysis.trace_error}; the forward-hook walk's record was not enough to place "
-            f"IBN safely ({message})"
-        )
-    raise NoBatchNormError(message)
+# name, family, title, default stages, default ratio, site selection
+_REGISTRY = (
+    Layout("resnet-a", Family.RESNET, "IBN-a", (1, 2, 3), 0.5, _select_resnet_a),
+    Layout("resnet-b", Family.RESNET, "IBN-b", (1, 2), None, _select_resnet_b),
+    Layout("densenet-a", Family.DENSENET, "DenseNet IBN-a", (1, 2, 3), 0.4, _select_densenet_a),
+    Layout(
+        "generic-a",
+        Family.GENERIC,
+        "generic IBN-a",
+        (1, 2, 3),
+        0.5,
+        _select_generic_a,
+        aliases=("generic",),
+        keep_deepest_stage=False,
+    ),
+)
+LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in _REGISTRY}
+DEFAULT_STAGES = {layout.name: layout.default_stages for layout in _REGISTRY}
+DEFAULT_RATIO = {layout.name: layout.default_ratio for layout in _REGISTRY}
 
 
-def _is_batchnorm_kind(kind: str) -> bool:
-    return "BatchNorm" in kind
+def _variants() -> list[str]:
+    return list(dict.fromkeys(layout.variant for layout in _REGISTRY))
 
 
-def _is_batchnorm(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.batchnorm._BatchNorm)
-
-
-LayoutFn = Callable[..., ConversionPlan]
-LAYOUTS: dict[str, LayoutFn] = {
-    "resnet-a": resnet_a,
-    "resnet-b": resnet_b,
-    "densenet-a": densenet_a,
-    "generic-a": generic_a,
-}
-_BY_FAMILY = {
-    ("a", FAMILY_RESNET): "resnet-a",
-    ("a", FAMILY_DENSENET): "densenet-a",
-    ("a", FAMILY_GENERIC): "generic-a",
-    ("b", FAMILY_RESNET): "resnet-b",
-}
+def layout_choices() -> list[str]:
+    """Every layout name a user may give: variants (a, b), aliases, explicit names."""
+    aliases = [alias for layout in _REGISTRY for alias in layout.aliases]
+    return [*_variants(), *aliases, *LAYOUTS]
 
 
 def resolve_layout(layout: str, family: str) -> str:
-    """Map a user layout name (``a``, ``b`` or an explicit one) to a key of :data:`LAYOUTS`."""
+    """Map a user layout name (``a``, ``b``, an alias or an explicit one) to a key of LAYOUTS."""
     key = layout.strip().lower()
     if key in LAYOUTS:
         return key
-    if key == "generic":
-        return "generic-a"
-    if (key, family) in _BY_FAMILY:
-        return _BY_FAMILY[(key, family)]
-    if key == "b":
+    for record in _REGISTRY:
+        if key in record.aliases or (key, family) == (record.variant, record.family):
+            return record.name
+    other = next((record for record in _REGISTRY if record.variant == key), None)
+    if other is not None:
         raise InvalidOptionError(
-            f"layout b (IBN-b) is defined for the ResNet family only; this model is {family}. "
-            "Use --layout a"
+            f"layout {key} ({other.title}) is defined for the {_FAMILY_TITLE[other.family]} "
+            f"family only; this model is {family}. Use --layout a"
         )
-    valid = ", ".join(["a", "b", *LAYOUTS])
+    valid = ", ".join([*_variants(), *LAYOUTS])
     raise InvalidOptionError(f"unknown layout {layout!r}; choose one of: {valid}")
 
 
 def make_plan(
     model: nn.Module,
     analysis: GraphAnalysis,
+    options: PlanOptions | None = None,
     *,
-    layout: str = "a",
-    stages: Sequence[int] | None = None,
-    ratio: float | None = None,
     arch: str | None = None,
 ) -> ConversionPlan:
-    """Pick the layout for the model's family and build its plan (touches nothing)."""
-    family = detect_family(model)
-    key = resolve_layout(layout, family)
-    if ratio is not None:
-        _check_ratio(ratio)
-    return LAYOUTS[key](
-        model, analysis, arch=arch or type(model).__name__, stages=stages, ratio=ratio
+    """Pick the layout for the model's family and build its plan (touches nothing).
+
+    The shared steps of every layout: resolve the name, refuse a ratio where the layout has no
+    split, apply the default stages and ratio, check the stages against the model, then let the
+    layout select its sites and assemble the plan.
+    """
+    options = options or PlanOptions()
+    arch = arch or type(model).__name__
+    layout = LAYOUTS[resolve_layout(options.layout, detect_family(model))]
+    if layout.default_ratio is None and options.ratio is not None:
+        raise InvalidOptionError(
+            f"{layout.title} has no channel split; --ratio applies to IBN-a only"
+        )
+    require_batchnorm(model, arch)
+    num_stages = layout.count_stages(model, analysis)
+    defaults = layout.default_stages
+    if not layout.keep_deepest_stage:  # IBN keeps BN in the deep layers
+        defaults = tuple(s for s in defaults if s < num_stages) or (1,)
+    request = LayoutRequest(
+        model=model,
+        analysis=analysis,
+        arch=arch,
+        stages=_check_stages(options.stages or defaults, num_stages, arch),
+        ratio=layout.default_ratio if options.ratio is None else options.ratio,
+        explicit_stages=bool(options.stages),
+    )
+    return _assemble(request, layout, num_stages, layout.select(request))
+
+
+def _assemble(
+    request: LayoutRequest, layout: Layout, num_stages: int, selection: Selection
+) -> ConversionPlan:
+    """Assemble a plan: chosen sites in execution order, a reason for every other norm."""
+    model, arch, stages = request.model, request.arch, request.stages
+    sites: list[ConversionSite] = []
+    skipped: list[SkippedNorm] = []
+    converted = 0  # sites that are converted already
+    for norm in request.analysis.norms:
+        site = selection.sites.get(norm.name)
+        if site is None:
+            skipped.append(SkippedNorm(norm.name, norm.stage, str(selection.reason(norm))))
+        elif _is_converted(model.get_submodule(norm.name), site):
+            skipped.append(SkippedNorm(norm.name, norm.stage, str(_CONVERTED)))
+            converted += 1
+        else:
+            sites.append(site)
+    for site in selection.extra_sites:
+        if _has_module(model, site.name):
+            skipped.append(SkippedNorm(site.name, site.stage, str(_CONVERTED)))
+            converted += 1
+        else:
+            sites.append(site)
+    if not sites:
+        if converted:
+            raise NoBatchNormError(
+                f"{arch} is already converted: every site of layout {layout.name} in stages "
+                f"{stages_text(stages)} is IBN already"
+            )
+        raise NoBatchNormError(
+            f"{arch} has no BatchNorm layer to convert in stages {stages_text(stages)} "
+            f"with layout {layout.name}"
+        )
+    return ConversionPlan(
+        arch=arch,
+        layout=layout.name,
+        stages=stages,
+        ratio=request.ratio,
+        sites=tuple(sites),
+        skipped=tuple(skipped),
+        family=layout.family,
+        num_stages=num_stages,
     )
 
 
-def _check_ratio(ratio: float) -> None:
-    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not (0.0 < ratio < 1.0):
-        raise InvalidOptionError(
-            f"ratio must be a number strictly between 0 and 1 (the IN fraction), got {ratio!r}"
-        )
+_CONVERTED = Reason(ReasonCode.ALREADY_CONVERTED)
+
+
+def _is_converted(module: nn.Module, site: ConversionSite) -> bool:
+    kind = norm_kind(module)
+    return kind == NormKind.IBN or (site.kind == SiteKind.IN and kind == NormKind.INSTANCENORM)
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True

@@ -8,7 +8,9 @@ as a table for people and round-trips through JSON, so a checkpoint can store it
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from ..errors import InvalidOptionError
@@ -19,14 +21,151 @@ __all__ = [
     "KIND_POST_ADD_IN",
     "ConversionPlan",
     "ConversionSite",
+    "PlanOptions",
+    "Reason",
+    "ReasonCode",
+    "SiteKind",
     "SkippedNorm",
+    "check_ratio",
+    "parse_input_size",
     "parse_stages",
+    "stages_text",
 ]
 
-KIND_IBN = "ibn"  # a BatchNorm becomes IBN (IN + BN halves)
-KIND_IN = "in"  # a BatchNorm becomes InstanceNorm2d (IBN-b stem)
-KIND_POST_ADD_IN = "post_add_in"  # a new InstanceNorm2d after a residual addition (IBN-b)
-_KINDS = (KIND_IBN, KIND_IN, KIND_POST_ADD_IN)
+
+class SiteKind(StrEnum):
+    """What happens at a conversion site (the plan JSON holds the value)."""
+
+    IBN = "ibn"  # a BatchNorm becomes IBN (IN + BN halves)
+    IN = "in"  # a BatchNorm becomes InstanceNorm2d (IBN-b stem)
+    POST_ADD_IN = "post_add_in"  # a new InstanceNorm2d after a residual addition (IBN-b)
+
+
+KIND_IBN = SiteKind.IBN
+KIND_IN = SiteKind.IN
+KIND_POST_ADD_IN = SiteKind.POST_ADD_IN
+_KINDS = tuple(SiteKind)
+
+
+class ReasonCode(StrEnum):
+    """Why a norm is left unchanged: the data behind each sentence of a plan's skip list."""
+
+    NOT_2D_BATCHNORM = "not_2d_batchnorm"
+    STEM = "stem"
+    STAGE_NOT_CHOSEN = "stage_not_chosen"
+    TOO_FEW_CHANNELS = "too_few_channels"
+    POOLED = "pooled"
+    SHORTCUT = "shortcut"
+    SETS_RESIDUAL_SCALE = "sets_residual_scale"
+    NOT_FIRST_IN_BLOCK = "not_first_in_block"
+    NOT_FED_BY_CONV = "not_fed_by_conv"
+    AFTER_DEPTHWISE = "after_depthwise"
+    PROJECTION = "projection"
+    OUTSIDE_BLOCKS = "outside_blocks"
+    UNKNOWN_ROLE = "unknown_role"
+    NOT_PICKED = "not_picked"
+    # Hazards: the norm's channels must not be split into IN and BN parts.
+    FEEDS_ADDITION = "feeds_addition"
+    INDEXED = "indexed"
+    SLICE_CUTS = "slice_cuts"
+    SPLIT_UNKNOWN_DIM = "split_unknown_dim"
+    SPLIT_PATHS = "split_paths"
+    RESHAPE = "reshape"
+    SHUFFLE = "shuffle"
+    UNKNOWN_OP = "unknown_op"
+    # Published layouts.
+    ALREADY_CONVERTED = "already_converted"
+    RESNET_SHORTCUT = "resnet_shortcut"
+    RESNET_PRE_ADD = "resnet_pre_add"
+    RESNET_NOT_BN1 = "resnet_not_bn1"
+    IBN_B_UNTOUCHED = "ibn_b_untouched"
+    DENSE_OUTSIDE = "dense_outside"
+    DENSE_BLOCK_NOT_CHOSEN = "dense_block_not_chosen"
+    DENSE_NOT_NORM1 = "dense_not_norm1"
+    DENSE_NOT_THIRD = "dense_not_third"
+
+
+# code -> the sentence, with {value}/{at} fields
+_REASON_TEXT: dict[ReasonCode, str] = {
+    ReasonCode.NOT_2D_BATCHNORM: "not a 2-D BatchNorm ({value})",
+    ReasonCode.STEM: "stem (IBN-a keeps the stem BN)",
+    ReasonCode.STAGE_NOT_CHOSEN: "stage {value} not chosen",
+    ReasonCode.TOO_FEW_CHANNELS: "fewer than 2 channels: nothing to split",
+    ReasonCode.POOLED: "runs on pooled 1×1 features (attention/SE branch): IN needs H×W",
+    ReasonCode.SHORTCUT: "shortcut BN",
+    ReasonCode.SETS_RESIDUAL_SCALE: "last BN before the residual addition, sets its scale",
+    ReasonCode.NOT_FIRST_IN_BLOCK: (
+        "not the first safe main-branch BN, IBN-a converts one BN per block"
+    ),
+    ReasonCode.NOT_FED_BY_CONV: "not fed by a convolution (pre-activation, head or unknown input)",
+    ReasonCode.AFTER_DEPTHWISE: (
+        "after a depthwise conv (the depthwise-separable rule converts the BN after the block's "
+        "expansion conv)"
+    ),
+    ReasonCode.PROJECTION: (
+        "projection BN of a depthwise-separable block (after the depthwise conv)"
+    ),
+    ReasonCode.OUTSIDE_BLOCKS: "outside the residual blocks (transition or aggregation layer)",
+    ReasonCode.UNKNOWN_ROLE: "role {value!r} unknown to the generic rule",
+    ReasonCode.NOT_PICKED: "not picked by the generic rule",
+    ReasonCode.FEEDS_ADDITION: "its output feeds an addition directly",
+    ReasonCode.INDEXED: "its channels are indexed in a way ibnify cannot follow ({at})",
+    ReasonCode.SLICE_CUTS: "a channel slice cuts through its IN and BN parts",
+    ReasonCode.SPLIT_UNKNOWN_DIM: "its channels are split along an unknown dim",
+    ReasonCode.SPLIT_PATHS: "a channel split would send its IN and BN parts down different paths",
+    ReasonCode.RESHAPE: (
+        "a reshape/transpose moves its channels (channel shuffle or layout change), ibnify "
+        "does not follow them"
+    ),
+    ReasonCode.SHUFFLE: "a channel shuffle interleaves its channels",
+    ReasonCode.UNKNOWN_OP: "its output reaches an op ibnify does not know, cautious default",
+    ReasonCode.ALREADY_CONVERTED: "already converted",
+    ReasonCode.RESNET_SHORTCUT: "shortcut (downsample) BN",
+    ReasonCode.RESNET_PRE_ADD: "last BN before the residual addition (sets the residual's scale)",
+    ReasonCode.RESNET_NOT_BN1: "IBN-a converts only the block's first BN (bn1)",
+    ReasonCode.IBN_B_UNTOUCHED: "IBN-b changes only the stem BN and adds IN after additions",
+    ReasonCode.DENSE_OUTSIDE: "outside the dense blocks (stem, transition or head)",
+    ReasonCode.DENSE_BLOCK_NOT_CHOSEN: "dense block {value} not chosen",
+    ReasonCode.DENSE_NOT_NORM1: "DenseNet IBN-a converts norm1 only",
+    ReasonCode.DENSE_NOT_THIRD: "DenseNet IBN-a converts every third dense layer (1, 4, 7, ...)",
+}
+# where a location is appended to the sentence (" (at node)", " (block name)")
+_AT = " (at {at})"
+_BLOCK = " (block {at})"
+_SUFFIX: dict[ReasonCode, str] = {
+    ReasonCode.SHORTCUT: _BLOCK,
+    ReasonCode.SETS_RESIDUAL_SCALE: _BLOCK,
+    ReasonCode.NOT_FIRST_IN_BLOCK: _BLOCK,
+    ReasonCode.FEEDS_ADDITION: _AT,
+    ReasonCode.SLICE_CUTS: _AT,
+    ReasonCode.SPLIT_UNKNOWN_DIM: _AT,
+    ReasonCode.SPLIT_PATHS: _AT,
+    ReasonCode.RESHAPE: _AT,
+    ReasonCode.SHUFFLE: _AT,
+    ReasonCode.UNKNOWN_OP: _AT,
+}
+
+
+@dataclass(frozen=True)
+class Reason:
+    """Why a norm is left unchanged, as data; ``str()`` gives the sentence a plan records.
+
+    ``at`` names the node or block the reason points at, ``value`` fills the sentence (a stage
+    number, a module kind). Code decides on ``code``, never on the text.
+    """
+
+    code: ReasonCode
+    at: str | None = None
+    value: str | int | None = None
+
+    @property
+    def summary(self) -> str:
+        """The sentence without its location suffix (for counting reasons across norms)."""
+        return _REASON_TEXT[self.code].format(value=self.value, at=self.at)
+
+    def __str__(self) -> str:
+        suffix = _SUFFIX.get(self.code)
+        return self.summary + suffix.format(at=self.at) if suffix else self.summary
 
 
 @dataclass(frozen=True)
@@ -38,7 +177,7 @@ class ConversionSite:
     """
 
     name: str
-    kind: str
+    kind: SiteKind
     channels: int
     stage: int
     ratio: float | None = None
@@ -50,7 +189,9 @@ class ConversionSite:
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
-            raise ValueError(f"unknown site kind {self.kind!r}; expected one of {_KINDS}")
+            kinds = tuple(str(k) for k in _KINDS)
+            raise ValueError(f"unknown site kind {self.kind!r}; expected one of {kinds}")
+        object.__setattr__(self, "kind", SiteKind(self.kind))
 
     def __str__(self) -> str:
         split = f"IN={self.in_channels} BN={self.bn_channels}"
@@ -93,9 +234,8 @@ class ConversionPlan:
         return dict(sorted(counts.items()))
 
     def __str__(self) -> str:
-        stages = ",".join(str(s) for s in self.stages)
         return (
-            f"ConversionPlan({self.arch}, layout={self.layout}, stages={stages}, "
+            f"ConversionPlan({self.arch}, layout={self.layout}, stages={stages_text(self.stages)}, "
             f"{len(self.sites)} sites, param delta {self.param_delta:+,})"
         )
 
@@ -176,6 +316,11 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
     return [line(header), line(tuple("-" * w for w in widths)), *(line(r) for r in rows)]
 
 
+def stages_text(stages: Sequence[int]) -> str:
+    """``1,2,3`` for stages (1, 2, 3): how plans and messages write stages."""
+    return ",".join(str(s) for s in stages)
+
+
 def parse_stages(text: str) -> tuple[int, ...]:
     """Parse ``"1-3"``, ``"1,2,3"`` or ``"2"`` into sorted unique stage numbers (≥ 1)."""
     cleaned = text.strip()
@@ -208,3 +353,58 @@ def parse_stages(text: str) -> tuple[int, ...]:
             )
         stages.update(range(low, high + 1))
     return tuple(sorted(stages))
+
+
+def parse_input_size(text: str) -> tuple[int, int, int]:
+    """Parse ``"224"``, ``"160,224"`` or ``"3,224,224"`` (also ``3x224x224``) into (C, H, W).
+
+    One or two numbers mean a 3-channel input of that height (and width).
+    """
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        numbers = [int(p) for p in parts if p.strip()]
+    except ValueError:
+        raise InvalidOptionError(f"{text!r} is not a size like 224 or 3,224,224") from None
+    if len(numbers) == 1:
+        numbers = [3, numbers[0], numbers[0]]
+    elif len(numbers) == 2:
+        numbers = [3, *numbers]
+    if len(numbers) != 3 or min(numbers) < 1:
+        raise InvalidOptionError(f"{text!r} is not a size like 224 or 3,224,224")
+    return numbers[0], numbers[1], numbers[2]
+
+
+def check_ratio(ratio: object) -> float:
+    """Return ``ratio`` as a float, or raise InvalidOptionError unless 0 < ratio < 1.
+
+    The one place the IN fraction is checked: the library's options and the CLI both call it.
+    """
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not (0.0 < ratio < 1.0):
+        raise InvalidOptionError(
+            f"ratio {ratio!r} is not strictly between 0 and 1 (the fraction of channels given "
+            "to IN)"
+        )
+    return float(ratio)
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """What the user asks of a plan: layout, stages, IN ratio and analysis input size.
+
+    ``None`` (or empty stages) means the layout's default. Built once (by the CLI or by
+    ``ibnify.plan``/``ibnify.convert`` from their keywords) and passed down to the layouts;
+    the ratio is checked on construction.
+    """
+
+    layout: str = "a"
+    stages: tuple[int, ...] | None = None
+    ratio: float | None = None
+    input_size: tuple[int, int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.stages is not None:
+            object.__setattr__(self, "stages", tuple(self.stages))
+        if self.ratio is not None:
+            check_ratio(self.ratio)
+        if self.input_size is not None:
+            object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))

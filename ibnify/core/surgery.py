@@ -7,20 +7,20 @@ The result is an ordinary ``nn.Module``: train/eval, CPU/CUDA, ``torch.compile``
 from __future__ import annotations
 
 import copy
-import operator
 
-import torch
 from torch import fx, nn
 
 from ..errors import ConversionError
-from .graph import trace
 from .layers import IBN, IBNAct, instance_norm_from_batchnorm
-from .plans import KIND_IBN, KIND_IN, KIND_POST_ADD_IN, ConversionPlan, ConversionSite
+from .ops import BATCHNORM_KINDS, NormKind, OpKind, classify, is_in_place, norm_kind
+from .plans import ConversionPlan, ConversionSite, SiteKind
+from .tracing import trace
 
 __all__ = ["PLAN_ATTRIBUTE", "apply_plan", "get_plan"]
 
 PLAN_ATTRIBUTE = "ibnify_plan"
-_ADD_TARGETS = {operator.add, operator.iadd, torch.add}
+# The BatchNorm kinds whose forward ibnify knows, and the IBN class that replaces each.
+_IBN_CLASS = {NormKind.BATCHNORM: IBN, NormKind.BATCHNORM_ACT: IBNAct}
 
 
 def get_plan(model: nn.Module) -> ConversionPlan | None:
@@ -38,7 +38,7 @@ def apply_plan(model: nn.Module, plan: ConversionPlan, inplace: bool = False) ->
     """
     target = model if inplace else copy.deepcopy(model)
     for site in plan.sites:
-        if site.kind == KIND_POST_ADD_IN:
+        if site.kind == SiteKind.POST_ADD_IN:
             _insert_post_add_in(target, site)
         else:
             _swap_norm(target, site)
@@ -58,30 +58,18 @@ def _get(model: nn.Module, name: str) -> nn.Module:
         raise ConversionError(f"the model has no layer named {name!r}") from None
 
 
-def _known_batchnorm_kind(module: nn.Module) -> str | None:
-    """``"plain"`` or ``"act"`` for BatchNorm classes whose forward ibnify knows, else None."""
-    if type(module) in (nn.BatchNorm2d, nn.SyncBatchNorm):
-        return "plain"
-    try:
-        from timm.layers import BatchNormAct2d
-    except ImportError:  # pragma: no cover
-        return None
-    if isinstance(module, BatchNormAct2d) and type(module).forward is BatchNormAct2d.forward:
-        return "act"
-    return None
-
-
 def _swap_norm(model: nn.Module, site: ConversionSite) -> None:
+    """Replace the BatchNorm at ``site`` by an IBN or an InstanceNorm2d (weights transferred)."""
     module = _get(model, site.name)
-    if isinstance(module, IBN):
+    kind = norm_kind(module)
+    if kind == NormKind.IBN:
         raise ConversionError(f"{site.name} is already an IBN layer")
-    if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+    if kind not in BATCHNORM_KINDS:
         raise ConversionError(
             f"{site.name} is a {type(module).__name__}, not a BatchNorm; the plan does not fit "
             "this model"
         )
-    kind = _known_batchnorm_kind(module)
-    if kind is None:
+    if kind not in _IBN_CLASS:
         raise ConversionError(
             f"{site.name} is a {type(module).__name__}, a BatchNorm subclass whose forward "
             "ibnify does not know; refusing to replace it"
@@ -90,12 +78,11 @@ def _swap_norm(model: nn.Module, site: ConversionSite) -> None:
         raise ConversionError(
             f"{site.name} has {module.num_features} channels, the plan expects {site.channels}"
         )
-    if site.kind == KIND_IBN:
-        factory = IBNAct if kind == "act" else IBN
-        replacement: nn.Module = factory.from_batchnorm(
+    if site.kind == SiteKind.IBN:
+        replacement: nn.Module = _IBN_CLASS[kind].from_batchnorm(
             module, ratio=site.ratio, order=site.order or "in_first"
         )
-    elif site.kind == KIND_IN:
+    elif site.kind == SiteKind.IN:
         replacement = instance_norm_from_batchnorm(module)
     else:  # pragma: no cover - guarded by ConversionSite
         raise ConversionError(f"unknown site kind {site.kind!r}")
@@ -111,13 +98,7 @@ def _insert_post_add_in(model: nn.Module, site: ConversionSite) -> None:
         raise ConversionError(f"{block_name} already has a submodule {child!r}")
     graph_module = trace(block)
     graph = graph_module.graph
-    adds = [
-        node
-        for node in graph.nodes
-        if node.op == "call_function"
-        and node.target in _ADD_TARGETS
-        and sum(isinstance(a, fx.Node) for a in node.args[:2]) == 2
-    ]
+    adds = [node for node, kind in classify(graph_module).items() if kind == OpKind.ADD]
     if not adds:
         raise ConversionError(f"{block_name} has no residual addition to put an IN after")
     add = adds[-1]
@@ -132,9 +113,25 @@ def _insert_post_add_in(model: nn.Module, site: ConversionSite) -> None:
     graph_module.add_submodule(child, norm)
     with graph.inserting_after(add):
         in_node = graph.call_module(child, (add,))
-    add.replace_all_uses_with(in_node, delete_user_cb=lambda user: user is not in_node)
+    _read_after(add, in_node)
     graph.lint()
     graph_module.recompile()
     graph_module.train(block.training)
     parent_name, block_child = _split_name(block_name)
     setattr(_get(model, parent_name), block_child, graph_module)
+
+
+def _read_after(add: fx.Node, in_node: fx.Node) -> None:
+    """Make every later reader of the sum read ``in_node`` instead.
+
+    ``out = out + identity`` (and ``out += identity``, which fx records the same way) hands the
+    sum on as the add node's value; ``out.add_(identity)`` hands it on through the mutated first
+    operand, which later nodes read. Both are redirected.
+    """
+    add.replace_all_uses_with(in_node, delete_user_cb=lambda user: user is not in_node)
+    if is_in_place(add):
+        mutated = add.args[0]
+        order = {node: i for i, node in enumerate(add.graph.nodes)}
+        for user in list(mutated.users):  # type: ignore[union-attr]
+            if user is not add and user is not in_node and order[user] > order[add]:
+                user.replace_input_with(mutated, in_node)  # type: ignore[arg-type]
