@@ -162,6 +162,30 @@ class _OwnForwardBatchNormAct(BatchNormAct2d):
         return super().forward(x) + 1
 
 
+class _Detectron2FrozenBatchNorm(nn.Module):
+    """detectron2's FrozenBatchNorm2d, re-written: four buffers, the frozen affine forward."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.num_features, self.eps = num_features, eps
+        self.register_buffer("weight", torch.rand(num_features) + 0.5)
+        self.register_buffer("bias", torch.rand(num_features))
+        self.register_buffer("running_mean", torch.rand(num_features))
+        self.register_buffer("running_var", torch.rand(num_features) + 0.5)
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+
+
+class _LooksFrozenButShifts(_Detectron2FrozenBatchNorm):
+    """Same buffers, but its forward does more than the frozen affine: not a norm to ibnify."""
+
+    def forward(self, x):
+        return super().forward(x) + 1
+
+
 @pytest.mark.parametrize(
     ("module", "kind", "graph_norm"),
     [
@@ -171,8 +195,10 @@ class _OwnForwardBatchNormAct(BatchNormAct2d):
         (IBN(4), NormKind.IBN, True),
         (IBNAct(4, act=nn.ReLU()), NormKind.IBN, True),
         (nn.InstanceNorm2d(4), NormKind.INSTANCENORM, True),
-        (FrozenBatchNorm2d(4), NormKind.FROZEN_BATCHNORM, False),
-        (FrozenBatchNormAct2d(4), NormKind.FROZEN_BATCHNORM_ACT, False),
+        (FrozenBatchNorm2d(4), NormKind.FROZEN_BATCHNORM, True),
+        (FrozenBatchNormAct2d(4), NormKind.FROZEN_BATCHNORM_ACT, True),
+        (_Detectron2FrozenBatchNorm(4), NormKind.FROZEN_BATCHNORM, True),
+        (_LooksFrozenButShifts(4), None, False),
         (_DoublingBatchNorm(4), NormKind.UNKNOWN_BATCHNORM, True),
         (_OwnForwardBatchNormAct(4), NormKind.UNKNOWN_BATCHNORM, True),
         (nn.BatchNorm1d(4), NormKind.UNKNOWN_BATCHNORM, True),

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .layers import IBN, is_frozen_batchnorm
+from .ops import BN_LIKE_KINDS, norm_kind
 
-__all__ = ["ResNetBody", "find_resnet_body", "is_batchnorm_like"]
+__all__ = ["ResNetBody", "find_resnet_body"]
 
 # A wrapper's ResNet body must hold at least this share of the model's norm layers, so that a
 # network that merely contains a small ResNet-shaped part is not taken for a ResNet.
@@ -23,11 +23,9 @@ _MIN_NORM_SHARE = 0.5
 _MAX_WRAPPER_DEPTH = 2
 
 
-def is_batchnorm_like(module: object) -> bool:
+def _is_batchnorm_like(module: object) -> bool:
     """A BatchNorm (plain, sync, norm+act, frozen) or an IBN that replaced one."""
-    return isinstance(module, nn.modules.batchnorm._BatchNorm | IBN) or (
-        isinstance(module, nn.Module) and is_frozen_batchnorm(module)
-    )
+    return norm_kind(module) in BN_LIKE_KINDS
 
 
 @dataclass(frozen=True)
@@ -45,6 +43,16 @@ class ResNetBody:
         """The qualified name of ``relative`` (e.g. ``"bn1"``) inside the body."""
         return f"{self.prefix}.{relative}" if self.prefix else relative
 
+    def stage_of(self, name: str) -> int | None:
+        """Stage k of a layer named ``{prefix}.layer{k}...``; 0 elsewhere in the body (stem);
+        None outside the body (a segmentation or detection head)."""
+        if self.prefix and not name.startswith(self.prefix + "."):
+            return None
+        for k, blocks in enumerate(self.stages, start=1):
+            if any(name.startswith(block + ".") for block in blocks):
+                return k
+        return 0
+
 
 def _numbered_children(module: nn.Module) -> list[tuple[str, nn.Module]] | None:
     """Children of a stage container named 0, 1, 2, ... (Sequential or a rebuilt plain module)."""
@@ -61,7 +69,7 @@ def _stages(module: nn.Module, prefix: str) -> tuple[tuple[str, ...], ...]:
     while isinstance(getattr(module, f"layer{k}", None), nn.Module):
         blocks = _numbered_children(getattr(module, f"layer{k}"))
         if blocks is None or not all(
-            is_batchnorm_like(getattr(block, "bn1", None)) for _, block in blocks
+            _is_batchnorm_like(getattr(block, "bn1", None)) for _, block in blocks
         ):
             return ()
         base = f"{prefix}.layer{k}" if prefix else f"layer{k}"
@@ -72,7 +80,7 @@ def _stages(module: nn.Module, prefix: str) -> tuple[tuple[str, ...], ...]:
 
 
 def _norm_count(module: nn.Module) -> int:
-    return sum(1 for m in module.modules() if is_batchnorm_like(m))
+    return sum(1 for m in module.modules() if _is_batchnorm_like(m))
 
 
 def find_resnet_body(model: nn.Module) -> ResNetBody | None:

@@ -32,6 +32,7 @@ from torch import fx, nn
 
 from ..errors import TraceError, first_line
 from .hookwalk import walk
+from .layers import batchnorm_channels
 from .ops import (
     NormKind,
     OpKind,
@@ -402,7 +403,7 @@ def _norm_records(
             NormLayer(
                 name=name,
                 kind=type(module).__name__,
-                channels=int(module.num_features),
+                channels=batchnorm_channels(module),
                 output_shape=shape_of(node) or (),
                 stride=flow.stride(node) or 1,
                 stage=stages[node],

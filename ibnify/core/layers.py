@@ -12,7 +12,6 @@ import math
 from typing import Literal, Self
 
 import torch
-from timm.layers import FrozenBatchNormAct2d
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
@@ -231,11 +230,15 @@ def batchnorm_channels(bn: nn.Module) -> int:
 
 
 def is_frozen_batchnorm(module: nn.Module) -> bool:
-    """True for a BN whose statistics and affine are buffers: ``x * scale + shift`` only.
+    """True for a BN whose statistics and affine are buffers (``x * scale + shift`` only).
 
-    torchvision's ``FrozenBatchNorm2d`` and timm's ``FrozenBatchNormAct2d`` count by type.
+    Any BatchNorm-like layer that is not a torch ``_BatchNorm`` is frozen: torchvision's
+    ``FrozenBatchNorm2d``, timm's ``FrozenBatchNormAct2d`` and other libraries' frozen BNs that
+    :func:`ibnify.core.ops.norm_kind` recognised by their buffers and forward.
     """
-    return isinstance(module, FrozenBatchNorm2d | FrozenBatchNormAct2d)
+    return not isinstance(module, nn.modules.batchnorm._BatchNorm) and hasattr(
+        module, "running_var"
+    )
 
 
 def _bn_half_like(bn: nn.Module, channels: int) -> nn.Module:

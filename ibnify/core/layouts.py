@@ -25,10 +25,11 @@ from enum import StrEnum
 from torch import nn
 
 from ..errors import InvalidOptionError, NoBatchNormError
+from .backbones import find_resnet_body
 from .generic import choose, raise_no_site, require_batchnorm
 from .graph import GraphAnalysis, NormLayer, Role
 from .layers import ibn_split_sizes
-from .ops import BATCHNORM_KINDS, BN_LIKE_KINDS, NormKind, norm_kind
+from .ops import BATCHNORM_KINDS, BN_LIKE_KINDS, FROZEN_KINDS, NormKind, norm_kind
 from .plans import (
     ConversionPlan,
     ConversionSite,
@@ -143,19 +144,11 @@ def detect_family(model: nn.Module) -> Family:
 
 
 def _resnet_stages(model: nn.Module) -> list[tuple[str, list[str]]]:
-    """[(f"layer{k}", [block names])] when the model is laid out like a torchvision ResNet."""
-    stages = []
-    k = 1
-    while isinstance(getattr(model, f"layer{k}", None), nn.Sequential):
-        layer = getattr(model, f"layer{k}")
-        blocks = [f"layer{k}.{name}" for name, _ in layer.named_children()]
-        if not blocks or not all(
-            _is_norm_like(getattr(block, "bn1", None)) for block in layer.children()
-        ):
-            return []
-        stages.append((f"layer{k}", blocks))
-        k += 1
-    return stages
+    """[(layer name, [block names])] of the model's ResNet body (itself or inside a wrapper)."""
+    body = find_resnet_body(model)
+    if body is None:
+        return []
+    return [(blocks[0].rpartition(".")[0], list(blocks)) for blocks in body.stages]
 
 
 def _dense_blocks(model: nn.Module) -> list[tuple[int, str, list[tuple[int, str]]]]:
@@ -179,6 +172,18 @@ def _is_norm_like(module: object) -> bool:
     return norm_kind(module) in BN_LIKE_KINDS
 
 
+def _has_affine_parameters(module: nn.Module | None) -> bool:
+    """Whether the norm's gamma/beta are parameters (an IN made from it adds none)."""
+    return norm_kind(module) not in FROZEN_KINDS and bool(getattr(module, "affine", True))
+
+
+def _submodule_or_none(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 def _check_stages(stages: Sequence[int], num_stages: int, arch: str) -> tuple[int, ...]:
     chosen = tuple(sorted(set(int(s) for s in stages)))
     if not chosen:
@@ -197,7 +202,7 @@ def _ibn_site(
     """An IBN site for ``norm`` with the request's ratio."""
     ratio = float(request.ratio)  # type: ignore[arg-type]  # IBN layouts have a default ratio
     in_channels, bn_channels = ibn_split_sizes(norm.channels, ratio, order)  # type: ignore[arg-type]
-    affine = bool(getattr(request.model.get_submodule(norm.name), "affine", True))
+    affine = _has_affine_parameters(request.model.get_submodule(norm.name))
     return ConversionSite(
         name=norm.name,
         kind=SiteKind.IBN,
@@ -213,19 +218,28 @@ def _ibn_site(
 
 
 def _select_resnet_a(request: LayoutRequest) -> Selection:
-    """IBN-a for the ResNet family: ``layer{k}.{i}.bn1`` → IBN(ratio, IN first), k in stages."""
+    """IBN-a for the ResNet family: ``layer{k}.{i}.bn1`` → IBN(ratio, IN first), k in stages.
+
+    Stages are the body's ``layer{k}``, so a dilated body (DeepLab) keeps the paper's sites; in
+    a wrapper (segmentation, detection) the norms outside the body stay as they are.
+    """
+    body = find_resnet_body(request.model)
+    assert body is not None  # the family is ResNet
     chosen: dict[str, ConversionSite] = {}
-    for k, (_, blocks) in enumerate(_resnet_stages(request.model), start=1):
+    for k, blocks in enumerate(body.stages, start=1):
         if k in request.stages:
             for block in blocks:
                 norm = request.analysis.norm(f"{block}.bn1")
                 chosen[norm.name] = _ibn_site(request, norm, "in_first", "IBN-a: block's bn1", k)
 
     def reason(norm: NormLayer) -> Reason:
-        if norm.stage == 0:
+        stage = body.stage_of(norm.name)
+        if stage is None:
+            return Reason(ReasonCode.OUTSIDE_BODY)
+        if stage == 0:
             return Reason(ReasonCode.STEM)
-        if norm.stage not in request.stages:
-            return Reason(ReasonCode.STAGE_NOT_CHOSEN, value=norm.stage)
+        if stage not in request.stages:
+            return Reason(ReasonCode.STAGE_NOT_CHOSEN, value=stage)
         if norm.role == Role.SHORTCUT:
             return Reason(ReasonCode.RESNET_SHORTCUT)
         if norm.role == Role.PRE_ADD:
@@ -238,17 +252,23 @@ def _select_resnet_a(request: LayoutRequest) -> Selection:
 def _select_resnet_b(request: LayoutRequest) -> Selection:
     """IBN-b: stem ``bn1`` → InstanceNorm2d; IN after the last block's addition per stage."""
     model, analysis = request.model, request.analysis
-    if norm_kind(getattr(model, "bn1", None)) not in BATCHNORM_KINDS | {NormKind.INSTANCENORM}:
-        raise InvalidOptionError(f"{request.arch} has no stem 'bn1' BatchNorm; IBN-b needs one")
-    stem = analysis.norm("bn1")
+    body = find_resnet_body(model)
+    assert body is not None  # the family is ResNet
+    stem_name = body.name("bn1")
+    stem_module = _submodule_or_none(model, stem_name)
+    if norm_kind(stem_module) not in BATCHNORM_KINDS | {NormKind.INSTANCENORM}:
+        raise InvalidOptionError(
+            f"{request.arch} has no stem {stem_name!r} BatchNorm; IBN-b needs one"
+        )
+    stem = analysis.norm(stem_name)
     chosen = {
-        "bn1": ConversionSite(
-            name="bn1",
+        stem_name: ConversionSite(
+            name=stem_name,
             kind=SiteKind.IN,
             channels=stem.channels,
             stage=0,
             in_channels=stem.channels,
-            param_delta=0 if getattr(model.bn1, "affine", True) else 2 * stem.channels,
+            param_delta=0 if _has_affine_parameters(stem_module) else 2 * stem.channels,
             rule="IBN-b: stem BN becomes IN",
         )
     }

@@ -28,6 +28,7 @@ __all__ = [
     "BATCHNORM_KINDS",
     "BN_LIKE_KINDS",
     "CONV_KINDS",
+    "FROZEN_KINDS",
     "GRAPH_NORM_KINDS",
     "MIXING_KINDS",
     "NormKind",
@@ -76,17 +77,26 @@ class NormKind(StrEnum):
     BATCHNORM_ACT = "batchnorm_act"  # timm BatchNormAct2d (carries act and drop)
     IBN = "ibn"  # already converted
     INSTANCENORM = "instancenorm"  # nn.InstanceNorm2d (e.g. an IBN-b stem)
-    FROZEN_BATCHNORM = "frozen_batchnorm"  # torchvision.ops: recognised, not converted yet
-    FROZEN_BATCHNORM_ACT = "frozen_batchnorm_act"  # timm: recognised, not converted yet
+    # Frozen BN (detection backbones): statistics and affine are buffers, forward x*scale+shift.
+    FROZEN_BATCHNORM = "frozen_batchnorm"  # torchvision.ops, or detectron2-style (duck typed)
+    FROZEN_BATCHNORM_ACT = "frozen_batchnorm_act"  # timm FrozenBatchNormAct2d
     UNKNOWN_BATCHNORM = "unknown_batchnorm"  # a _BatchNorm subclass whose forward is unknown
 
 
 # torch's _BatchNorm family (what IBN splits), and the same with already converted IBN layers.
 BATCHNORM_KINDS = frozenset(
-    {NormKind.BATCHNORM, NormKind.BATCHNORM_ACT, NormKind.UNKNOWN_BATCHNORM}
+    {
+        NormKind.BATCHNORM,
+        NormKind.BATCHNORM_ACT,
+        NormKind.FROZEN_BATCHNORM,
+        NormKind.FROZEN_BATCHNORM_ACT,
+        NormKind.UNKNOWN_BATCHNORM,
+    }
 )
+# Kinds whose parameters are buffers: an IBN made from one adds the IN half's affine parameters.
+FROZEN_KINDS = frozenset({NormKind.FROZEN_BATCHNORM, NormKind.FROZEN_BATCHNORM_ACT})
 BN_LIKE_KINDS = BATCHNORM_KINDS | {NormKind.IBN}
-# Norms the analysis keeps as graph leaves and records (frozen BNs are traced through).
+# Norms the analysis keeps as graph leaves and records.
 GRAPH_NORM_KINDS = BN_LIKE_KINDS | {NormKind.INSTANCENORM}
 
 
@@ -111,7 +121,47 @@ def norm_kind(module: object) -> NormKind | None:
         return NormKind.FROZEN_BATCHNORM
     if isinstance(module, FrozenBatchNormAct2d):
         return NormKind.FROZEN_BATCHNORM_ACT
+    if isinstance(module, nn.Module) and _behaves_as_frozen_batchnorm(module):
+        return NormKind.FROZEN_BATCHNORM
     return None
+
+
+_FROZEN_BUFFERS = ("bias", "running_mean", "running_var", "weight")
+
+
+def _behaves_as_frozen_batchnorm(module: nn.Module) -> bool:
+    """A frozen BN of another library (detectron2's): found by its buffers, proven by its forward.
+
+    It must hold exactly the four 1-D buffers of equal length and no parameters or children,
+    and compute ``x * w / sqrt(var + eps) + (b - mean * w / sqrt(var + eps))`` on a probe input;
+    a module that only looks like one (its forward may do more) is not treated as a norm.
+    """
+    buffers = dict(module.named_buffers(recurse=False))
+    if sorted(buffers) != list(_FROZEN_BUFFERS) or any(True for _ in module.parameters()):
+        return False
+    if any(True for _ in module.children()) or not isinstance(getattr(module, "eps", None), float):
+        return False
+    sizes = {tuple(b.shape) for b in buffers.values()}
+    if len(sizes) != 1 or len(next(iter(sizes))) != 1:
+        return False
+    channels = next(iter(sizes))[0]
+    reference = buffers["weight"]
+    probe = torch.randn(
+        2, channels, 3, 3, generator=torch.Generator().manual_seed(0), dtype=reference.dtype
+    ).to(reference.device)
+    scale = buffers["weight"] * (buffers["running_var"] + module.eps).rsqrt()
+    shift = buffers["bias"] - buffers["running_mean"] * scale
+    expected = probe * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    try:
+        with torch.no_grad():
+            output = module(probe)
+    except Exception:  # its forward is not a per-channel affine on NCHW input
+        return False
+    return (
+        isinstance(output, torch.Tensor)
+        and output.shape == expected.shape
+        and torch.allclose(output, expected, rtol=1e-4, atol=1e-5)
+    )
 
 
 def is_norm(module: object) -> bool:

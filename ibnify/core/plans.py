@@ -83,12 +83,14 @@ class ReasonCode(StrEnum):
     DENSE_BLOCK_NOT_CHOSEN = "dense_block_not_chosen"
     DENSE_NOT_NORM1 = "dense_not_norm1"
     DENSE_NOT_THIRD = "dense_not_third"
+    OUTSIDE_BODY = "outside_body"
 
 
 # code -> the sentence, with {value}/{at} fields
 _REASON_TEXT: dict[ReasonCode, str] = {
     ReasonCode.NOT_2D_BATCHNORM: "not a 2-D BatchNorm ({value})",
     ReasonCode.STEM: "stem (IBN-a keeps the stem BN)",
+    ReasonCode.OUTSIDE_BODY: "outside the ResNet body (segmentation or detection head)",
     ReasonCode.STAGE_NOT_CHOSEN: "stage {value} not chosen",
     ReasonCode.TOO_FEW_CHANNELS: "fewer than 2 channels: nothing to split",
     ReasonCode.POOLED: "runs on pooled 1×1 features (attention/SE branch): IN needs H×W",

@@ -11,7 +11,7 @@ import copy
 from torch import fx, nn
 
 from ..errors import ConversionError
-from .layers import IBN, IBNAct, instance_norm_from_batchnorm
+from .layers import IBN, IBNAct, batchnorm_channels, instance_norm_from_batchnorm
 from .ops import BATCHNORM_KINDS, NormKind, OpKind, classify, is_in_place, norm_kind
 from .plans import ConversionPlan, ConversionSite, SiteKind
 from .tracing import trace
@@ -20,7 +20,12 @@ __all__ = ["PLAN_ATTRIBUTE", "apply_plan", "get_plan"]
 
 PLAN_ATTRIBUTE = "ibnify_plan"
 # The BatchNorm kinds whose forward ibnify knows, and the IBN class that replaces each.
-_IBN_CLASS = {NormKind.BATCHNORM: IBN, NormKind.BATCHNORM_ACT: IBNAct}
+_IBN_CLASS = {
+    NormKind.BATCHNORM: IBN,
+    NormKind.BATCHNORM_ACT: IBNAct,
+    NormKind.FROZEN_BATCHNORM: IBN,
+    NormKind.FROZEN_BATCHNORM_ACT: IBNAct,
+}
 
 
 def get_plan(model: nn.Module) -> ConversionPlan | None:
@@ -74,9 +79,10 @@ def _swap_norm(model: nn.Module, site: ConversionSite) -> None:
             f"{site.name} is a {type(module).__name__}, a BatchNorm subclass whose forward "
             "ibnify does not know; refusing to replace it"
         )
-    if module.num_features != site.channels:
+    channels = batchnorm_channels(module)
+    if channels != site.channels:
         raise ConversionError(
-            f"{site.name} has {module.num_features} channels, the plan expects {site.channels}"
+            f"{site.name} has {channels} channels, the plan expects {site.channels}"
         )
     if site.kind == SiteKind.IBN:
         replacement: nn.Module = _IBN_CLASS[kind].from_batchnorm(
