@@ -1,0 +1,237 @@
+"""Feature divergence per norm site (`ibnify analyze`, IBN-Net §3) on real digits.
+
+A baseline trained for a few epochs on scikit-learn's digits shows the paper's finding: a
+brightness shift moves the feature statistics of shallow layers far more than those of the last
+stage, and IBN-a's IN halves remove most of that divergence at the sites they replace.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from torch.distributions import Normal, kl_divergence
+
+import ibnify
+from ibnify.cli import cli
+from ibnify.core.plans import ConversionPlan
+from ibnify.data import digits_data
+from ibnify.divergence import (
+    CONTENT_FACTOR,
+    analyze_divergence,
+    gaussian_symmetric_kl,
+    load_model_or_checkpoint,
+    suggest_stages,
+)
+from ibnify.small_models import digits_resnet
+from ibnify.train import FinetuneConfig
+
+SOURCE = "ibnify:digits_resnet"
+
+
+def _tune(epochs: int, lr: float, seed: int) -> FinetuneConfig:
+    return FinetuneConfig(
+        epochs=epochs, lr=lr, batch_size=64, weight_decay=5e-4, seed=seed, quiet=True,
+        device="cpu",
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """The demo's baseline, trained for 4 epochs on one thread (about 3 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = digits_resnet()
+    ibnify.finetune(model, digits_data("train"), _tune(4, 0.1, 0))
+    yield model
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def test_data():
+    return digits_data("test")
+
+
+def test_symmetric_kl_is_the_gaussian_kl_both_ways() -> None:
+    mean_a, mean_b = torch.tensor([0.0, 1.0, -2.0]), torch.tensor([0.5, 1.0, 1.0])
+    var_a, var_b = torch.tensor([1.0, 4.0, 0.25]), torch.tensor([2.0, 4.0, 1.0])
+    got = gaussian_symmetric_kl(mean_a, var_a, mean_b, var_b)
+    a, b = Normal(mean_a, var_a.sqrt()), Normal(mean_b, var_b.sqrt())
+    expected = kl_divergence(a, b) + kl_divergence(b, a)
+    # the variance floor is 1e-5 × the mean variance: a relative change of about 1e-5
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    assert got[1] == 0.0  # identical Gaussians
+    constant = gaussian_symmetric_kl(torch.ones(2), torch.zeros(2), torch.ones(2), torch.zeros(2))
+    assert constant.tolist() == [0.0, 0.0]  # e.g. an IN channel's mean is its beta everywhere
+
+
+def test_self_divergence_is_zero_and_content_baseline_small(trained, test_data) -> None:
+    same = analyze_divergence(trained, test_data, test_data, images=256, progress=False)
+    assert [s.name for s in same.sites] == ibnify.list_norm_layers(trained)
+    assert max(s.divergence for s in same.sites) < 1e-9
+    shifted = analyze_divergence(
+        trained, test_data, shifts="brightness_down", images=256, progress=False
+    )
+    # same seed, same halves: the content baseline does not depend on domain B
+    assert [s.content for s in same.sites] == [s.content for s in shifted.sites]
+    assert max(s.content for s in same.sites) < 0.1
+    assert shifted.stage_divergence[1] > 100 * shifted.stage_content[1]
+
+
+def test_brightness_shift_diverges_more_in_stage_1_than_in_the_last(trained, test_data) -> None:
+    report = analyze_divergence(
+        trained, test_data, shifts="brightness_down", images=256, progress=False
+    )
+    stages = report.stage_divergence
+    assert sorted(stages) == [0, 1, 2, 3]
+    assert stages[1] > 3 * stages[3], stages
+    assert report.shifts == ["brightness_down"] and report.images == 256
+    assert report.suggested_stages == (1, 2)
+
+
+def test_ibn_a_and_finetune_lower_divergence_at_converted_sites(trained, test_data) -> None:
+    torch.set_num_threads(1)
+    ibn = ibnify.convert(trained, stages=(1, 2), arch=SOURCE)
+    control = copy.deepcopy(trained)
+    train = digits_data("train")
+    ibnify.finetune(ibn, train, _tune(2, 0.02, 1))
+    ibnify.finetune(control, train, _tune(2, 0.02, 1))
+    sites = [s.name for s in ibnify.get_plan(ibn).sites]
+    assert sites == ["layer1.0.bn1", "layer2.0.bn1"]
+
+    def at_sites(model) -> dict[str, float]:
+        report = analyze_divergence(model, test_data, shifts="brightness", progress=False)
+        return {s.name: s.divergence for s in report.sites if s.name in sites}, report
+
+    ibn_values, ibn_report = at_sites(ibn)
+    control_values, control_report = at_sites(control)
+    for name in sites:
+        assert ibn_values[name] < 0.6 * control_values[name], (name, ibn_values, control_values)
+    assert ibn_report.converted and not control_report.converted
+    assert [s.site for s in ibn_report.sites if s.site] == ["ibn (converted)"] * 2
+
+
+def test_suggestion_rule_is_the_longest_qualifying_prefix_without_the_last_stage() -> None:
+    content = {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0}
+    assert suggest_stages({0: 9, 1: 10, 2: 5, 3: 0.5, 4: 50}, content) == (1, 2)
+    assert suggest_stages({1: 10, 2: 10, 3: 10, 4: 10}, content) == (1, 2, 3)  # never stage 4
+    assert suggest_stages({1: CONTENT_FACTOR, 2: 10, 3: 10}, content) == (1, 2)  # at the factor
+    assert suggest_stages({1: 2.9, 2: 10, 3: 10}, content) == ()  # a prefix must start at 1
+    assert suggest_stages({0: 100.0}, {0: 1.0}) == ()
+
+
+def test_report_json_table_and_plot(trained, test_data, tmp_path) -> None:
+    report = analyze_divergence(
+        trained, test_data, shifts="brightness_down,contrast_down", images=64, progress=False,
+        arch=SOURCE,
+    )  # fmt: skip
+    data = json.loads(report.to_json())
+    assert set(data) == {
+        "arch", "domain_a", "domain_b", "images", "shifts", "converted", "sites", "stages",
+        "suggested_stages", "rule", "command",
+    }  # fmt: skip
+    assert data["images"] == 64 and data["shifts"] == ["brightness_down", "contrast_down"]
+    site = data["sites"][1]
+    assert site["name"] == "layer1.0.bn1" and site["site"] == "IBN-a default"
+    mean = sum(site["per_shift"].values()) / 2
+    assert site["divergence"] == pytest.approx(mean, rel=1e-12)
+    assert data["suggested_stages"] == list(report.suggested_stages)
+    table = report.table().splitlines()
+    assert len(table) == 2 + 9 + 1 + 2 + 4  # sites table, blank line, stage table (stem + 3)
+    path = report.plot(tmp_path / "div.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_analyze_a_checkpoint_prints_the_command(trained, tmp_path) -> None:
+    plan = ConversionPlan(arch=SOURCE, layout="none", stages=(), ratio=None, sites=())
+    checkpoint = tmp_path / "baseline.safetensors"
+    ibnify.save(ibnify.apply_plan(trained, plan), checkpoint)
+    args = ["analyze", str(checkpoint), "--dataset", "digits", "--shift", "brightness_down",
+            "--images", "128", "--plot", str(tmp_path / "d.png")]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "suggested --stages 1-2" in result.output
+    expected = (
+        f"run: ibnify convert {SOURCE} --weights {checkpoint} --stages 1-2 "
+        "-o digits_resnet_ibn.safetensors"
+    )
+    assert expected in result.output.splitlines()
+    assert (tmp_path / "d.png").is_file()
+    as_json = json.loads(CliRunner().invoke(cli, [*args[:-2], "--json"]).output)
+    assert as_json["command"] == expected.removeprefix("run: ")
+
+
+def test_weights_with_original_or_ibn_keys(tmp_path) -> None:
+    plain, converted = tmp_path / "plain.pth", tmp_path / "ibn.pth"
+    torch.save(digits_resnet().state_dict(), plain)
+    torch.save(ibnify.convert(SOURCE).state_dict(), converted)  # default layout: stages 1-3
+    assert ibnify.get_plan(load_model_or_checkpoint(SOURCE, str(plain)).model) is None
+    loaded = load_model_or_checkpoint(SOURCE, str(converted))
+    assert [s.name for s in ibnify.get_plan(loaded.model).sites] == [
+        "layer1.0.bn1", "layer2.0.bn1", "layer3.0.bn1",
+    ]  # fmt: skip
+    assert loaded.convert_args() == f"{SOURCE} --weights {converted}"
+
+
+def _command() -> list[str]:
+    script = Path(sys.executable).with_name("ibnify")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "ibnify"]
+
+
+def _bad_input_folders(root: Path) -> dict[str, Path]:
+    folders = {"a": root / "a", "b": root / "b", "empty": root / "empty"}
+    folders["empty"].mkdir()
+    for folder, classes in ((folders["a"], ("cat", "dog")), (folders["b"], ("cat", "fox"))):
+        for name in classes:
+            (folder / name).mkdir(parents=True)
+            Image.new("RGB", (16, 16), (90, 20, 200)).save(folder / name / "x.png")
+    return folders
+
+
+def _check(name: str, code: int, output: str, message: str) -> None:
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert code == 1, (name, output)
+    assert len(lines) == 1 and lines[0].startswith("error: "), (name, output)
+    assert "Traceback" not in output and message in lines[0], (name, lines[0])
+
+
+def test_bad_inputs_end_in_one_error_line(tmp_path) -> None:
+    """Exit 1, one `error:` line, no traceback, no file written. One case goes through the real
+    console script (seconds of imports), the others through click's runner."""
+    f = _bad_input_folders(tmp_path)
+    scripted = {
+        "different classes": (
+            [SOURCE, "--domain-a", f["a"], "--domain-b", f["b"]],
+            "hold different class sets",
+        ),
+    }
+    in_process = {
+        "no batchnorm": (["timm:convnext_atto", "--dataset", "digits"], "has no BatchNorm"),
+        "empty folder": ([SOURCE, "--data", f["empty"]], "holds no images"),
+        "unknown shift": ([SOURCE, "--dataset", "digits", "--shift", "sparkle"], "unknown shift"),
+    }
+    before = sorted(tmp_path.rglob("*"))
+
+    def argv(name: str, args: list) -> list[str]:
+        return ["analyze", *map(str, args), "--plot", str(tmp_path / f"{name}.png")]
+
+    def run(item):
+        name, (args, _message) = item
+        return name, subprocess.run([*_command(), *argv(name, args)], capture_output=True,
+                                    text=True, timeout=120, stdin=subprocess.DEVNULL)  # fmt: skip
+
+    results = dict(map(run, scripted.items()))
+    for name, (_args, message) in scripted.items():
+        _check(name, results[name].returncode, results[name].stderr, message)
+    for name, (args, message) in in_process.items():
+        result = CliRunner().invoke(cli, argv(name, args))
+        _check(name, result.exit_code, result.output, message)
+    assert sorted(tmp_path.rglob("*")) == before

@@ -1,0 +1,215 @@
+"""`ibnify search`: candidate layouts converted from one base, fine-tuned alike, ranked.
+
+A tiny digits ResNet (width 4) and one fine-tuning epoch keep each candidate under a second; the
+assertions are about the search itself: same seed → same numbers and ranking, finished
+candidates are never rerun, the budget stops the queue, bad inputs end in one error line.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+import ibnify
+import ibnify.layout_search as layout_search
+from ibnify.cli import cli
+from ibnify.core.plans import ConversionPlan
+from ibnify.data import digits_data
+from ibnify.errors import InvalidOptionError
+from ibnify.layout_search import RESULTS_FILE, Candidate, parse_candidates, search_placement
+from ibnify.small_models import digits_resnet
+from ibnify.train import FinetuneConfig
+
+SOURCE = "ibnify:digits_resnet"
+KWARGS = {"width": 4}
+CANDIDATES = "a:1;a:1-2;b"
+SHIFTS = "brightness_down,contrast_down"
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """Tiny base model, digits data, a one-epoch schedule; one thread for the whole module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    base = digits_resnet(**KWARGS)
+    train, val = digits_data("train"), digits_data("test")
+    ibnify.finetune(base, train, epochs=1, lr=0.1, quiet=True, device="cpu")
+    config = FinetuneConfig(epochs=1, lr=0.05, seed=3, quiet=True, device="cpu")
+    yield base, train, val, config
+    torch.set_num_threads(threads)
+
+
+def _search(setup, out: Path, **kwargs):
+    base, train, val, config = setup
+    options = {"candidates": CANDIDATES, "config": config, "shifts": SHIFTS, "out_dir": out,
+               "arch": SOURCE, "model_kwargs": KWARGS, **kwargs}  # fmt: skip
+    return search_placement(base, train, val, **options)
+
+
+def test_parse_candidates() -> None:
+    parsed = parse_candidates("a:1;a:1-2;a:1-3; a:1-2@0.25 ;b;a:1-2")
+    assert parsed == [
+        Candidate("a", (1,)),
+        Candidate("a", (1, 2)),
+        Candidate("a", (1, 2, 3)),
+        Candidate("a", (1, 2), 0.25),
+        Candidate("b"),
+    ]
+    assert [c.name for c in parsed] == ["a:1", "a:1-2", "a:1-3", "a:1-2@0.25", "b"]
+    assert parse_candidates("a:1,3")[0].slug == "a_1+3"
+    for bad in ("c", "a:0", "a:2-1", "a:x", "a:1@1.5", "a:1@half", " ; "):
+        with pytest.raises(InvalidOptionError):
+            parse_candidates(bad)
+
+
+def test_auto_candidates_for_a_three_stage_resnet(setup) -> None:
+    base, _train, val, _config = setup
+    auto = layout_search.auto_candidates(base, val, shifts="brightness_down")
+    # stages 1 and 1-2 (never the last of three); the suggestion is one of them; IBN-b exists
+    assert [c.name for c in auto] == ["a:1", "a:1-2", "b"]
+
+
+def test_search_is_deterministic_and_resumes(setup, tmp_path, monkeypatch) -> None:
+    first = _search(setup, tmp_path / "one")
+    second = _search(setup, tmp_path / "two")
+    names = ["control", "a:1", "a:1-2", "b"]
+    assert [r.name for r in first.results] == names
+    assert [r.accuracy for r in first.results] == [r.accuracy for r in second.results]
+    assert [r.name for r in first.ranked()] == [r.name for r in second.ranked()]
+    assert first.table() == second.table()
+    scores = [r.score for r in first.ranked()]
+    assert scores == sorted(scores, reverse=True)
+    assert first.winner is not None and first.winner.name == first.ranked()[0].name
+    best = tmp_path / "one" / "best.safetensors"
+    assert best.read_bytes() == Path(first.winner.checkpoint).read_bytes()
+    assert ibnify.read_recipe(best)["layout"] in ("resnet-a", "resnet-b")
+    assert (tmp_path / "one" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+    calls: list[str] = []
+    real = layout_search.finetune
+
+    def counting(model, *args, **kwargs):
+        calls.append(type(model).__name__)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(layout_search, "finetune", counting)
+    again = _search(setup, tmp_path / "one")
+    assert calls == [] and again.reused == names
+    assert again.table() == first.table()
+
+    results = tmp_path / "one" / RESULTS_FILE
+    lines = results.read_text().splitlines()
+    assert len(lines) == 1 + 4 and "settings" in json.loads(lines[0])
+    kept = [line for line in lines if json.loads(line).get("result", {}).get("name") != "a:1-2"]
+    results.write_text("\n".join(kept) + "\n")
+    resumed = _search(setup, tmp_path / "one")
+    assert len(calls) == 1 and resumed.reused == ["control", "a:1", "b"]
+    assert [r.accuracy for r in resumed.results] == [r.accuracy for r in first.results]
+    assert len(results.read_text().splitlines()) == 5
+
+
+def test_other_settings_in_the_same_out_are_refused(setup, tmp_path) -> None:
+    _search(setup, tmp_path, candidates="a:1", budget_min=1e-9)
+    other = FinetuneConfig(epochs=1, lr=0.05, seed=4, quiet=True, device="cpu")
+    with pytest.raises(InvalidOptionError, match="differs in: finetune"):
+        _search(setup, tmp_path, config=other)
+
+
+def test_a_bad_candidate_fails_before_any_training(setup, tmp_path) -> None:
+    with pytest.raises(InvalidOptionError, match="candidate a:1-5: stage 4 is out of range"):
+        _search(setup, tmp_path / "out", candidates="a:1;a:1-5")
+    assert not (tmp_path / "out").exists()
+
+
+def test_budget_stops_adding_candidates(setup, tmp_path) -> None:
+    report = _search(setup, tmp_path, budget_min=1e-9)
+    assert [r.name for r in report.results] == ["control"]  # the first run gives the estimate
+    assert report.not_run == ["a:1", "a:1-2", "b"]
+    assert report.stopped.startswith("budget: stopped before candidate 2 of 4 (a:1)")
+    assert report.winner is None
+    assert len((tmp_path / RESULTS_FILE).read_text().splitlines()) == 2
+
+
+def test_cli_search_prints_ranking_and_reproduce_command(setup, tmp_path) -> None:
+    base = setup[0]
+    plan = ConversionPlan(arch=SOURCE, layout="none", stages=(), ratio=None, sites=(),
+                          extras={"model_kwargs": KWARGS})  # fmt: skip
+    checkpoint = tmp_path / "base.safetensors"
+    ibnify.save(ibnify.apply_plan(base, plan), checkpoint)
+    out = tmp_path / "search"
+    args = ["search", str(checkpoint), "--dataset", "digits", "--candidates", "a:1;b",
+            "--epochs", "1", "--lr", "0.05", "--shift", "brightness_down",
+            "--out", str(out)]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "candidate 3 of 3: b done in" in result.output
+    table = [line for line in result.output.splitlines() if line.startswith("| ")]
+    assert [row.split("|")[2].strip() for row in table[1:]][-1] == "control"
+    assert len(table) == 1 + 3
+    winner = json.loads((out / "report.json").read_text())["winner"]
+    layout = "--layout b" if winner == "b" else "--layout a --stages 1"
+    assert (
+        f"reproduce: ibnify convert {SOURCE} --weights {checkpoint} {layout} -o ibn.safetensors"
+        f" && ibnify finetune ibn.safetensors --dataset digits --epochs 1 --lr 0.05"
+    ) in result.output
+    assert ibnify.load(out / "best.safetensors").layer1[0].conv1.out_channels == 4
+
+
+def _command() -> list[str]:
+    script = Path(sys.executable).with_name("ibnify")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "ibnify"]
+
+
+def _check(name: str, code: int, output: str, message: str) -> None:
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert code == 1, (name, output)
+    assert len(lines) == 1 and lines[0].startswith("error: "), (name, output)
+    assert "Traceback" not in output and message in lines[0], (name, lines[0])
+
+
+def test_bad_inputs_end_in_one_error_line(tmp_path) -> None:
+    """Exit 1, one `error:` line, no traceback, nothing written (not even --out). One case goes
+    through the real console script (seconds of imports), the others through click's runner."""
+    for folder, classes in (("a", ("cat", "dog")), ("b", ("cat", "fox"))):
+        for name in classes:
+            (tmp_path / folder / name).mkdir(parents=True)
+            Image.new("RGB", (16, 16), (90, 20, 200)).save(tmp_path / folder / name / "x.png")
+    (tmp_path / "empty").mkdir()
+    a, b, empty = (str(tmp_path / n) for n in ("a", "b", "empty"))
+    scripted = {
+        "different classes": ([SOURCE, "--data", a, "--val-data", b], "different class sets"),
+    }
+    in_process = {
+        "empty folder": ([SOURCE, "--data", empty, "--val-data", a], "holds no images"),
+        "unknown shift": ([SOURCE, "--dataset", "digits", "--shift", "sparkle"], "unknown shift"),
+        "no batchnorm": (["timm:convnext_atto", "--dataset", "digits"], "has no BatchNorm"),
+        "bad candidate": (
+            [SOURCE, "--dataset", "digits", "--candidates", "c"],
+            "unknown candidate",
+        ),
+    }
+    before = sorted(tmp_path.rglob("*"))
+
+    def argv(name: str, args: list[str]) -> list[str]:
+        return ["search", *args, "--out", str(tmp_path / name.replace(" ", "-"))]
+
+    def run(item):
+        name, (args, _message) = item
+        return name, subprocess.run([*_command(), *argv(name, args)], capture_output=True,
+                                    text=True, timeout=120, stdin=subprocess.DEVNULL)  # fmt: skip
+
+    results = dict(map(run, scripted.items()))
+    for name, (_args, message) in scripted.items():
+        _check(name, results[name].returncode, results[name].stderr, message)
+    for name, (args, message) in in_process.items():
+        result = CliRunner().invoke(cli, argv(name, args))
+        _check(name, result.exit_code, result.output, message)
+    assert sorted(tmp_path.rglob("*")) == before
