@@ -27,12 +27,15 @@ _EXPORTS = {
     "IBNAct": "core.layers",
     "ConversionPlan": "core.plans",
     "ConversionSite": "core.plans",
+    "PlanOptions": "core.plans",
     "apply_plan": "core.surgery",
     "get_plan": "core.surgery",
     "export_onnx": "deploy.export",
     "verify_onnx": "deploy.verify",
     "finetune": "train",
     "evaluate": "evaluation",
+    "analyze_divergence": "divergence",
+    "search_placement": "layout_search",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from sklearn.datasets import load_digits
@@ -37,8 +38,10 @@ __all__ = [
     "check_data_source",
     "data_config",
     "digits_data",
+    "image_files",
     "image_folder_data",
     "load_digits_images",
+    "load_images",
     "resolve_data_source",
 ]
 
@@ -139,9 +142,7 @@ class UnlabeledImages(Dataset):
 
     def __init__(self, root: str | os.PathLike[str], transform=None) -> None:
         self.root = Path(root)
-        self.files = sorted(
-            p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-        )
+        self.files = image_files(self.root)
         self.transform = transform
 
     def __len__(self) -> int:
@@ -162,6 +163,41 @@ def load_rgb_image(path: str | os.PathLike[str]):
         raise DataError(
             f"image {str(path)!r} is corrupt or not an image ({exc.__class__.__name__})"
         ) from exc
+
+
+def image_files(root: str | os.PathLike[str]) -> list[Path]:
+    """Every image file under ``root`` (recursively, by suffix), sorted for a stable order."""
+    return sorted(
+        p for p in Path(root).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+
+
+def load_images(
+    directory: str | os.PathLike[str],
+    size: tuple[int, int],
+    limit: int = 8,
+    mean: Sequence[float] = (0.485, 0.456, 0.406),
+    std: Sequence[float] = (0.229, 0.224, 0.225),
+) -> torch.Tensor:
+    """Up to ``limit`` images from ``directory`` (recursively), resized and normalised: a batch.
+
+    For checks on real pixels (``ibnify verify --images``), not for training: no crop, no
+    augmentation, a plain bilinear resize to ``size`` (H, W).
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise DataError(f"image directory {str(root)!r} does not exist")
+    files = image_files(root)[:limit]
+    if not files:
+        raise DataError(f"no images (.jpg, .png, ...) found under {str(root)!r}")
+    mean_array = np.array(mean, dtype=np.float32)
+    std_array = np.array(std, dtype=np.float32)
+    batch = []
+    for file in files:
+        rgb = load_rgb_image(file).resize((size[1], size[0]), Image.BILINEAR)
+        array = (np.asarray(rgb, dtype=np.float32) / 255.0 - mean_array) / std_array
+        batch.append(array.transpose(2, 0, 1))
+    return torch.from_numpy(np.stack(batch))
 
 
 def image_folder_data(

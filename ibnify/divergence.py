@@ -9,36 +9,41 @@ measurement for their own network and data: at the output of every norm layer th
 finds (converted or not, in execution order, with its stage), plus a content baseline — the same
 measure between two random halves of one domain — so divergence can be read against noise. The
 report suggests ``--stages`` from it (rule in :data:`SUGGESTION_RULE`).
+
+This module measures; :mod:`ibnify.divergence_report` holds the report (table, JSON, plot) and
+the suggestion rule, whose names are re-exported here.
 """
 
 from __future__ import annotations
 
-import io
-import json
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from ._io import atomic_write_bytes
 from .api import convert_named
 from .api import plan as make_plan
 from .checkpoint import load, read_recipe
+from .core.generic import require_batchnorm
 from .core.graph import analyze
-from .core.layers import IBN
 from .core.plans import ConversionPlan
 from .core.surgery import get_plan
+from .core.tracing import eval_mode
 from .data import DataError, ImageData, Normalize
-from .errors import IbnifyError, InvalidOptionError, NoBatchNormError
+from .divergence_report import (
+    CONTENT_FACTOR,
+    SUGGESTION_RULE,
+    DivergenceReport,
+    SiteDivergence,
+    suggest_stages,
+)
+from .errors import IbnifyError, InvalidOptionError
 from .evaluation import CLEAN, apply_shift, parse_shifts
 from .models import build_model
 from .weights import load_state_dict_file, load_weights
@@ -54,16 +59,6 @@ __all__ = [
     "load_model_or_checkpoint",
     "suggest_stages",
 ]
-
-CONTENT_FACTOR = 3.0
-"""A stage counts as appearance-dominated when its divergence is at least this many times its
-content baseline."""
-
-SUGGESTION_RULE = (
-    "suggested stages: the longest prefix 1..k of stages, never the last stage, in which every "
-    f"stage's mean divergence is at least {CONTENT_FACTOR:g}× its content baseline (the same "
-    "measure between two random halves of domain A)"
-)
 
 # Variance floor, relative to the site's mean channel variance: a channel that is constant in
 # both domains (an IN channel's mean over H×W is exactly its beta; a dead ReLU is zero) then
@@ -122,22 +117,6 @@ def load_model_or_checkpoint(spec: str, weights: str | None = None) -> ModelSour
     return result
 
 
-def require_batchnorm(model: nn.Module, name: str) -> None:
-    """NoBatchNormError naming the norms ``model`` uses, when it holds no BatchNorm or IBN."""
-    others: dict[str, None] = {}
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm | IBN):
-            return
-        kind = type(module).__name__
-        if "Norm" in kind and not any(True for _ in module.children()):
-            others.setdefault(kind, None)
-    uses = f"its norms: {', '.join(others)}" if others else "it has no normalization layers"
-    raise NoBatchNormError(
-        f"{name} has no BatchNorm layer ({uses}); IBN splits BatchNorm layers, so there is "
-        "nowhere to place it"
-    )
-
-
 def check_same_classes(data_a: ImageData, data_b: ImageData, what: str = "domains") -> None:
     """DataError when two labelled image folders hold different class sets."""
     classes_a = getattr(data_a.dataset, "classes", None)
@@ -175,235 +154,6 @@ def _divergence(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
         a.mean(0), a.var(0, unbiased=True), b.mean(0), b.var(0, unbiased=True)
     )
     return float(kl.mean())
-
-
-@dataclass
-class SiteDivergence:
-    """Divergence at one norm layer's output: appearance (A vs B) and content (A vs A)."""
-
-    name: str
-    stage: int
-    index: int
-    kind: str
-    channels: int
-    divergence: float
-    content: float
-    per_shift: dict[str, float] = field(default_factory=dict)
-    site: str = ""
-
-    @property
-    def ratio(self) -> float:
-        """Divergence over content baseline (inf when the baseline is 0)."""
-        return self.divergence / self.content if self.content > 0 else float("inf")
-
-
-def suggest_stages(
-    stage_divergence: dict[int, float], stage_content: dict[int, float]
-) -> tuple[int, ...]:
-    """Apply :data:`SUGGESTION_RULE` to per-stage divergences and content baselines."""
-    stages = sorted(s for s in stage_divergence if s >= 1)
-    if not stages:
-        return ()
-    chosen: list[int] = []
-    for stage in range(1, max(stages)):
-        value = stage_divergence.get(stage)
-        if value is None or value <= 0 or value < CONTENT_FACTOR * stage_content.get(stage, 0):
-            break
-        chosen.append(stage)
-    return tuple(chosen)
-
-
-def _stage_text(stages: Sequence[int]) -> str:
-    stages = list(stages)
-    if stages and stages == list(range(stages[0], stages[-1] + 1)) and len(stages) > 1:
-        return f"{stages[0]}-{stages[-1]}"
-    return ",".join(str(s) for s in stages)
-
-
-@dataclass
-class DivergenceReport:
-    """Feature divergence per norm site and per stage, the content baseline and a suggestion."""
-
-    arch: str
-    domain_a: str
-    domain_b: str
-    images: int
-    shifts: list[str]
-    sites: list[SiteDivergence]
-    converted: bool = False
-    extras: dict[str, Any] = field(default_factory=dict)
-
-    def _per_stage(self, attribute: str) -> dict[int, float]:
-        values: dict[int, list[float]] = {}
-        for site in self.sites:
-            values.setdefault(site.stage, []).append(getattr(site, attribute))
-        return {stage: sum(v) / len(v) for stage, v in sorted(values.items())}
-
-    @property
-    def stage_divergence(self) -> dict[int, float]:
-        """Mean site divergence per stage (0 = stem)."""
-        return self._per_stage("divergence")
-
-    @property
-    def stage_content(self) -> dict[int, float]:
-        """Mean content baseline per stage."""
-        return self._per_stage("content")
-
-    @property
-    def suggested_stages(self) -> tuple[int, ...]:
-        """Stages for ``--stages`` by :data:`SUGGESTION_RULE`; empty when none qualifies."""
-        return suggest_stages(self.stage_divergence, self.stage_content)
-
-    def command(self, model: str | None = None) -> str | None:
-        """The ``ibnify convert`` command for the suggestion (``model``: its MODEL arguments);
-        None when nothing is suggested or the model is converted already."""
-        stages = self.suggested_stages
-        if not stages or self.converted:
-            return None
-        target = model or self.arch
-        stem = self.arch.split(":")[-1].replace("/", "_") or "model"
-        return f"ibnify convert {target} --stages {_stage_text(stages)} -o {stem}_ibn.safetensors"
-
-    def table(self) -> str:
-        """Markdown tables: every norm site in execution order, then one row per stage."""
-        header = ["#", "layer", "stage", "C", "divergence", "content", "×content", "site"]
-        rows = [
-            [
-                str(s.index),
-                s.name,
-                str(s.stage),
-                str(s.channels),
-                f"{s.divergence:.4f}",
-                f"{s.content:.4f}",
-                _ratio_text(s.ratio),
-                s.site,
-            ]
-            for s in self.sites
-        ]
-        content = self.stage_content
-        counts: dict[int, int] = {}
-        for s in self.sites:
-            counts[s.stage] = counts.get(s.stage, 0) + 1
-        stage_rows = [
-            [
-                "stem" if stage == 0 else str(stage),
-                str(counts[stage]),
-                f"{value:.4f}",
-                f"{content[stage]:.4f}",
-                _ratio_text(value / content[stage] if content[stage] > 0 else float("inf")),
-            ]
-            for stage, value in self.stage_divergence.items()
-        ]
-        stage_header = ["stage", "sites", "divergence", "content", "×content"]
-        return "\n".join([*_markdown(header, rows), "", *_markdown(stage_header, stage_rows)])
-
-    def summary(self, model: str | None = None) -> str:
-        """The suggestion in words, the rule, and the command to run it."""
-        stages = self.suggested_stages
-        lines = []
-        if stages:
-            lines.append(f"suggested --stages {_stage_text(stages)}")
-        else:
-            lines.append(
-                "suggested --stages: none (no stage's divergence is clearly above the content "
-                "baseline; IN is unlikely to help for these domains)"
-            )
-        lines.append(f"rule: {SUGGESTION_RULE}")
-        if self.converted:
-            lines.append(
-                "the model is converted already (its sites are marked); apply the suggestion to "
-                "the unconverted network"
-            )
-        command = self.command(model)
-        if command:
-            lines.append(f"run: {command}")
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data: sites, stages, the suggestion and its rule."""
-        return {
-            "arch": self.arch,
-            "domain_a": self.domain_a,
-            "domain_b": self.domain_b,
-            "images": self.images,
-            "shifts": list(self.shifts),
-            "converted": self.converted,
-            "sites": [{**asdict(s), "ratio": _finite(s.ratio)} for s in self.sites],
-            "stages": {
-                str(stage): {"divergence": value, "content": self.stage_content[stage]}
-                for stage, value in self.stage_divergence.items()
-            },
-            "suggested_stages": list(self.suggested_stages),
-            "rule": SUGGESTION_RULE,
-            "command": self.command(self.extras.get("model_args")),
-            **{k: v for k, v in self.extras.items() if k != "model_args"},
-        }
-
-    def to_json(self, indent: int | None = 2) -> str:
-        """JSON text of :meth:`to_dict`."""
-        return json.dumps(self.to_dict(), indent=indent)
-
-    def plot(self, path: str | os.PathLike[str], title: str | None = None) -> Path:
-        """PNG of divergence and content baseline against depth, stage boundaries marked; atomic."""
-        figure = Figure(figsize=(max(6.0, 0.12 * len(self.sites) + 4), 4.0), dpi=110)
-        FigureCanvasAgg(figure)
-        axes = figure.add_subplot(1, 1, 1)
-        depth = list(range(len(self.sites)))
-        values = [max(s.divergence, 1e-6) for s in self.sites]  # log axis: 0 drawn at 1e-6
-        axes.plot(depth, values, "o-", label="appearance (A vs B)")
-        content = [max(s.content, 1e-6) for s in self.sites]
-        axes.plot(depth, content, "s--", label="content baseline (A vs A)")
-        converted = [i for i, s in enumerate(self.sites) if s.site]
-        if converted:
-            axes.plot(
-                converted,
-                [values[i] for i in converted],
-                "o",
-                mfc="none",
-                ms=11,
-                color="black",
-                label="IBN site" + (" (converted)" if self.converted else " (default IBN-a)"),
-            )
-        _mark_stages(axes, [s.stage for s in self.sites])
-        axes.set_yscale("log")
-        axes.set_xlabel("norm layer, in execution order")
-        axes.set_ylabel("feature divergence (symmetric KL)")
-        axes.set_title(title or f"{self.arch}: {self.domain_a} vs {self.domain_b}")
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize="small", frameon=False, loc="center right")
-        figure.tight_layout()
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png")
-        return atomic_write_bytes(Path(path), buffer.getvalue())
-
-
-def _mark_stages(axes: Any, stages: list[int]) -> None:
-    start = 0
-    for index in range(1, len(stages) + 1):
-        if index == len(stages) or stages[index] != stages[start]:
-            label = "stem" if stages[start] == 0 else f"stage {stages[start]}"
-            axes.text((start + index - 1) / 2, 0.97, label, ha="center", va="top",
-                      fontsize="small", transform=axes.get_xaxis_transform())  # fmt: skip
-            if index < len(stages):
-                axes.axvline(index - 0.5, color="grey", ls=":", lw=1)
-            start = index
-
-
-def _ratio_text(value: float) -> str:
-    return "inf" if value == float("inf") else f"{value:.1f}"
-
-
-def _finite(value: float) -> float | None:
-    return None if value == float("inf") else value
-
-
-def _markdown(header: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-    return [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
 
 
 def _subset(data: ImageData, images: int | None, seed: int) -> ImageData:
@@ -552,17 +302,12 @@ def _features(
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Per-image channel means per view of A (and ``"B"``), the model in eval mode meanwhile."""
     total = len(data_a) * len(views) + (len(data_b) if data_b is not None else 0)
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        with tqdm(total=total, desc="analyze", unit="img", disable=_disabled(progress)) as bar:
-            features = _collect(model, data_a, names, views, batch_size, seed, bar)
-            if data_b is not None:
-                second = _collect(model, data_b, names, [CLEAN], batch_size, seed, bar)
-                features["B"] = second[CLEAN]
-    finally:
-        for module, training in modes.items():
-            module.training = training
+    disable = None if progress is None else not progress
+    with eval_mode(model), tqdm(total=total, desc="analyze", unit="img", disable=disable) as bar:
+        features = _collect(model, data_a, names, views, batch_size, seed, bar)
+        if data_b is not None:
+            second = _collect(model, data_b, names, [CLEAN], batch_size, seed, bar)
+            features["B"] = second[CLEAN]
     return features
 
 
@@ -595,7 +340,3 @@ def _sites(
             )
         )
     return sites
-
-
-def _disabled(progress: bool | None) -> bool | None:
-    return None if progress is None else not progress

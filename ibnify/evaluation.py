@@ -10,7 +10,6 @@ the photometric shifts than its all-BN twin.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -20,12 +19,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ._io import atomic_write_bytes
+from ._report import markdown_table, new_figure, save_png
 from .checkpoint import load
 from .data import ImageData, Normalize, check_data_source, resolve_data_source
 from .errors import InvalidOptionError
@@ -210,13 +207,7 @@ class RobustnessReport:
             rows.append(cells)
         if len(self.shifts) > 1:
             rows.append(["mean drop", *(f"{-100 * self.mean_drop(m):+.1f}" for m in self.models)])
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-        def line(cells: list[str]) -> str:
-            return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-        separator = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-        return "\n".join([line(header), separator, *(line(r) for r in rows)])
+        return "\n".join(markdown_table(header, rows))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data: accuracies, drops (fractions) and the shift descriptions."""
@@ -239,9 +230,7 @@ class RobustnessReport:
 
     def plot(self, path: str | os.PathLike[str], title: str | None = None) -> Path:
         """Write a grouped bar chart of accuracy per shift (PNG, matplotlib Agg); atomic."""
-
-        figure = Figure(figsize=(max(6.0, 0.9 * len(self.shifts) + 2), 4.0), dpi=110)
-        FigureCanvasAgg(figure)
+        figure = new_figure(max(6.0, 0.9 * len(self.shifts) + 2), 4.0)
         axes = figure.add_subplot(1, 1, 1)
         count = len(self.models)
         width = 0.8 / max(count, 1)
@@ -258,11 +247,7 @@ class RobustnessReport:
         axes.grid(axis="y", alpha=0.3)
         axes.set_title(title or f"accuracy under appearance shift ({self.dataset})")
         axes.legend(loc="upper center", ncol=max(count, 1), fontsize="small", frameon=False)
-        figure.tight_layout()
-        target = Path(path)
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png")
-        return atomic_write_bytes(target, buffer.getvalue())
+        return save_png(figure, path)
 
 
 def _named_models(

@@ -6,37 +6,41 @@ clean and under the appearance shifts of :mod:`ibnify.evaluation`. A control —
 model fine-tuned identically — separates the effect of the IN halves from that of the extra
 training. Finished candidates are recorded in ``OUT/results.jsonl`` and never rerun, so a search
 can be interrupted and resumed, or widened later with more candidates.
+
+This module runs the search; :mod:`ibnify.search_report` holds the results, their ranking and
+output (table, JSON, Pareto plot, reproduce command), whose names are re-exported here.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from torch import nn
 
 from ._io import atomic_write_bytes
+from ._report import stage_range_text
 from .api import convert
 from .api import plan as make_plan
 from .checkpoint import save
+from .core.generic import require_batchnorm
 from .core.graph import analyze
 from .data import ImageData
-from .divergence import analyze_divergence, check_same_classes, require_batchnorm
+from .divergence import analyze_divergence, check_same_classes
 from .errors import CheckpointError, IbnifyError, InvalidOptionError
-from .evaluation import CLEAN, evaluate, parse_shifts
+from .evaluation import evaluate, parse_shifts
+from .search_report import CONTROL_NAME, FORMAT, RANK_RULE, CandidateResult, SearchReport
 from .train import FinetuneConfig, finetune
 
 __all__ = [
+    "RANK_RULE",
     "RESULTS_FILE",
     "Candidate",
     "CandidateResult",
@@ -47,11 +51,6 @@ __all__ = [
 ]
 
 RESULTS_FILE = "results.jsonl"
-RANK_RULE = (
-    "ranked by mean accuracy under the shifts (clean accuracy minus mean drop), then by clean "
-    "accuracy; the control is listed for reference and cannot win"
-)
-_FORMAT = "ibnify.layout-search/1"
 
 
 @dataclass(frozen=True)
@@ -67,7 +66,7 @@ class Candidate:
         """``a:1-2``, ``a:1-2@0.25``, ``b`` or ``control``: the ``--candidates`` syntax."""
         if self.layout != "a":
             return self.layout
-        text = f"a:{_stage_text(self.stages)}"
+        text = f"a:{stage_range_text(self.stages)}"
         return text if self.ratio is None else f"{text}@{self.ratio:g}"
 
     @property
@@ -76,14 +75,7 @@ class Candidate:
         return self.name.replace(":", "_").replace(",", "+").replace("@", "_r")
 
 
-CONTROL = Candidate("control")
-
-
-def _stage_text(stages: Sequence[int]) -> str:
-    stages = list(stages)
-    if len(stages) > 1 and stages == list(range(stages[0], stages[-1] + 1)):
-        return f"{stages[0]}-{stages[-1]}"
-    return ",".join(str(s) for s in stages)
+CONTROL = Candidate(CONTROL_NAME)
 
 
 def _parse_stage_list(text: str, item: str) -> tuple[int, ...]:
@@ -171,198 +163,6 @@ def auto_candidates(
     return found
 
 
-@dataclass
-class CandidateResult:
-    """One finished candidate: accuracies (fractions) clean and per shift, and its cost."""
-
-    name: str
-    layout: str
-    stages: list[int]
-    ratio: float | None
-    accuracy: dict[str, float]
-    seconds: float
-    checkpoint: str | None = None
-
-    @property
-    def clean(self) -> float:
-        """Clean accuracy."""
-        return self.accuracy[CLEAN]
-
-    def drops(self) -> dict[str, float]:
-        """Clean accuracy minus accuracy under each shift."""
-        return {s: self.clean - a for s, a in self.accuracy.items() if s != CLEAN}
-
-    @property
-    def mean_drop(self) -> float:
-        """Mean drop over the shifts."""
-        drops = self.drops()
-        return sum(drops.values()) / max(len(drops), 1)
-
-    @property
-    def worst(self) -> tuple[str, float]:
-        """The shift with the largest drop, and that drop."""
-        drops = self.drops()
-        if not drops:
-            return "-", 0.0
-        name = max(drops, key=lambda s: (drops[s], s))
-        return name, drops[name]
-
-    @property
-    def score(self) -> float:
-        """Mean accuracy under the shifts: what the ranking sorts by."""
-        return self.clean - self.mean_drop
-
-
-@dataclass
-class SearchReport:
-    """The control and every finished candidate, ranked; what stopped the search, if anything."""
-
-    results: list[CandidateResult]
-    shifts: list[str]
-    settings: dict[str, Any]
-    reused: list[str] = field(default_factory=list)
-    not_run: list[str] = field(default_factory=list)
-    stopped: str | None = None
-    files: dict[str, Path] = field(default_factory=dict)
-
-    @property
-    def control(self) -> CandidateResult | None:
-        """The unconverted model fine-tuned identically."""
-        return next((r for r in self.results if r.name == CONTROL.name), None)
-
-    def ranked(self) -> list[CandidateResult]:
-        """Candidates by :data:`RANK_RULE` (deterministic: ties broken by name)."""
-        candidates = [r for r in self.results if r.name != CONTROL.name]
-        return sorted(candidates, key=lambda r: (-round(r.score, 9), -round(r.clean, 9), r.name))
-
-    @property
-    def winner(self) -> CandidateResult | None:
-        """The first of :meth:`ranked`, or None when no candidate finished."""
-        ranked = self.ranked()
-        return ranked[0] if ranked else None
-
-    def pareto(self) -> set[str]:
-        """Names not dominated in (clean accuracy ↑, mean drop ↓), control included."""
-        front = set()
-        for r in self.results:
-            dominated = any(
-                o.clean >= r.clean
-                and o.mean_drop <= r.mean_drop
-                and (o.clean > r.clean or o.mean_drop < r.mean_drop)
-                for o in self.results
-            )
-            if not dominated:
-                front.add(r.name)
-        return front
-
-    def table(self) -> str:
-        """Markdown table: rank, candidate, clean %, mean and worst drop, ratio to control."""
-        control = self.control
-        front = self.pareto()
-        header = ["rank", "candidate", "clean", "mean drop", "worst drop", "×control", "pareto"]
-        rows = []
-        ordered = self.ranked() + ([control] if control else [])
-        for index, r in enumerate(ordered, start=1):
-            worst_name, worst = r.worst
-            ratio = (
-                f"{r.mean_drop / control.mean_drop:.2f}"
-                if control is not None and control.mean_drop > 0
-                else "-"
-            )
-            rows.append(
-                [
-                    "-" if r.name == CONTROL.name else str(index),
-                    r.name,
-                    f"{100 * r.clean:.1f}",
-                    f"{100 * r.mean_drop:.1f}",
-                    f"{100 * worst:.1f} ({worst_name})",
-                    ratio,
-                    "yes" if r.name in front else "",
-                ]
-            )
-        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-
-        def line(cells: list[str]) -> str:
-            return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-        separator = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-        return "\n".join([line(header), separator, *(line(r) for r in rows)])
-
-    def reproduce_command(self, model_args: str, data_args: str) -> str | None:
-        """The ``ibnify convert`` + ``ibnify finetune`` commands that rebuild the winner."""
-        winner = self.winner
-        if winner is None:
-            return None
-        s = self.settings["finetune"]
-        if winner.layout == "b":
-            layout = "--layout b"
-        else:
-            layout = f"--layout a --stages {_stage_text(winner.stages)}"
-            if winner.ratio is not None:
-                layout += f" --ratio {winner.ratio:g}"
-        return (
-            f"ibnify convert {model_args} {layout} -o ibn.safetensors && "
-            f"ibnify finetune ibn.safetensors {data_args} --epochs {s['epochs']} "
-            f"--lr {s['lr']:g} --batch-size {s['batch_size']} --optimizer {s['optimizer']} "
-            f"--weight-decay {s['weight_decay']:g} --warmup-epochs {s['warmup_epochs']:g} "
-            f"--seed {s['seed']} --out runs/ibn"
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data: settings, results with drops, ranking, Pareto front, stop reason."""
-        return {
-            "format": _FORMAT,
-            "settings": self.settings,
-            "shifts": list(self.shifts),
-            "rule": RANK_RULE,
-            "ranking": [r.name for r in self.ranked()],
-            "winner": self.winner.name if self.winner else None,
-            "pareto": sorted(self.pareto()),
-            "results": [
-                {
-                    **asdict(r),
-                    "mean_drop": r.mean_drop,
-                    "worst_drop": r.worst[1],
-                    "worst_shift": r.worst[0],
-                    "drop": r.drops(),
-                }
-                for r in self.results
-            ],
-            "reused": list(self.reused),
-            "not_run": list(self.not_run),
-            "stopped": self.stopped,
-        }
-
-    def to_json(self, indent: int | None = 2) -> str:
-        """JSON text of :meth:`to_dict`."""
-        return json.dumps(self.to_dict(), indent=indent)
-
-    def plot(self, path: str | os.PathLike[str]) -> Path:
-        """Pareto plot (clean accuracy vs mean drop) as PNG; the front is joined; atomic."""
-        figure = Figure(figsize=(6.0, 4.2), dpi=110)
-        FigureCanvasAgg(figure)
-        axes = figure.add_subplot(1, 1, 1)
-        front = self.pareto()
-        for index, r in enumerate(self.results):
-            marker = "s" if r.name == CONTROL.name else "o"
-            color = "tab:red" if r.name == CONTROL.name else "tab:blue"
-            axes.scatter(100 * r.mean_drop, 100 * r.clean, marker=marker, color=color, zorder=3)
-            axes.annotate(r.name, (100 * r.mean_drop, 100 * r.clean), textcoords="offset points",
-                          xytext=(5, 4 if index % 2 else -11), fontsize="small")  # fmt: skip
-        points = sorted((100 * r.mean_drop, 100 * r.clean) for r in self.results if r.name in front)
-        if len(points) > 1:
-            axes.plot(*zip(*points, strict=True), "--", color="grey", lw=1, label="Pareto front")
-            axes.legend(fontsize="small", frameon=False)
-        axes.set_xlabel("mean accuracy drop under shift (points, lower is better)")
-        axes.set_ylabel("clean accuracy (%)")
-        axes.set_title("candidate layouts: clean accuracy vs robustness")
-        axes.grid(alpha=0.3)
-        figure.tight_layout()
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png")
-        return atomic_write_bytes(Path(path), buffer.getvalue())
-
-
 def _weights_digest(model: nn.Module) -> str:
     digest = hashlib.sha256()
     for key, value in model.state_dict().items():
@@ -413,7 +213,7 @@ def _read_results(out: Path, settings: dict[str, Any], force: bool) -> dict[str,
 def _write_results(
     out: Path, settings: dict[str, Any], results: dict[str, CandidateResult]
 ) -> None:
-    lines = [json.dumps({"format": _FORMAT, "settings": settings})]
+    lines = [json.dumps({"format": FORMAT, "settings": settings})]
     lines += [json.dumps({"result": asdict(r)}) for r in results.values()]
     atomic_write_bytes(out / RESULTS_FILE, ("\n".join(lines) + "\n").encode())
 
@@ -509,15 +309,7 @@ def search_placement(
     check_same_classes(train_data, val_data, "training and validation folders")
     if not train_data.labelled or not val_data.labelled:
         raise InvalidOptionError("search needs labelled training and validation data")
-    if isinstance(candidates, str):
-        chosen = (
-            auto_candidates(model, val_data, shift_names, config.seed)
-            if candidates.strip().lower() == "auto"
-            else parse_candidates(candidates)
-        )
-    else:
-        chosen = list(candidates)
-    _check_candidates(model, chosen, tuple(val_data.dataset[0][0].shape))  # type: ignore[arg-type]
+    chosen = _choose_candidates(candidates, model, val_data, shift_names, config.seed)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -529,6 +321,26 @@ def search_placement(
     if out is not None:
         _write_outputs(out, report)
     return report
+
+
+def _choose_candidates(
+    candidates: str | Sequence[Candidate],
+    model: nn.Module,
+    val_data: ImageData,
+    shifts: list[str],
+    seed: int,
+) -> list[Candidate]:
+    """The candidate list (``"auto"``, a ``--candidates`` string or a list), every one planned."""
+    if isinstance(candidates, str):
+        chosen = (
+            auto_candidates(model, val_data, shifts, seed)
+            if candidates.strip().lower() == "auto"
+            else parse_candidates(candidates)
+        )
+    else:
+        chosen = list(candidates)
+    _check_candidates(model, chosen, tuple(val_data.dataset[0][0].shape))  # type: ignore[arg-type]
+    return chosen
 
 
 def _check_candidates(

@@ -3,13 +3,22 @@
 ``resnet50`` resolves torchvision first, then timm; ``tv:NAME`` and ``timm:NAME`` force one.
 Weights files are read with ``torch.load(weights_only=True)`` or safetensors only, so loading a
 file never runs code from it.
+
+Constructor arguments that come from a file (a checkpoint's recipe) pass
+:func:`check_model_kwargs` first: only arguments that shape the network, as plain JSON values,
+reach ``timm.create_model``/``torchvision.models.get_model``. Arguments that load weights or
+reach the network (``pretrained``, ``checkpoint_path``, ``weights``, ``pretrained_cfg_overlay``,
+...) are refused, so a stranger's checkpoint cannot make ibnify open another file or go online.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
+import re
 import socket
 import urllib.error
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -22,12 +31,15 @@ import torchvision
 from huggingface_hub import constants
 from torch import nn
 
-from .errors import ModelNotFoundError, WeightsError
+from .errors import CheckpointError, ModelNotFoundError, WeightsError, first_line
 from .small_models import MODELS
 
 __all__ = [
+    "MODEL_KWARGS",
     "SOURCES",
     "build_model",
+    "build_recorded_model",
+    "check_model_kwargs",
     "resolve_name",
 ]
 
@@ -77,7 +89,8 @@ def resolve_name(name: str) -> str:
         return f"timm:{text}"
     if text in _local_names():
         return f"ibnify:{text}"
-    raise ModelNotFoundError(_unknown_message(name, text, _torchvision_names() + _timm_names()))
+    everywhere = tuple(dict.fromkeys(_torchvision_names() + _timm_names()))  # once per name
+    raise ModelNotFoundError(_unknown_message(name, text, everywhere))
 
 
 def _unknown_message(original: str, bare: str, candidates: tuple[str, ...]) -> str:
@@ -174,3 +187,128 @@ def _looks_like_download_failure(exc: BaseException) -> bool:
             return True
         chain = chain.__cause__ or chain.__context__
     return False
+
+
+@dataclass(frozen=True)
+class _Arg:
+    """What one allowed constructor argument may hold: a kind and an inclusive range.
+
+    Kinds: ``int``, ``float`` (an int is accepted), ``bool``, ``name`` (letters, digits and
+    ``_``, at most ``high`` characters), ``ints``/``bools`` (a flat list of at most 8 of them).
+    """
+
+    kind: str
+    low: float = 0
+    high: float = 0
+
+
+# Constructor arguments a recipe may carry: they shape the network and nothing else.
+MODEL_KWARGS: dict[str, _Arg] = {
+    "num_classes": _Arg("int", 0, 1_000_000),
+    "in_chans": _Arg("int", 1, 64),  # timm, ibnify:
+    "drop_rate": _Arg("float", 0, 1),
+    "drop_path_rate": _Arg("float", 0, 1),  # timm
+    "drop_block_rate": _Arg("float", 0, 1),  # timm ResNet
+    "global_pool": _Arg("name", 0, 16),  # timm: avg, max, avgmax, catavgmax, ...
+    "output_stride": _Arg("int", 8, 32),  # timm: 8, 16 or 32
+    "stem_type": _Arg("name", 0, 16),  # timm ResNet: "", deep, deep_tiered
+    "stem_width": _Arg("int", 1, 1024),  # timm ResNet
+    "base_width": _Arg("int", 1, 1024),  # timm ResNet/ResNeXt
+    "cardinality": _Arg("int", 1, 1024),  # timm ResNeXt
+    "layers": _Arg("ints", 1, 64),  # timm ResNet: blocks per stage
+    "width_per_group": _Arg("int", 1, 1024),  # torchvision ResNet/ResNeXt
+    "groups": _Arg("int", 1, 1024),  # torchvision ResNeXt
+    "replace_stride_with_dilation": _Arg("bools"),  # torchvision ResNet (dilated backbones)
+    "zero_init_residual": _Arg("bool"),  # torchvision ResNet
+    "bn_size": _Arg("int", 1, 64),  # torchvision DenseNet
+    "memory_efficient": _Arg("bool"),  # torchvision DenseNet
+    "width_mult": _Arg("float", 0.01, 10),  # torchvision MobileNetV2
+    "features_only": _Arg("bool"),  # timm: feature maps instead of logits
+    "out_indices": _Arg("ints", 0, 8),  # timm features_only: which feature maps
+    "width": _Arg("int", 1, 1024),  # ibnify:digits_resnet, channels of stage 1
+    "blocks": _Arg("ints", 1, 64),  # ibnify:digits_resnet, blocks per stage
+    "image_size": _Arg("int", 1, 4096),  # ibnify:digits_resnet
+}
+
+# Names that make timm/torchvision load weights, read a file or reach the network.
+_REACHES_OUT = re.compile(
+    r"^(pretrained.*|checkpoint.*|weights.*|.*_?file.*|.*url.*|hf_hub.*|.*_dir|.*_path|progress)$"
+)
+_NAME = re.compile(r"^[A-Za-z0-9_]*$")
+
+
+def check_model_kwargs(kwargs: Any, where: str = "the recipe") -> dict[str, Any]:
+    """Return ``kwargs`` if every key is in :data:`MODEL_KWARGS` and every value fits its rule.
+
+    For constructor arguments read from a file. Nothing is opened or built here.
+
+    Raises:
+        CheckpointError: one line naming the first key that is refused and why.
+    """
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(
+            f"{where}: model_kwargs is a {type(kwargs).__name__}, not a mapping of names to values"
+        )
+    for key, value in kwargs.items():
+        if not isinstance(key, str) or key not in MODEL_KWARGS:
+            if isinstance(key, str) and _REACHES_OUT.match(key):
+                why = "it would make the model library load weights, read a file or go online"
+            else:
+                why = "it is not a network-shaping argument ibnify rebuilds models with"
+            raise CheckpointError(
+                f"{where}: refusing model_kwargs key {str(key)[:60]!r}: {why} (see SECURITY.md)"
+            )
+        problem = _value_problem(MODEL_KWARGS[key], value)
+        if problem:
+            raise CheckpointError(f"{where}: refusing model_kwargs key {key!r}: {problem}")
+    return dict(kwargs)
+
+
+def _value_problem(rule: _Arg, value: Any) -> str:
+    """Why ``value`` breaks ``rule`` ('' when it fits)."""
+    shown = repr(value) if isinstance(value, int | float | bool | str) else type(value).__name__
+    shown = shown[:40]
+    if rule.kind in ("ints", "bools"):
+        if not isinstance(value, list) or len(value) > 8:
+            return f"{shown} is not a list of at most 8 {rule.kind[:-1]}s"
+        for item in value:
+            problem = _value_problem(_Arg(rule.kind[:-1], rule.low, rule.high), item)
+            if problem:
+                return problem
+        return ""
+    if rule.kind == "bool":
+        return "" if isinstance(value, bool) else f"{shown} is not true or false"
+    if rule.kind == "name":
+        if isinstance(value, str) and len(value) <= rule.high and _NAME.match(value):
+            return ""
+        return f"{shown} is not a short name (letters, digits, _)"
+    kinds = (int,) if rule.kind == "int" else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
+        return f"{shown} is not {'an integer' if rule.kind == 'int' else 'a number'}"
+    if not rule.low <= value <= rule.high:
+        return f"{shown} is outside {rule.low:g}..{rule.high:g}"
+    return ""
+
+
+def build_recorded_model(
+    source: str, model_kwargs: Any, where: str = "the recipe"
+) -> tuple[nn.Module, str]:
+    """Build a base model from a name and constructor arguments read from a file.
+
+    The arguments pass :func:`check_model_kwargs` first and the model is built without
+    pretrained weights, so nothing but the model library's own code runs: no file is opened
+    and no connection is made.
+
+    Raises:
+        CheckpointError: a refused argument, or arguments the constructor does not take.
+        ModelNotFoundError: the source does not resolve to a model ibnify can build.
+    """
+    kwargs = check_model_kwargs(model_kwargs, where)
+    source_id = resolve_name(source)
+    try:
+        return build_model(source_id, pretrained=False, **kwargs)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{where}: model_kwargs {', '.join(sorted(kwargs))} do not fit {source_id} "
+            f"({type(exc).__name__}: {first_line(exc, '')[:160]})"
+        ) from exc

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -79,7 +80,9 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     if file.suffix == ".safetensors" or _has_safetensors_header(file):
         return clean_state_dict(_load_safetensors(file))
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # garbage bytes read as an odd protocol number
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if _looks_like_pickle(file) or zipfile.is_zipfile(file):
             raise WeightsError(
@@ -90,10 +93,11 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
         raise WeightsError(
             f"weights file {str(file)!r} is corrupt or truncated: not a readable checkpoint"
         ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        first = first_line(exc)
+    except Exception as exc:  # on garbage bytes the unpickler raises Index/Key/Type errors too
+        first = first_line(exc, "")
         raise WeightsError(
-            f"weights file {str(file)!r} is corrupt or truncated ({first[:160]})"
+            f"weights file {str(file)!r} is corrupt or truncated "
+            f"({type(exc).__name__}: {first[:160]})"
         ) from exc
     if not isinstance(state, Mapping):
         raise WeightsError(

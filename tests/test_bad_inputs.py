@@ -1,4 +1,4 @@
-"""Bad-input matrix, run through the real `ibnify` console script in subprocesses.
+"""Bad-input matrix: every case runs the CLI in its own process (tests/cli_process.py).
 
 Every case must end with a non-zero exit (2 for usage errors, 1 for failures), exactly one
 `error:` line on stderr, no traceback, and no new or changed file anywhere under the case's
@@ -22,6 +22,8 @@ import torch
 import torchvision
 
 import ibnify
+from tests.cli_process import run_cli
+from tests.test_security import _craft, write_onnx_traps
 
 SMALL = ["--input-size", "64"]
 
@@ -217,6 +219,25 @@ CASES = [
         "is not a valid ONNX model",
     ),
     Case("bench-missing-onnx", ["bench", "{assets}/nope.onnx"], 1, "does not exist"),
+    # files from strangers (tests/test_security.py watches what these open)
+    Case(
+        "export-crafted-recipe",
+        ["export", "{assets}/crafted.safetensors", "-o", "{out}/m.onnx"],
+        1,
+        "refusing model_kwargs key 'checkpoint_path'",
+    ),
+    Case(
+        "verify-onnx-data-outside-folder",
+        ["verify", "{assets}/traps/outside/model.onnx", "--against", "{assets}/tiny.safetensors"],
+        1,
+        "outside the model's own folder",
+    ),
+    Case(
+        "bench-onnx-unknown-domain",
+        ["bench", "{assets}/traps/domain/model.onnx", "--runs", "1"],
+        1,
+        "which onnxruntime does not provide",
+    ),
     # fine-tuning and evaluation data
     Case(
         "finetune-empty-data",
@@ -331,6 +352,10 @@ def _make_model_assets(assets: Path) -> None:
 
     tiny = ibnify.convert("ibnify:digits_resnet", stages=(1, 2), model_kwargs={"width": 4})
     ibnify.save(tiny, assets / "tiny.safetensors")
+    planted = {"checkpoint_path": str(assets / "resnet34.pth")}
+    _craft(assets / "tiny.safetensors", assets / "crafted.safetensors",
+           lambda recipe: recipe.update(source="timm:resnet18", model_kwargs=planted))  # fmt: skip
+    write_onnx_traps(assets / "traps")
     other = ibnify.convert("ibnify:digits_resnet", stages=(1,), model_kwargs={"width": 6})
     ibnify.save(other, assets / "other.safetensors")
     ibnify.save(ibnify.convert("resnet18", input_size=(3, 64, 64)), assets / "r18.safetensors")
@@ -370,9 +395,21 @@ def _command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "ibnify"]
 
 
+_MATRIX: dict[str, tuple[subprocess.CompletedProcess, bool, list[str]]] = {}
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, bool, list[str]]]:
-    """Run every case (two at a time) and record its result and the files it left."""
+    """Every case's result (tests/test_messages.py reuses the same run)."""
+    return matrix_results(tmp_path_factory)
+
+
+def matrix_results(
+    tmp_path_factory,
+) -> dict[str, tuple[subprocess.CompletedProcess, bool, list[str]]]:
+    """Run every case (two at a time) once per session; record its result and the files it left."""
+    if _MATRIX:
+        return _MATRIX
     root = tmp_path_factory.mktemp("bad_inputs")
     assets = root / "assets"
     assets.mkdir()
@@ -380,17 +417,13 @@ def results(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, bo
     base_out.mkdir()
     _make_assets(assets, base_out)
     before_assets = _snapshot(assets)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
     def run(case: Case):
         out = root / f"out-{case.name}"
         shutil.copytree(base_out, out)
         before = _snapshot(out)
         args = [a.format(assets=assets, out=out) for a in case.args]
-        done = subprocess.run(
-            [*_command(), *args], capture_output=True, text=True, env=env, timeout=300,
-            stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+        done = run_cli(args, timeout=300)
         unchanged = _snapshot(out) == before
         present = [p for p in (a.format(assets=assets, out=out) for a in case.also_absent)
                    if Path(p).exists()]  # fmt: skip
@@ -399,7 +432,8 @@ def results(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, bo
     with ThreadPoolExecutor(max_workers=2) as pool:
         collected = dict(pool.map(run, CASES))
     collected["__assets_unchanged__"] = (None, _snapshot(assets) == before_assets, [])  # type: ignore[assignment]
-    return collected
+    _MATRIX.update(collected)
+    return _MATRIX
 
 
 def test_matrix_has_at_least_30_cases() -> None:

@@ -39,6 +39,13 @@ def test_unknown_names_suggest(name: str, message: str) -> None:
         resolve_name(name)
 
 
+def test_suggestions_name_a_model_once_although_both_libraries_have_it() -> None:
+    with pytest.raises(ModelNotFoundError) as raised:
+        resolve_name("resnet5000")  # resnet50 exists in torchvision and in timm
+    suggested = str(raised.value).split("did you mean ")[1].rstrip("?").split(", ")
+    assert suggested[0] == "resnet50" and len(suggested) == len(set(suggested)) == 3
+
+
 def test_clean_state_dict_unwraps_and_strips_prefixes() -> None:
     tensor = torch.zeros(1)
     wrapped = {"state_dict": {"module.conv1.weight": tensor, "module._orig_mod.fc.bias": tensor}}
@@ -182,3 +189,20 @@ def test_load_rejects_plain_weights_and_damaged_recipes(tmp_path) -> None:
 def test_pretrained_offline_fails_with_one_line() -> None:
     with pytest.raises(WeightsError, match=r"could not download pretrained weights.*--weights"):
         ibnify.convert_named("resnet18", pretrained=True, input_size=SMALL)
+
+
+def test_random_bytes_always_end_in_weights_error(tmp_path, recwarn) -> None:
+    """Garbage once crashed torch's weights-only unpickler with IndexError/KeyError (about one
+    file in fifteen) and warned about odd pickle protocols; every one must be a WeightsError."""
+    import random
+
+    rng = random.Random(0)
+    path = tmp_path / "random.pth"
+    kinds = set()
+    for _ in range(150):
+        path.write_bytes(rng.randbytes(4096))
+        with pytest.raises(WeightsError, match="is corrupt or truncated") as raised:
+            load_state_dict_file(path)
+        kinds.add(type(raised.value.__cause__).__name__)
+    assert {"IndexError", "KeyError"} & kinds  # the crashing kinds did occur
+    assert [str(w.message) for w in recwarn if "pickle protocol" in str(w.message)] == []

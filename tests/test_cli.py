@@ -79,6 +79,21 @@ def test_errors_are_one_line(runner, args, code, message) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
 
 
+def test_export_verbose_lists_each_unfolded_site(runner, tmp_path) -> None:
+    """DenseNet's norm1 follows a Concat, so its IBN sites stay unfolded; -v names each one."""
+    checkpoint = tmp_path / "d121.safetensors"
+    ibnify.save(ibnify.convert("densenet121", stages=(1,), input_size=(3, 32, 32)), checkpoint)
+    args = ["export", str(checkpoint), "-o", str(tmp_path / "d121.onnx"), "--input-size", "32"]
+    result = runner.invoke(cli, [*args, "--no-verify", "--verbose"])
+    assert result.exit_code == 0, result.output
+    reason = "its input comes from torch.cat, not from a Conv2d"
+    assert result.output.splitlines()[-3:] == [
+        f"  2 sites left unfolded: {reason}",  # the summary, as without --verbose
+        f"  unfolded features.denseblock1.denselayer1.norm1: {reason}",
+        f"  unfolded features.denseblock1.denselayer4.norm1: {reason}",
+    ]
+
+
 def test_help_on_every_command(runner) -> None:
     for command in cli.commands:
         result = runner.invoke(cli, [command, "--help"])

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -32,6 +30,7 @@ from ibnify.divergence import (
 )
 from ibnify.small_models import digits_resnet
 from ibnify.train import FinetuneConfig
+from tests.cli_process import run_cli
 
 SOURCE = "ibnify:digits_resnet"
 
@@ -181,11 +180,6 @@ def test_weights_with_original_or_ibn_keys(tmp_path) -> None:
     assert loaded.convert_args() == f"{SOURCE} --weights {converted}"
 
 
-def _command() -> list[str]:
-    script = Path(sys.executable).with_name("ibnify")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "ibnify"]
-
-
 def _bad_input_folders(root: Path) -> dict[str, Path]:
     folders = {"a": root / "a", "b": root / "b", "empty": root / "empty"}
     folders["empty"].mkdir()
@@ -225,8 +219,7 @@ def test_bad_inputs_end_in_one_error_line(tmp_path) -> None:
 
     def run(item):
         name, (args, _message) = item
-        return name, subprocess.run([*_command(), *argv(name, args)], capture_output=True,
-                                    text=True, timeout=120, stdin=subprocess.DEVNULL)  # fmt: skip
+        return name, run_cli(argv(name, args), timeout=120)
 
     results = dict(map(run, scripted.items()))
     for name, (_args, message) in scripted.items():

@@ -8,9 +8,12 @@ import logging
 
 import onnx
 import pytest
+import timm
 import torch
+import torchvision
 from click.testing import CliRunner
 from torch import nn
+from torchvision.models._utils import IntermediateLayerGetter
 
 import ibnify
 from ibnify.cli import cli
@@ -135,16 +138,27 @@ def test_unfoldable_sites_are_reported_and_still_exact(tmp_path, caplog) -> None
     ],
 )
 def test_export_matches_pytorch_from_one_dynamic_file(
-    onnx_dir, name: str, layout: str, instance_norms: int
+    onnx_dir, caplog, name: str, layout: str, instance_norms: int
 ) -> None:
     model = _model(name, layout)
     path = onnx_dir / f"{name}_{layout}.onnx"
-    report = export_onnx(model, path, input_size=SIZE)
+    with caplog.at_level(logging.DEBUG, logger="ibnify.deploy.fold"):
+        report = export_onnx(model, path, input_size=SIZE)
     assert report.input_shape == ("batch", 3, SIZE, SIZE)
     sites = sum(isinstance(m, IBN) for m in model.modules())
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     if name == "densenet121":  # norm1 follows the dense block's Concat: nothing to fold into
         assert len(report.fold.unfolded) == sites == 14 and not report.fold.folded
+        # One summary warning naming torch.cat; the per-site lines only at debug level.
+        reason = "its input comes from torch.cat, not from a Conv2d"
+        assert warnings == [f"14 IBN sites exported unfolded ({reason})"]
+        assert str(report).splitlines()[-1] == f"  14 sites left unfolded: {reason}"
+        details = report.details().splitlines()
+        assert len(details) == len(str(report).splitlines()) + 14
+        assert details[-1] == f"  unfolded features.denseblock3.denselayer22.norm1: {reason}"
+        assert sum("exported unfolded:" in r.getMessage() for r in caplog.records) == 14
     else:
+        assert not warnings
         assert len(report.fold.folded) == sites and not report.fold.unfolded
     proto = onnx.load(str(path))
     ops = [node.op_type for node in proto.graph.node]
@@ -320,3 +334,38 @@ def test_cli_verify_with_real_images(cli_files, tmp_path) -> None:
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "images batch 3" in result.stdout and result.stdout.rstrip().endswith("PASS")
+
+
+@pytest.mark.parametrize("kind", ["timm_features_only", "intermediate_layer_getter"])
+def test_feature_extractor_exports_one_output_per_map_and_verifies_each(
+    tmp_path, kind: str
+) -> None:
+    """Detection/segmentation backbones: every feature map is its own named, checked output."""
+    torch.manual_seed(0)
+    if kind == "timm_features_only":
+        base = timm.create_model("resnet18", features_only=True, out_indices=(1, 2, 3))
+        names = ["output_0", "output_1", "output_2"]
+        channels = [64, 128, 256]
+    else:
+        base = IntermediateLayerGetter(
+            torchvision.models.resnet18(), {"layer1": "c2", "layer3": "c4"}
+        )
+        names, channels = ["output_c2", "output_c4"], [64, 256]
+    model = randomize_norms(ibnify.convert(base, input_size=(3, SIZE, SIZE))).eval()
+    path = tmp_path / f"{kind}.onnx"
+    report = export_onnx(model, path, input_size=SIZE)
+    proto = onnx.load(str(path))
+    assert [o.name for o in proto.graph.output] == names
+    for output, width in zip(proto.graph.output, channels, strict=True):
+        dims = [d.dim_param or d.dim_value for d in output.type.tensor_type.shape.dim]
+        assert dims[:2] == ["batch", width]  # every output keeps the dynamic batch axis
+    assert report.metadata["outputs"] == ",".join(names)
+    assert f"outputs ({len(names)} feature maps): {', '.join(names)}" in str(report)
+    verification = verify_onnx(path, model, batch_sizes=(1, 2))
+    assert [(row.case, row.output) for row in verification.rows] == [
+        (case, name) for case in ("random batch 1", "random batch 2") for name in names
+    ]
+    assert verification.passed and verification.max_abs <= 1e-4
+    # Against the unconverted backbone every output must be checked, and the check must fail.
+    with pytest.raises(VerificationError, match="beyond tolerance"):
+        verify_onnx(path, randomize_norms(base).eval(), batch_sizes=(1,))

@@ -15,6 +15,7 @@ from ibnify.core.plans import (
     Reason,
     ReasonCode,
     SiteKind,
+    as_input_size,
     check_ratio,
     parse_input_size,
     parse_stages,
@@ -107,6 +108,26 @@ def test_parse_input_size(text: str, size: tuple[int, int, int]) -> None:
 def test_parse_input_size_refuses(text: str) -> None:
     with pytest.raises(InvalidOptionError, match=r"is not a size like 224 or 3,224,224"):
         parse_input_size(text)
+
+
+@pytest.mark.parametrize(
+    ("value", "channels", "size"),
+    [
+        (224, 3, (3, 224, 224)),
+        ((160, 224), 1, (1, 160, 224)),
+        ([2, 64, 80], 3, (2, 64, 80)),
+        (" 3, 64, 64 ", 3, (3, 64, 64)),
+    ],
+)
+def test_as_input_size_accepts_numbers_sequences_and_text(value, channels, size) -> None:
+    """The one parser of the CLI and the library (export, PlanOptions) gives (C, H, W)."""
+    assert as_input_size(value, channels) == size
+
+
+@pytest.mark.parametrize("value", [2.5, True, None, (3, 0, 4), (1, 2, 3, 4), (3.5, 2), "a,b"])
+def test_as_input_size_refuses(value: object) -> None:
+    with pytest.raises(InvalidOptionError, match=r"is not a size like 224 or 3,224,224"):
+        as_input_size(value)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("ratio", [0, 1, 1.5, -0.1, float("nan"), True, "0.5"])

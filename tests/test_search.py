@@ -8,8 +8,6 @@ candidates are never rerun, the budget stops the queue, bad inputs end in one er
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +24,7 @@ from ibnify.errors import InvalidOptionError
 from ibnify.layout_search import RESULTS_FILE, Candidate, parse_candidates, search_placement
 from ibnify.small_models import digits_resnet
 from ibnify.train import FinetuneConfig
+from tests.cli_process import run_cli
 
 SOURCE = "ibnify:digits_resnet"
 KWARGS = {"width": 4}
@@ -163,11 +162,6 @@ def test_cli_search_prints_ranking_and_reproduce_command(setup, tmp_path) -> Non
     assert ibnify.load(out / "best.safetensors").layer1[0].conv1.out_channels == 4
 
 
-def _command() -> list[str]:
-    script = Path(sys.executable).with_name("ibnify")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "ibnify"]
-
-
 def _check(name: str, code: int, output: str, message: str) -> None:
     lines = [line for line in output.splitlines() if line.strip()]
     assert code == 1, (name, output)
@@ -203,8 +197,7 @@ def test_bad_inputs_end_in_one_error_line(tmp_path) -> None:
 
     def run(item):
         name, (args, _message) = item
-        return name, subprocess.run([*_command(), *argv(name, args)], capture_output=True,
-                                    text=True, timeout=120, stdin=subprocess.DEVNULL)  # fmt: skip
+        return name, run_cli(argv(name, args), timeout=120)
 
     results = dict(map(run, scripted.items()))
     for name, (_args, message) in scripted.items():

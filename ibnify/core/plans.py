@@ -26,6 +26,7 @@ __all__ = [
     "ReasonCode",
     "SiteKind",
     "SkippedNorm",
+    "as_input_size",
     "check_ratio",
     "parse_input_size",
     "parse_stages",
@@ -362,18 +363,36 @@ def parse_input_size(text: str) -> tuple[int, int, int]:
 
     One or two numbers mean a 3-channel input of that height (and width).
     """
-    parts = text.lower().replace("x", ",").split(",")
+    return as_input_size(text)
+
+
+def as_input_size(value: str | int | Sequence[int], channels: int = 3) -> tuple[int, int, int]:
+    """(C, H, W) from ``224``, ``(160, 224)``, ``(3, 224, 224)`` or their text forms.
+
+    The one input-size parser of the CLI and the library; one or two numbers get ``channels``.
+    """
+    if isinstance(value, str):
+        parts: Sequence[object] = [p for p in value.lower().replace("x", ",").split(",")]
+    elif isinstance(value, Sequence):
+        parts = value
+    else:
+        parts = [value]
     try:
-        numbers = [int(p) for p in parts if p.strip()]
+        numbers = [_whole_number(p) for p in parts if not (isinstance(p, str) and not p.strip())]
     except ValueError:
-        raise InvalidOptionError(f"{text!r} is not a size like 224 or 3,224,224") from None
-    if len(numbers) == 1:
-        numbers = [3, numbers[0], numbers[0]]
-    elif len(numbers) == 2:
-        numbers = [3, *numbers]
+        numbers = []
+    if len(numbers) in (1, 2):
+        numbers = [channels, numbers[0], numbers[-1]]
     if len(numbers) != 3 or min(numbers) < 1:
-        raise InvalidOptionError(f"{text!r} is not a size like 224 or 3,224,224")
+        raise InvalidOptionError(f"{value!r} is not a size like 224 or 3,224,224")
     return numbers[0], numbers[1], numbers[2]
+
+
+def _whole_number(value: object) -> int:
+    """An int from an int or its text; anything else (bool, float, words) raises ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(value)
+    return int(value)
 
 
 def check_ratio(ratio: object) -> float:
@@ -409,4 +428,4 @@ class PlanOptions:
         if self.ratio is not None:
             check_ratio(self.ratio)
         if self.input_size is not None:
-            object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
+            object.__setattr__(self, "input_size", as_input_size(self.input_size))

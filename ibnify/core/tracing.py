@@ -15,8 +15,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from timm.layers import _fx as timm_fx
 from torch import fx, nn
+
+try:  # timm >= 1.0.17 keeps the fx registry in timm.layers
+    from timm.layers import _fx as timm_fx
+except ImportError:  # timm 1.0.9 - 1.0.16 (the oldest pyproject.toml allows)
+    from timm.models import _features_fx as timm_fx
 
 from ..errors import TraceError, first_line
 from .ops import is_norm

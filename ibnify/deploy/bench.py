@@ -1,24 +1,33 @@
-"""onnxruntime latency of one or more ONNX files, measured interleaved in one process.
+"""Latency of one or more ONNX files (onnxruntime or OpenVINO), measured interleaved.
 
 On a shared, noisy machine absolute times drift by tens of percent between runs; timing the
-models in turn, iteration by iteration, exposes them to the same drift so their ratio is fair.
+models in turn, alternating the order every run, exposes them to the same drift, and the median
+of per-run ratios is robust to the rest. onnxruntime's idle threads spin by default, which on few
+cores steals time from the other session timed beside them and dilutes the ratio: interleaved
+sessions run with spinning off. :func:`kernel_profile` cross-checks a ratio with onnxruntime's
+own per-node profiler.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ..errors import IbnifyError, VerificationError
-from .ort import open_session
+from .engines import open_engine
+from .ort import ort_session
 
-__all__ = ["BenchReport", "Timing", "bench_onnx"]
+__all__ = ["BenchReport", "KernelProfile", "Timing", "bench_onnx", "kernel_profile"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +48,8 @@ class BenchReport:
 
     batch: int
     threads: int
+    engine: str = "onnxruntime"
+    spinning: bool = True
     timings: list[Timing] = field(default_factory=list)
     paired: dict[str, float] = field(default_factory=dict)  # name -> median per-run ratio
     samples: dict[str, list[float]] = field(default_factory=dict, repr=False)  # name -> ms
@@ -55,7 +66,13 @@ class BenchReport:
         return self.timings[0].median_ms / other.median_ms
 
     def __str__(self) -> str:
-        lines = [f"onnxruntime CPU, {self.threads} threads, batch {self.batch}"]
+        lines = [f"{self.engine} CPU, {self.threads} threads, batch {self.batch}"]
+        if self.engine == "onnxruntime":
+            lines.append(
+                "thread spinning off (sessions interleaved, order alternating)"
+                if not self.spinning
+                else "thread spinning on (onnxruntime default)"
+            )
         width = max(len(t.name) for t in self.timings)
         for t in self.timings:
             lines.append(
@@ -65,10 +82,42 @@ class BenchReport:
         first = self.timings[0]
         for t in self.timings[1:]:
             lines.append(
-                f"ratio {first.name} / {t.name}: {first.median_ms / t.median_ms:.3f} "
-                f"(median of per-run ratios {self.paired[t.name]:.3f})"
+                f"ratio {first.name} / {t.name}: {self.paired[t.name]:.3f} (median of per-run "
+                f"ratios; ratio of medians {first.median_ms / t.median_ms:.3f})"
             )
         return "\n".join(lines)
+
+
+def _labels(paths: Sequence[str | os.PathLike[str]], names: Sequence[str] | None) -> list[str]:
+    labels = list(names) if names is not None else [Path(p).name for p in paths]
+    if len(set(labels)) != len(labels):
+        labels = [f"{i}:{label}" for i, label in enumerate(labels)]
+    return labels
+
+
+def _open_all(
+    paths: Sequence[str | os.PathLike[str]],
+    batch: int,
+    threads: int,
+    engine: str,
+    spinning: bool,
+    seed: int,
+) -> tuple[list, list[dict[str, np.ndarray]]]:
+    """Open every file and make a random input of its own shape at ``batch``."""
+    rng = np.random.default_rng(seed)
+    sessions, feeds = [], []
+    for path in paths:
+        session = open_engine(path, engine, threads=threads, spinning=spinning, batch=batch)
+        info = session.get_inputs()[0]
+        dims = list(info.shape)
+        if isinstance(dims[0], int) and dims[0] != batch:
+            raise VerificationError(
+                f"{str(path)!r} has a static batch of {dims[0]}; bench it with --batch {dims[0]}"
+            )
+        shape = [batch] + [d if isinstance(d, int) else 224 for d in dims[1:]]
+        sessions.append(session)
+        feeds.append({info.name: rng.standard_normal(shape, dtype=np.float32)})
+    return sessions, feeds
 
 
 def bench_onnx(
@@ -80,30 +129,20 @@ def bench_onnx(
     names: Sequence[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
     seed: int = 0,
+    engine: str = "onnxruntime",
+    spinning: bool | None = None,
 ) -> BenchReport:
-    """Time ``paths`` interleaved (the order rotates every run) and return median and p90.
+    """Time ``paths`` interleaved (the order alternates every run); median, p90, per-run ratios.
 
     Each model gets a random input of its own shape at batch ``batch``; a file with a static
-    batch other than ``batch`` is refused.
+    batch other than ``batch`` is refused. ``spinning`` (onnxruntime's idle-thread spinning)
+    defaults to off when more than one model is timed, on for a single model.
     """
     if batch < 1 or threads < 1 or runs < 1 or warmup < 0:
         raise IbnifyError("batch, threads and runs must be ≥ 1 and warmup ≥ 0")
-    labels = list(names) if names is not None else [Path(p).name for p in paths]
-    if len(set(labels)) != len(labels):
-        labels = [f"{i}:{label}" for i, label in enumerate(labels)]
-    rng = np.random.default_rng(seed)
-    sessions, feeds = [], []
-    for path in paths:
-        session = open_session(path, threads=threads)
-        info = session.get_inputs()[0]
-        dims = list(info.shape)
-        if isinstance(dims[0], int) and dims[0] != batch:
-            raise VerificationError(
-                f"{str(path)!r} has a static batch of {dims[0]}; bench it with --batch {dims[0]}"
-            )
-        shape = [batch] + [d if isinstance(d, int) else 224 for d in dims[1:]]
-        sessions.append(session)
-        feeds.append({info.name: rng.standard_normal(shape, dtype=np.float32)})
+    labels = _labels(paths, names)
+    spin = len(paths) == 1 if spinning is None else spinning
+    sessions, feeds = _open_all(paths, batch, threads, engine, spin, seed)
     times: list[list[float]] = [[] for _ in sessions]
     order = list(range(len(sessions)))
     total = warmup + runs
@@ -114,10 +153,10 @@ def bench_onnx(
             elapsed = (time.perf_counter() - start) * 1000.0
             if step >= warmup:
                 times[index].append(elapsed)
-        order = order[1:] + order[:1]
+        order.reverse() if len(order) == 2 else order.append(order.pop(0))
         if progress is not None:
             progress(step + 1, total)
-    report = BenchReport(batch=batch, threads=threads)
+    report = BenchReport(batch=batch, threads=threads, engine=engine, spinning=spin)
     for label, samples in zip(labels, times, strict=True):
         values = np.asarray(samples)
         report.samples[label] = list(samples)
@@ -128,4 +167,90 @@ def bench_onnx(
     for label, samples in zip(labels[1:], times[1:], strict=True):
         report.paired[label] = float(np.median(first / np.asarray(samples)))
     logger.info("%s", report)
+    return report
+
+
+@dataclass
+class KernelProfile:
+    """onnxruntime's profiler: kernel time per op type, in ms per run, for each model."""
+
+    runs: int
+    per_op: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> op -> ms
+
+    def total(self, name: str) -> float:
+        """Sum of kernel times of one run of model ``name`` (ms)."""
+        return float(sum(self.per_op[name].values()))
+
+    def extra(self, name: str, baseline: str, top: int = 5) -> list[tuple[str, float]]:
+        """The ``top`` op types by (``name`` − ``baseline``) kernel time, ms per run."""
+        ops = set(self.per_op[name]) | set(self.per_op[baseline])
+        diffs = {
+            op: self.per_op[name].get(op, 0.0) - self.per_op[baseline].get(op, 0.0) for op in ops
+        }
+        return sorted(diffs.items(), key=lambda item: -item[1])[:top]
+
+    def summary(self) -> str:
+        """Kernel totals per model and, against the last model, the top op types by extra time."""
+        names = list(self.per_op)
+        lines = [f"onnxruntime profiler ({self.runs} runs each, kernel time per run):"]
+        lines += [f"  {name}: {self.total(name):.2f} ms" for name in names]
+        if len(names) >= 2:
+            base = names[-1]
+            for name in names[:-1]:
+                ratio = self.total(name) / self.total(base)
+                tops = ", ".join(f"{op} {ms:+.2f}" for op, ms in self.extra(name, base))
+                lines.append(f"  {name} / {base}: {ratio:.3f}; extra ms by op: {tops}")
+        return "\n".join(lines)
+
+
+def _profile_events(session: Any, warmup: int, runs: int) -> dict[str, float]:
+    """Per-op-type kernel ms per run from a profiling session's JSON, warm-up runs left out."""
+    with open(session.end_profiling(), encoding="utf-8") as handle:
+        events = json.load(handle)
+    starts = sorted(e["ts"] for e in events if e.get("name") == "model_run")
+    cutoff = starts[warmup] if len(starts) > warmup else 0
+    per_op: Counter[str] = Counter()
+    for event in events:
+        kernel = event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time")
+        if kernel and event["ts"] >= cutoff:
+            per_op[event.get("args", {}).get("op_name", "?")] += event["dur"] / 1000.0
+    return {op: ms / runs for op, ms in per_op.items()}
+
+
+def kernel_profile(
+    paths: Sequence[str | os.PathLike[str]],
+    batch: int = 1,
+    threads: int = 2,
+    warmup: int = 3,
+    runs: int = 10,
+    names: Sequence[str] | None = None,
+) -> KernelProfile:
+    """Profile the models with onnxruntime's profiler, interleaved, and sum their kernel times.
+
+    A cross-check for wall-clock ratios: kernel time leaves out the session's own overhead, and
+    the per-op-type sums say which op types cost the extra time. The sessions run interleaved
+    with spinning off, like :func:`bench_onnx`, so drift on a shared machine hits all alike.
+    """
+    if batch < 1 or threads < 1 or runs < 1 or warmup < 0:
+        raise IbnifyError("batch, threads and runs must be ≥ 1 and warmup ≥ 0")
+    labels = _labels(paths, names)
+    _open_all(paths, batch, threads, "onnxruntime", False, 0)  # checks files and batch
+    rng = np.random.default_rng(0)
+    report = KernelProfile(runs=runs)
+    with tempfile.TemporaryDirectory() as directory:
+        sessions, feeds = [], []
+        for index, path in enumerate(paths):
+            prefix = os.path.join(directory, f"model{index}")
+            session = ort_session(path, threads=threads, spinning=False, profile_prefix=prefix)
+            info = session.get_inputs()[0]
+            shape = [batch] + [d if isinstance(d, int) else 224 for d in info.shape[1:]]
+            sessions.append(session)
+            feeds.append({info.name: rng.standard_normal(shape, dtype=np.float32)})
+        order = list(range(len(sessions)))
+        for _ in range(warmup + runs):
+            for index in order:
+                sessions[index].run(None, feeds[index])
+            order.reverse() if len(order) == 2 else order.append(order.pop(0))
+        for label, session in zip(labels, sessions, strict=True):
+            report.per_op[label] = _profile_events(session, warmup, runs)
     return report

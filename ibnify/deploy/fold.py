@@ -9,16 +9,20 @@ half's eval-mode affine transform, so the exported graph keeps only the Instance
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
 
-from ..core.graph import trace
+from ..core.graph import default_input_size, trace
 from ..core.layers import IBN
-from ..errors import TraceError
+from ..errors import ExportError, TraceError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +64,8 @@ class SplitConvIBN(nn.Module):
     into an IN-half conv and a BN-half conv (BN already folded in, activation fused by
     onnxruntime); the IN half runs a non-affine InstanceNorm whose affine and activation move
     into a depthwise 1×1 conv, which brings the IN half back into the blocked layout. Only the IN
-    half is reordered, out and back. (Also splitting the next conv by input channels to drop the
-    Concat was measured slower: two half-input 3×3 convs cost more than the Concat saves.)
+    half is reordered, out and back. This is the ``concat`` form; :class:`SplitNextConvIBN`
+    is the ``split`` form, which also drops the Concat.
     """
 
     def __init__(self, conv: nn.Conv2d, ibn: IBN, act: nn.Module) -> None:
@@ -93,6 +97,44 @@ class SplitConvIBN(nn.Module):
         if self.order == "in_first":
             return torch.cat((normed, passed), dim=1)
         return torch.cat((passed, normed), dim=1)
+
+
+class SplitNextConvIBN(nn.Module):
+    """The ``split`` form: :class:`SplitConvIBN` without its Concat, the next conv split instead.
+
+    A conv over a concatenation equals the sum of convs over its parts, so the next conv is split
+    by input channels into an IN-part and a BN-part conv whose outputs are added (bias on the
+    BN part only). onnxruntime fuses that Add into the second conv (Conv+Sum), so nothing leaves
+    the blocked layout except the IN half. It saves the Concat but runs two half-input convs;
+    :func:`choose_form` uses it at high resolution only.
+    """
+
+    def __init__(self, conv: nn.Conv2d, ibn: IBN, act: nn.Module, following: nn.Conv2d) -> None:
+        super().__init__()
+        self.head = SplitConvIBN(conv, ibn, act)
+        ins, bns = ibn.in_slice(), ibn.bn_slice()
+        self.next_in = _conv_part(following, following.weight[:, ins], None)
+        self.next_bn = _conv_part(following, following.weight[:, bns], following.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        head = self.head
+        normed = nn.functional.instance_norm(head.conv_in(x), eps=head.eps)
+        normed = head.act(head.affine(normed))
+        passed = head.act(head.conv_bn(x))
+        return self.next_in(normed) + self.next_bn(passed)
+
+
+FOLD_FORMS = ("auto", "concat", "split")
+# Per-op profiling of onnxruntime's CPU kernels (issue 12) found the split form cheaper at 56×56
+# and 28×28 sites and dearer at 14×14. benchmarks/fold_forms.py (2 threads, AVX2 machine, shared)
+# puts the two forms within ±1% of each other per site and concat-everywhere the slowest
+# whole-network variant; it does not contradict the threshold, so the threshold stays.
+SPLIT_MIN_POSITIONS = 28 * 28
+
+
+def choose_form(height: int, width: int) -> str:
+    """The cheaper form for an IBN site whose output is ``height``×``width``: split or concat."""
+    return "split" if height * width >= SPLIT_MIN_POSITIONS else "concat"
 
 
 def _bias(conv: nn.Conv2d, channels: slice) -> torch.Tensor | None:
@@ -155,14 +197,37 @@ class FoldReport:
     folded: list[tuple[str, str]] = field(default_factory=list)  # (ibn name, conv name)
     split: list[str] = field(default_factory=list)  # ibn names whose conv was split in two
     unfolded: list[tuple[str, str]] = field(default_factory=list)  # (ibn name, reason)
+    forms: dict[str, str] = field(default_factory=dict)  # split sites -> "concat" | "split"
 
     def __str__(self) -> str:
+        counts = Counter(self.forms.values())
         lines = [
-            f"BN halves folded: {len(self.folded)} (conv split in two: {len(self.split)}), "
+            f"BN halves folded: {len(self.folded)} (conv split in two: {len(self.split)}; "
+            f"concat form {counts['concat']}, split-next-conv form {counts['split']}), "
             f"left unfolded: {len(self.unfolded)}"
         ]
-        lines += [f"  unfolded {name}: {reason}" for name, reason in self.unfolded]
+        lines += [
+            f"  {count} site{'s' if count > 1 else ''} left unfolded: {reason}"
+            for reason, count in self.unfolded_reasons().items()
+        ]
         return "\n".join(lines)
+
+    def unfolded_reasons(self) -> Counter[str]:
+        """How many sites were left unfolded for each reason, most common first."""
+        return Counter(reason for _, reason in self.unfolded)
+
+    def summary(self) -> str:
+        """One line for a warning: the unfolded count and the reasons, without site names."""
+        reasons = "; ".join(
+            f"{count} × {reason}" if len(self.unfolded_reasons()) > 1 else reason
+            for reason, count in self.unfolded_reasons().most_common()
+        )
+        total = len(self.unfolded)
+        return f"{total} IBN site{'s' if total != 1 else ''} exported unfolded ({reasons})"
+
+    def details(self) -> str:
+        """One line per unfolded site with its reason (``ibnify export --verbose``)."""
+        return "\n".join(f"  unfolded {name}: {reason}" for name, reason in self.unfolded)
 
 
 def _plain_conv(module: nn.Module) -> bool:
@@ -182,7 +247,11 @@ def _fold_site(graph_module: fx.GraphModule, name: str, ibn: IBN) -> tuple[fx.No
     source = calls[0].args[0] if calls[0].args else None
     if not isinstance(source, fx.Node) or source.op != "call_module":
         producer = getattr(source, "target", source)
-        return None, f"its input comes from {producer!r}, not from a Conv2d"
+        if callable(producer):  # torch.cat, operator.add: by name, never their repr
+            name_of = getattr(producer, "__name__", type(producer).__name__)
+            producer = f"{getattr(producer, '__module__', None) or 'torch'}.{name_of}"
+            producer = producer.removeprefix("_")
+        return None, f"its input comes from {producer}, not from a Conv2d"
     conv = graph_module.get_submodule(str(source.target))
     if not _plain_conv(conv):
         return None, f"its input comes from {source.target} ({type(conv).__name__}), not a Conv2d"
@@ -227,43 +296,98 @@ def _activation_after(graph_module: fx.GraphModule, node: fx.Node) -> tuple[fx.N
     return None, None  # type: ignore[return-value]
 
 
+def _next_conv(graph_module: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The plain, ungrouped Conv2d that alone consumes ``node`` and runs once, if any."""
+    if len(node.users) != 1:
+        return None
+    user = next(iter(node.users))
+    if user.op != "call_module" or user.args[:1] != (node,):
+        return None
+    conv = graph_module.get_submodule(str(user.target))
+    if not _plain_conv(conv) or conv.groups != 1:
+        return None
+    if len(_call_nodes(graph_module, str(user.target))) != 1:
+        return None
+    for consumer in user.users:  # the conv feeds another IBN site: keep it for that site's fold
+        target = str(consumer.target)
+        if consumer.op == "call_module" and isinstance(graph_module.get_submodule(target), IBN):
+            return None
+    return user
+
+
 def _split_site(
-    graph_module: fx.GraphModule, name: str, ibn: IBN, conv_node: fx.Node, index: int
-) -> bool:
-    """Replace conv → IBN (→ activation) by one SplitConvIBN node; False where it cannot."""
+    graph_module: fx.GraphModule, name: str, ibn: IBN, conv_node: fx.Node, index: int, form: str
+) -> str:
+    """Replace conv → IBN (→ activation) [→ next conv] by one node; return the form or ""."""
     conv = graph_module.get_submodule(str(conv_node.target))
     drop = getattr(ibn, "drop", None)
     if conv.groups != 1 or not (drop is None or isinstance(drop, nn.Identity | nn.Dropout)):
-        return False
+        return ""
     ibn_node = _call_nodes(graph_module, name)[0]
     inner = getattr(ibn, "act", None)
     if inner is not None and not isinstance(inner, _ELEMENTWISE):
-        return False
+        return ""
     last, act = ibn_node, inner if inner is not None else nn.Identity()
     if isinstance(act, nn.Identity):
         user, module = _activation_after(graph_module, ibn_node)
         if user is not None:
             last, act = user, module
-    replacement = SplitConvIBN(conv, ibn, act)
+    if form == "auto":
+        shape = ibn_node.meta.get("tensor_meta")
+        form = choose_form(*shape.shape[-2:]) if shape is not None else "concat"
+    following = _next_conv(graph_module, last) if form == "split" else None
+    if following is None:
+        form, replacement = "concat", SplitConvIBN(conv, ibn, act)
+    else:
+        next_module = graph_module.get_submodule(str(following.target))
+        replacement = SplitNextConvIBN(conv, ibn, act, next_module)
     target = f"ibnify_split_conv_{index}"
     graph_module.add_submodule(target, replacement)
     with graph_module.graph.inserting_before(conv_node):
         new = graph_module.graph.call_module(target, conv_node.args, conv_node.kwargs)
-    last.replace_all_uses_with(new)
-    for node in dict.fromkeys((last, ibn_node, conv_node)):
+    end = following if following is not None else last
+    end.replace_all_uses_with(new)
+    for node in dict.fromkeys((end, last, ibn_node, conv_node)):
         graph_module.graph.erase_node(node)
-    return True
+    return form
 
 
-def fold_bn_halves(model: nn.Module, split_conv: bool = True) -> tuple[nn.Module, FoldReport]:
+def _propagate_shapes(graph_module: fx.GraphModule, input_size: tuple[int, ...]) -> None:
+    """Record every node's output shape for a batch-1 input (for the per-site form choice)."""
+    reference = next(graph_module.parameters(), None)
+    device = reference.device if reference is not None else torch.device("cpu")
+    dtype = reference.dtype if reference is not None else torch.float32
+    example = torch.zeros(1, *input_size, device=device, dtype=dtype)
+    try:  # ShapeProp prints a traceback before it re-raises: keep it off the user's stderr
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            ShapeProp(graph_module).propagate(example)
+    except Exception as exc:  # whatever the model raises on this input: a wrong input size
+        cause = exc.__cause__ or exc  # ShapeProp wraps the model's own error
+        raise ExportError(
+            f"the model does not run on a 1x{'x'.join(map(str, input_size))} input "
+            f"({type(cause).__name__}: {first_line(cause)[:200]}); pass its input size"
+        ) from exc
+
+
+def fold_bn_halves(
+    model: nn.Module,
+    split_conv: bool = True,
+    form: str = "auto",
+    input_size: tuple[int, ...] | None = None,
+) -> tuple[nn.Module, FoldReport]:
     """Return an eval-mode copy of ``model`` with each IBN's BN half folded into its conv.
 
     A site is folded only where its input is a plain ``Conv2d`` that runs once and feeds nothing
     but this IBN; other sites stay as they are and are listed, with the reason, in the report.
     With ``split_conv`` the folded conv is also split into an IN-half and a BN-half conv and the
     following activation moves before the Concat (see :class:`SplitConvIBN`); the result is then
-    an ``fx.GraphModule``. The caller's model is never modified. The result is for inference.
+    an ``fx.GraphModule``. ``form`` picks, per site, the ``concat`` form or the ``split`` form
+    (:class:`SplitNextConvIBN`, where a plain conv follows); ``auto`` chooses by the site's
+    resolution at ``input_size`` (C, H, W; default the model's), see :func:`choose_form`. The
+    caller's model is never modified. The result is for inference.
     """
+    if form not in FOLD_FORMS:
+        raise ExportError(f"fold form {form!r} is not one of {', '.join(FOLD_FORMS)}")
     folded = copy.deepcopy(model).eval()
     report = FoldReport()
     sites = [(name, m) for name, m in folded.named_modules() if isinstance(m, IBN)]
@@ -274,24 +398,29 @@ def fold_bn_halves(model: nn.Module, split_conv: bool = True) -> tuple[nn.Module
         graph_module = trace(folded)
     except TraceError as exc:
         report.unfolded = [(name, f"the model cannot be traced ({exc})") for name, _ in sites]
-        for name, reason in report.unfolded:
-            logger.warning("IBN %s exported unfolded: %s", name, reason)
+        logger.warning("%s", report.summary())
         return folded, report
+    if split_conv and form == "auto":
+        _propagate_shapes(graph_module, tuple(input_size or default_input_size(model)))
     for index, (name, ibn) in enumerate(sites):
         conv_node, reason = _fold_site(graph_module, name, ibn)
         if conv_node is None:
             report.unfolded.append((name, reason))
-            logger.warning("IBN %s exported unfolded: %s", name, reason)
+            logger.debug("IBN %s exported unfolded: %s", name, reason)
             continue
         report.folded.append((name, str(conv_node.target)))
-        if split_conv and _split_site(graph_module, name, ibn, conv_node, index):
+        chosen = _split_site(graph_module, name, ibn, conv_node, index, form) if split_conv else ""
+        if chosen:
             report.split.append(name)
+            report.forms[name] = chosen
         else:
             # fx copies the module hierarchy above the leaves: swap in both trees.
             parent_name, _, child = name.rpartition(".")
             replacement = FoldedIBN(ibn)
             setattr(folded.get_submodule(parent_name), child, replacement)
             setattr(graph_module.get_submodule(parent_name), child, replacement)
+    if report.unfolded:
+        logger.warning("%s", report.summary())
     if not report.split:
         return folded, report
     graph_module.graph.lint()

@@ -1,4 +1,4 @@
-"""Verification: onnxruntime against PyTorch on random and real inputs, max abs/rel error."""
+"""Verification: onnxruntime (or OpenVINO) against PyTorch on random and real inputs."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from ..core.surgery import get_plan
-from ..data import IMAGE_SUFFIXES, data_config, load_rgb_image
+from ..data import data_config, load_images
 from ..errors import VerificationError, first_line
-from .export import read_onnx_metadata
-from .ort import open_session
+from .engines import open_engine
+from .export import PROFILE_TOLERANCES, read_onnx_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class VerificationReport:
     rtol: float
     rows: list[Comparison] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    engine: str = "onnxruntime"
 
     @property
     def passed(self) -> bool:
@@ -66,7 +67,7 @@ class VerificationReport:
             return "all outputs within tolerance"
         worst = max(failing, key=lambda row: row.max_abs)
         return (
-            f"onnxruntime differs from PyTorch beyond tolerance on {len(failing)} of "
+            f"{self.engine} differs from PyTorch beyond tolerance on {len(failing)} of "
             f"{len(self.rows)} checks; worst: {worst.case} {worst.output} max abs "
             f"{worst.max_abs:.3g}, max rel {worst.max_rel:.3g} (atol {self.atol:g}, "
             f"rtol {self.rtol:g})"
@@ -75,12 +76,15 @@ class VerificationReport:
     def __str__(self) -> str:
         lines = [f"verify {self.path} against PyTorch (atol {self.atol:g}, rtol {self.rtol:g})"]
         lines += [f"note: {note}" for note in self.notes]
-        header = f"{'input':<28} {'output':<8} {'shape':<16} {'max abs':>10} {'max rel':>10}  ok"
+        width = max([6, *(len(row.output) for row in self.rows)])
+        header = (
+            f"{'input':<28} {'output':<{width}} {'shape':<16} {'max abs':>10} {'max rel':>10}  ok"
+        )
         lines.append(header)
         for row in self.rows:
             shape = "x".join(str(d) for d in row.shape)
             lines.append(
-                f"{row.case:<28} {row.output:<8} {shape:<16} {row.max_abs:>10.3g} "
+                f"{row.case:<28} {row.output:<{width}} {shape:<16} {row.max_abs:>10.3g} "
                 f"{row.max_rel:>10.3g}  {'yes' if row.passed else 'NO'}"
             )
         lines.append("PASS" if self.passed else f"FAIL: {self.failure_message()}")
@@ -97,32 +101,6 @@ def _flatten(output: Any) -> list[torch.Tensor]:
     raise VerificationError(f"the model returns a {type(output).__name__}, not tensors")
 
 
-def load_images(
-    directory: str | os.PathLike[str],
-    size: tuple[int, int],
-    limit: int = 8,
-    mean: Sequence[float] = (0.485, 0.456, 0.406),
-    std: Sequence[float] = (0.229, 0.224, 0.225),
-):
-    """Up to ``limit`` images from ``directory`` (recursively), resized and normalised."""
-    from PIL import Image
-
-    root = Path(directory)
-    if not root.is_dir():
-        raise VerificationError(f"image directory {str(root)!r} does not exist")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
-    if not files:
-        raise VerificationError(f"no images (.jpg, .png, ...) found under {str(root)!r}")
-    mean_array = np.array(mean, dtype=np.float32)
-    std_array = np.array(std, dtype=np.float32)
-    batch = []
-    for file in files:
-        rgb = load_rgb_image(file).resize((size[1], size[0]), Image.BILINEAR)
-        array = (np.asarray(rgb, dtype=np.float32) / 255.0 - mean_array) / std_array
-        batch.append(array.transpose(2, 0, 1))
-    return torch.from_numpy(np.stack(batch))
-
-
 def _compare(
     session: Any, model: nn.Module, x: torch.Tensor, case: str, atol: float, rtol: float
 ) -> list[Comparison]:
@@ -132,7 +110,7 @@ def _compare(
     except Exception as exc:  # onnxruntime's own error types
         first = first_line(exc)
         raise VerificationError(
-            f"onnxruntime cannot run the file on input {tuple(x.shape)} ({first[:200]})"
+            f"the engine cannot run the file on input {tuple(x.shape)} ({first[:200]})"
         ) from exc
     with torch.no_grad():
         try:
@@ -147,11 +125,12 @@ def _compare(
             f"the ONNX file has {len(onnx_outputs)} outputs, the model {len(reference)}; the file "
             "was exported from another model"
         )
+    names = [o.name for o in session.get_outputs()]
     rows = []
     for index, (ort_out, ref) in enumerate(zip(onnx_outputs, reference, strict=True)):
         if tuple(ort_out.shape) != tuple(ref.shape):
             raise VerificationError(
-                f"output {index} has shape {tuple(ort_out.shape)} in the ONNX file but "
+                f"output {names[index]!r} has shape {tuple(ort_out.shape)} in the ONNX file but "
                 f"{tuple(ref.shape)} in the model; the file was exported from another model"
             )
         diff = np.abs(ort_out.astype(np.float64) - ref.astype(np.float64))
@@ -159,7 +138,7 @@ def _compare(
         max_abs = float(diff.max()) if diff.size else 0.0
         max_rel = float((diff / (magnitude + atol)).max()) if diff.size else 0.0
         passed = bool(np.all(diff <= atol + rtol * magnitude)) and bool(np.isfinite(ort_out).all())
-        rows.append(Comparison(case, f"out{index}", tuple(ref.shape), max_abs, max_rel, passed))
+        rows.append(Comparison(case, names[index], tuple(ref.shape), max_abs, max_rel, passed))
     return rows
 
 
@@ -167,13 +146,17 @@ def verify_onnx(
     path: str | os.PathLike[str],
     model: nn.Module,
     batch_sizes: Sequence[int] = (1, 3),
-    atol: float = 1e-4,
-    rtol: float = 1e-3,
+    atol: float | None = None,
+    rtol: float | None = None,
     images: str | os.PathLike[str] | None = None,
     raise_on_failure: bool = True,
     seed: int = 0,
+    engine: str = "onnxruntime",
 ) -> VerificationReport:
-    """Run onnxruntime and PyTorch on the same inputs and compare every output.
+    """Run the ONNX file (in ``engine``) and PyTorch on the same inputs and compare every output.
+
+    ``atol``/``rtol`` default to the tolerance of the export profile recorded in the file's
+    metadata (``ibnify.profile``; fp32 tolerances where there is none).
 
     Inputs: random normal batches of each size in ``batch_sizes`` at the file's spatial size,
     one batch at a second spatial size where the file's spatial axes are dynamic, and the images
@@ -183,8 +166,10 @@ def verify_onnx(
         VerificationError: the file is missing, corrupt, from another model, or (with
             ``raise_on_failure``) an output differs beyond ``atol + rtol * |torch|``.
     """
-    session = open_session(path)
-    report = VerificationReport(Path(path), atol, rtol)
+    session = open_engine(path, engine)
+    atol, rtol, profile = _tolerance(path, atol, rtol)
+    report = VerificationReport(Path(path), atol, rtol, engine=engine)
+    report.notes.append(f"engine {engine}, export profile {profile}")
     _check_recipe(path, model)
     inputs = session.get_inputs()
     if len(inputs) != 1 or len(inputs[0].shape) != 4:
@@ -239,6 +224,22 @@ def verify_onnx(
     if raise_on_failure and not report.passed:
         raise VerificationError(report.failure_message())
     return report
+
+
+def _tolerance(
+    path: str | os.PathLike[str], atol: float | None, rtol: float | None
+) -> tuple[float, float, str]:
+    """(atol, rtol, profile): the given values, else the recorded export profile's tolerance."""
+    try:
+        profile = read_onnx_metadata(path).get("profile", "default")
+    except Exception:  # unreadable metadata: the session already loaded the graph
+        profile = "default"
+    default_atol, default_rtol = PROFILE_TOLERANCES.get(profile, PROFILE_TOLERANCES["default"])
+    return (
+        default_atol if atol is None else float(atol),
+        default_rtol if rtol is None else float(rtol),
+        profile,
+    )
 
 
 def _recorded_size(path: str | os.PathLike[str]) -> tuple[int, int, int]:

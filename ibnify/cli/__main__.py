@@ -1,0 +1,6 @@
+"""``python -m ibnify.cli`` runs the CLI, as ``python -m ibnify`` does."""
+
+from . import main
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,204 @@
+"""The click group and what its commands share: the one-line ``error:`` convention, the
+option decorators and the callbacks that hand option checks to the library.
+
+Error convention: every failure prints one line on stderr starting with ``error:`` and exits
+with 2 for usage errors, 1 for everything else; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import click
+
+from .. import __version__
+from ..errors import IbnifyError, first_line
+
+
+class IbnifyGroup(click.Group):
+    """A click group that applies ibnify's one-line error convention to every command."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        debug = "--debug" in argv
+        try:
+            result = super().main(
+                args=argv,
+                prog_name="ibnify",
+                complete_var=complete_var,
+                standalone_mode=False,
+                **extra,
+            )
+        except click.UsageError as exc:
+            _fail(exc.format_message(), 2, debug)
+        except click.Abort:
+            _fail("interrupted; nothing was written", 130, debug)
+        except KeyboardInterrupt:
+            _fail("interrupted; nothing was written", 130, debug)
+        except click.ClickException as exc:
+            _fail(exc.format_message(), exc.exit_code, debug)
+        except IbnifyError as exc:
+            _fail(str(exc), 1, debug)
+        except (OSError, ValueError, RuntimeError, TypeError, KeyError) as exc:
+            message = first_line(exc, "")
+            _fail(
+                f"{type(exc).__name__}: {message} (rerun with --debug for the traceback)",
+                1,
+                debug,
+            )
+        code = result if isinstance(result, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+def _fail(message: str, code: int, debug: bool) -> None:
+    if debug:
+        traceback.print_exc()
+    first = " ".join(message.split())
+    click.echo(f"error: {first}", err=True)
+    sys.exit(code)
+
+
+def _library_parser(name: str):
+    """A click callback that runs ``ibnify.core.plans.<name>`` on the option's value and turns
+    its InvalidOptionError into a usage error (exit 2); the library owns the checks."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is None:
+            return None
+        from ..core import plans
+
+        try:
+            return getattr(plans, name)(value)
+        except IbnifyError as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+    return callback
+
+
+_parse_stages = _library_parser("parse_stages")
+_check_ratio = _library_parser("check_ratio")
+_parse_input_size = _library_parser("parse_input_size")
+
+
+class _LayoutChoice(click.Choice):
+    """The layout names of the library's registry, read when a value is checked.
+
+    The registry lives with the layouts (which load torch), so help shows ``LAYOUT`` and the
+    names are read only when the command runs; ``--help`` stays fast.
+    """
+
+    def __init__(self) -> None:
+        super().__init__((), case_sensitive=False)
+
+    @property
+    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
+        from ..core.layouts import layout_choices
+
+        return tuple(layout_choices())
+
+    @choices.setter
+    def choices(self, value: Any) -> None:  # click.Choice.__init__ assigns; the registry rules
+        pass
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context) -> str:
+        return "LAYOUT"
+
+
+def _plan_options(function):
+    """Add the plan options to a command; it receives them as one ``options: PlanOptions``."""
+
+    @functools.wraps(function)
+    def command(**kwargs: Any) -> Any:
+        from ..core.plans import PlanOptions
+
+        kwargs["options"] = PlanOptions(
+            layout=kwargs.pop("layout"),
+            stages=kwargs.pop("stages"),
+            ratio=kwargs.pop("ratio"),
+            input_size=kwargs.pop("input_size"),
+        )
+        return function(**kwargs)
+
+    options = [
+        click.argument("model"),
+        click.option(
+            "--layout",
+            default="a",
+            show_default=True,
+            type=_LayoutChoice(),
+            help="a (IBN-a for the model's family), b (IBN-b, ResNet family), or an explicit "
+            "layout: resnet-a, resnet-b, densenet-a, generic-a.",
+        ),
+        click.option(
+            "--stages",
+            callback=_parse_stages,
+            help="Stages to convert, e.g. 1-3 or 1,2 (default: the layout's published stages).",
+        ),
+        click.option(
+            "--ratio",
+            type=float,
+            callback=_check_ratio,
+            help="Fraction of channels given to IN (default 0.5; DenseNet 0.4).",
+        ),
+        click.option(
+            "--input-size",
+            callback=_parse_input_size,
+            help="Dummy input for shape analysis: 224 or 3,224,224 (default from the model).",
+        ),
+        click.option("--num-classes", type=click.IntRange(min=1), help="Classifier size."),
+        click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON."),
+        click.option(
+            "-v", "--verbose", is_flag=True, help="Also list every unchanged norm and why."
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _data_options(function):
+    options = [
+        click.option(
+            "--data",
+            type=click.Path(file_okay=False),
+            help="ImageFolder directory (CLASS/IMAGE files); timm's transforms for the model.",
+        ),
+        click.option(
+            "--dataset",
+            type=click.Choice(["digits"]),
+            help="Built-in data set: scikit-learn's handwritten digits as 3×16×16 images.",
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _one_data_source(data: str | None, dataset: str | None) -> None:
+    """The library's check of --data/--dataset, reported as a usage error (exit 2)."""
+    from ..data import check_data_source
+
+    try:
+        check_data_source(data, dataset)
+    except IbnifyError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+@click.group(cls=IbnifyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ibnify")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+def cli(debug: bool) -> None:
+    """ibnify: convert a BatchNorm CNN into its IBN-Net form, fine-tune, export to ONNX."""

@@ -1,0 +1,68 @@
+"""Run the ibnify CLI in a fresh process per call without paying the interpreter's imports.
+
+The bad-input matrix runs about fifty commands; through the console script each one spends
+about five seconds importing torch, torchvision and timm before it fails in a fraction of a
+second. Here a forkserver imports those once (before any torch op, so no thread pool exists
+yet) and forks one child per command: a real process with its own exit code, stderr and file
+system effects, running ``ibnify.cli.main`` exactly as the console script does.
+``tests/test_bad_inputs.py::test_version_still_reports`` and ``tests/test_cli.py`` still run
+the installed console script itself.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from ibnify.cli import main
+
+# Imported once in the server; every child starts with them loaded.
+_PRELOAD = ["torch", "torchvision", "timm", "onnx", "onnxruntime", "ibnify.api", "ibnify.cli"]
+_CONTEXT = multiprocessing.get_context("forkserver")
+_CONTEXT.set_forkserver_preload([*_PRELOAD, __name__])
+
+
+def _child(args: list[str], stdout_path: str, stderr_path: str) -> None:
+    """In the forked child: stdin from /dev/null, stdout/stderr to files, then the CLI."""
+    for fd, path, flags in (
+        (0, os.devnull, os.O_RDONLY),
+        (1, stdout_path, os.O_WRONLY | os.O_TRUNC),
+        (2, stderr_path, os.O_WRONLY | os.O_TRUNC),
+    ):
+        opened = os.open(path, flags)
+        os.dup2(opened, fd)
+        os.close(opened)
+    sys.stdin = open(0, closefd=False)  # noqa: SIM115 (the process's own stdin)
+    sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+    warnings.simplefilter("ignore")  # as PYTHONWARNINGS=ignore does for the console script
+    main(args)  # exits through SystemExit; multiprocessing turns its code into the exit code
+
+
+def run_cli(args: Sequence[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``ibnify ARGS`` in a forked child; the result looks like ``subprocess.run``'s."""
+    with tempfile.TemporaryDirectory(prefix="ibnify-cli-") as folder:
+        stdout_path, stderr_path = Path(folder, "stdout"), Path(folder, "stderr")
+        stdout_path.touch()
+        stderr_path.touch()
+        process = _CONTEXT.Process(
+            target=_child, args=(list(args), str(stdout_path), str(stderr_path))
+        )
+        process.start()
+        process.join(timeout)
+        if process.is_alive():
+            process.kill()
+            process.join()
+            raise subprocess.TimeoutExpired(["ibnify", *args], timeout)
+        return subprocess.CompletedProcess(
+            ["ibnify", *args],
+            process.exitcode,
+            stdout_path.read_text(errors="replace"),
+            stderr_path.read_text(errors="replace"),
+        )
