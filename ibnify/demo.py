@@ -162,7 +162,7 @@ def _run(
     quiet: bool,
     say: Callable[[str], None],
 ) -> DemoResult:
-
+    """Train the baseline, convert, fine-tune IBN and control alike, evaluate, export, save."""
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     train_data = digits_data("train", seed=config.seed)
@@ -173,15 +173,7 @@ def _run(
     )
 
     baseline, _ = build_model(SOURCE)
-    base_config = FinetuneConfig(
-        epochs=config.baseline_epochs,
-        lr=config.baseline_lr,
-        batch_size=config.batch_size,
-        weight_decay=config.weight_decay,
-        seed=config.seed,
-        quiet=quiet,
-        device="cpu",
-    )
+    base_config = _finetune_config(config, config.baseline_epochs, config.baseline_lr, 0, quiet)
     step = time.perf_counter()
     finetune(baseline, train_data, base_config)
     seconds = time.perf_counter() - step
@@ -193,15 +185,7 @@ def _run(
     sites = ", ".join(site.name for site in plan.sites) if plan else ""
     say(f"2. converted with ibnify: IBN-a in stages {config.stages}, sites {sites}")
     control = copy.deepcopy(baseline)
-    tune = FinetuneConfig(
-        epochs=config.finetune_epochs,
-        lr=config.finetune_lr,
-        batch_size=config.batch_size,
-        weight_decay=config.weight_decay,
-        seed=config.seed + 1,
-        quiet=quiet,
-        device="cpu",
-    )
+    tune = _finetune_config(config, config.finetune_epochs, config.finetune_lr, 1, quiet)
     step = time.perf_counter()
     finetune(ibn, train_data, tune)
     finetune(control, train_data, tune)
@@ -233,6 +217,21 @@ def _run(
     _save_unconverted(copy.deepcopy(control), files["control"])
     save(ibn, files["ibn"])
     return DemoResult(report, time.perf_counter() - started, files, onnx)
+
+
+def _finetune_config(
+    config: DemoConfig, epochs: int, lr: float, seed_offset: int, quiet: bool
+) -> FinetuneConfig:
+    """The demo's fine-tuning settings on CPU; the seed offset keeps baseline and tune apart."""
+    return FinetuneConfig(
+        epochs=epochs,
+        lr=lr,
+        batch_size=config.batch_size,
+        weight_decay=config.weight_decay,
+        seed=config.seed + seed_offset,
+        quiet=quiet,
+        device="cpu",
+    )
 
 
 def _export_and_verify(model: nn.Module, path: Path, test_data) -> dict[str, Any]:

@@ -78,9 +78,15 @@ class ModelSource:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def convert_args(self) -> str:
-        """The ``ibnify convert`` arguments that rebuild this model's weights before conversion."""
+        """The ``ibnify convert`` arguments that rebuild this model's weights before conversion.
+
+        Of a checkpoint's constructor arguments only ``num_classes`` has a CLI option; a recipe
+        with others (``width``, ``in_chans``, ...) cannot be rebuilt from the command line.
+        """
         if self.checkpoint is not None:
-            return f"{self.source} --weights {self.checkpoint}"
+            classes = self.model_kwargs.get("num_classes")
+            extra = f" --num-classes {classes}" if classes is not None else ""
+            return f"{self.source} --weights {self.checkpoint}{extra}"
         if self.weights is not None:
             return f"{self.label} --weights {self.weights}"
         return self.label

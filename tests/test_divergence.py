@@ -228,3 +228,12 @@ def test_bad_inputs_end_in_one_error_line(tmp_path) -> None:
         result = CliRunner().invoke(cli, argv(name, args))
         _check(name, result.exit_code, result.output, message)
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_checkpoint_convert_args_carry_num_classes(tmp_path) -> None:
+    """The printed `ibnify convert` command must rebuild a head of the checkpoint's size."""
+    checkpoint = tmp_path / "seven.safetensors"
+    torch.manual_seed(0)
+    ibnify.save(ibnify.convert(SOURCE, model_kwargs={"num_classes": 7}), checkpoint)
+    loaded = load_model_or_checkpoint(str(checkpoint))
+    assert loaded.convert_args() == f"{SOURCE} --weights {checkpoint} --num-classes 7"

@@ -87,6 +87,7 @@ def analyze_command(
     """Feature divergence between two domains at every norm layer (IBN-Net §3): where
     appearance lives in MODEL (a model name or an ibnify checkpoint), and a suggested --stages.
     """
+    # Long only by its option list: each option is one parameter, passed on to the library.
     import torch
 
     from .._io import check_output_path
@@ -202,6 +203,7 @@ def search_command(
     """Convert, fine-tune and evaluate candidate IBN layouts of MODEL (a model name or an
     unconverted ibnify checkpoint) plus an identically fine-tuned control; rank them.
     """
+    # Long only by its option list: each option is one parameter, passed on to the library.
     import torch
 
     from ..divergence import load_model_or_checkpoint

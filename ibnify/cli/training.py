@@ -89,6 +89,7 @@ def finetune_command(
 
     Runs data-parallel under `torchrun --nproc_per_node N -m ibnify finetune ...`.
     """
+    # Long only by its option list: each option is one parameter, passed on to the library.
     import json
     import os
 

@@ -237,6 +237,8 @@ def export_onnx(
         ExportError: the exporter failed, or the graph fails ``onnx.checker`` or the op checks.
     """
 
+    # Long by design: one linear sequence (check, fold, export, profile, metadata, verify)
+    # inside one atomic_output block, so the temporary file's lifetime reads in one place.
     if opset < 17:
         raise ExportError(f"opset {opset} is too old; use 17 or newer")
     if profile not in PROFILES:

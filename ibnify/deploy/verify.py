@@ -166,6 +166,7 @@ def verify_onnx(
         VerificationError: the file is missing, corrupt, from another model, or (with
             ``raise_on_failure``) an output differs beyond ``atol + rtol * |torch|``.
     """
+    # Long by design: the input cases (batches, a second size, images) read top to bottom.
     session = open_engine(path, engine)
     atol, rtol, profile = _tolerance(path, atol, rtol)
     report = VerificationReport(Path(path), atol, rtol, engine=engine)
