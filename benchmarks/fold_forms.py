@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ibnify
 from benchmarks._results import machine_line, update_section
+from benchmarks._timing import ratio_cells, time_batches
 from ibnify.core.layers import IBN
 from ibnify.deploy import fold
 from ibnify.deploy.bench import bench_onnx
@@ -70,26 +71,8 @@ def network_sweep(directory: Path, args: argparse.Namespace) -> list[str]:
         fold.SPLIT_MIN_POSITIONS = default
     files["resnet50"] = directory / "resnet50.onnx"
     export_onnx(base, files["resnet50"])
-    rows = []
-    reports = {}
-    for batch, runs in ((1, args.runs), (8, args.runs_batch8)):
-        reports[batch] = bench_onnx(
-            list(files.values()),
-            batch=batch,
-            threads=args.threads,
-            warmup=args.warmup,
-            runs=runs,
-            names=list(files),
-        )
-        print(reports[batch])
-    for name in THRESHOLDS:
-        cells = [name]
-        for batch in (1, 8):
-            report = reports[batch]
-            timing = next(t for t in report.timings if t.name == name)
-            cells += [f"{timing.median_ms:.1f}", f"{report.paired_ratio(name, 'resnet50'):.3f}"]
-        rows.append("| " + " | ".join(cells) + " |")
-    return rows
+    reports = time_batches(files, args)
+    return ["| " + " | ".join([name, *ratio_cells(reports, name)]) + " |" for name in THRESHOLDS]
 
 
 def main() -> None:

@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ibnify
 from benchmarks._results import machine_line, update_section
+from benchmarks._timing import ratio_cells, time_batches
 from ibnify.data import Normalize, digits_data
-from ibnify.deploy.bench import BenchReport, bench_onnx, kernel_profile
+from ibnify.deploy.bench import BenchReport, kernel_profile
 from ibnify.deploy.export import export_onnx
 from ibnify.deploy.ort import open_session
 from ibnify.deploy.verify import verify_onnx
@@ -134,23 +135,6 @@ def digits_fp16(directory: Path, epochs: int) -> str:
     )
 
 
-def time_all(files: dict[str, Path], args: argparse.Namespace) -> dict[int, BenchReport]:
-    """onnxruntime, every variant interleaved, at batch 1 and 8."""
-    reports = {}
-    for batch, runs in ((1, args.runs), (8, args.runs_batch8)):
-        print(f"onnxruntime batch {batch}: {len(VARIANTS)} models interleaved, {runs} runs ...")
-        reports[batch] = bench_onnx(
-            list(files.values()),
-            batch=batch,
-            threads=args.threads,
-            warmup=args.warmup,
-            runs=runs,
-            names=list(files),
-        )
-        print(reports[batch])
-    return reports
-
-
 def time_openvino(files: dict[str, Path], args: argparse.Namespace) -> list[str]:
     """OpenVINO CPU (fp32): IBN-a (default, split, portable) vs resnet50 interleaved; rows."""
     if importlib.util.find_spec("openvino") is None:
@@ -160,26 +144,8 @@ def time_openvino(files: dict[str, Path], args: argparse.Namespace) -> list[str]
         "| OpenVINO | b1 median ms | b1 / resnet50 | b8 median ms | b8 / resnet50 |",
         "|---|---|---|---|---|",
     ]
-    reports = {}
-    for batch, runs in ((1, args.runs), (8, args.runs_batch8)):
-        print(f"OpenVINO batch {batch}: {len(names)} models interleaved, {runs} runs ...")
-        reports[batch] = bench_onnx(
-            [files[n] for n in names],
-            batch=batch,
-            threads=args.threads,
-            warmup=args.warmup,
-            runs=runs,
-            names=names,
-            engine="openvino",
-        )
-        print(reports[batch])
-    for name in names:
-        cells = [name]
-        for batch in (1, 8):
-            report = reports[batch]
-            timing = next(t for t in report.timings if t.name == name)
-            cells += [f"{timing.median_ms:.1f}", f"{report.paired_ratio(name, 'resnet50'):.3f}"]
-        rows.append("| " + " | ".join(cells) + " |")
+    reports = time_batches({n: files[n] for n in names}, args, engine="openvino")
+    rows += ["| " + " | ".join([name, *ratio_cells(reports, name)]) + " |" for name in names]
     ratio = reports[1].paired_ratio("IBN-a", "resnet50")
     verdict = "meets" if ratio <= TARGET_OPENVINO else "MISSES"
     rows += [
@@ -190,20 +156,10 @@ def time_openvino(files: dict[str, Path], args: argparse.Namespace) -> list[str]
 
 
 def latency_rows(reports: dict[int, BenchReport], errors: dict[str, str]) -> list[str]:
-    rows = []
-    for name in VARIANTS:
-        cells = [name]
-        for batch in (1, 8):
-            report = reports[batch]
-            timing = next(t for t in report.timings if t.name == name)
-            cells += [
-                f"{timing.median_ms:.1f}",
-                f"{timing.p90_ms:.1f}",
-                f"{report.paired_ratio(name, 'resnet50'):.3f}",
-            ]
-        cells.append(errors[name])
-        rows.append("| " + " | ".join(cells) + " |")
-    return rows
+    return [
+        "| " + " | ".join([name, *ratio_cells(reports, name, p90=True), errors[name]]) + " |"
+        for name in VARIANTS
+    ]
 
 
 def main() -> None:
@@ -222,7 +178,7 @@ def main() -> None:
         print(digits)
         files, models = export_all(Path(tmp))
         errors = check_numerics(files, models)
-        reports = time_all(files, args)
+        reports = time_batches(files, args)
         profiled = ["IBN-a", "IBN-a concat", "IBN-a split", "resnet50"]
         kernels = kernel_profile(
             [files[n] for n in profiled],

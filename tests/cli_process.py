@@ -17,10 +17,12 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ibnify.cli import main
+from click.testing import CliRunner
+
+from ibnify.cli import cli, main
 
 # Imported once in the server; every child starts with them loaded.
 _PRELOAD = ["torch", "torchvision", "timm", "onnx", "onnxruntime", "ibnify.api", "ibnify.cli"]
@@ -66,3 +68,32 @@ def run_cli(args: Sequence[str], timeout: float = 300) -> subprocess.CompletedPr
             stdout_path.read_text(errors="replace"),
             stderr_path.read_text(errors="replace"),
         )
+
+
+# A bad-input case: (CLI arguments after the command, text the one `error:` line must hold).
+BadInput = tuple[list, str]
+
+
+def check_bad_inputs(
+    forked: dict[str, BadInput],
+    in_process: dict[str, BadInput],
+    argv: Callable[[str, list], list[str]],
+) -> None:
+    """Each case exits 1 with one `error:` line holding its text and no traceback.
+
+    ``forked`` cases run in their own process (:func:`run_cli`), the others through click's
+    runner; ``argv(name, args)`` builds the full command line of a case.
+    """
+    for name, (args, message) in forked.items():
+        done = run_cli(argv(name, args), timeout=120)
+        _check_one_error_line(name, done.returncode, done.stderr, message)
+    for name, (args, message) in in_process.items():
+        result = CliRunner().invoke(cli, argv(name, args))
+        _check_one_error_line(name, result.exit_code, result.output, message)
+
+
+def _check_one_error_line(name: str, code: int, output: str, message: str) -> None:
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert code == 1, (name, output)
+    assert len(lines) == 1 and lines[0].startswith("error: "), (name, output)
+    assert "Traceback" not in output and message in lines[0], (name, lines[0])

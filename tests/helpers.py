@@ -4,8 +4,10 @@ every spelling of a residual addition."""
 from __future__ import annotations
 
 import operator
+from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import nn
 
 
@@ -56,3 +58,15 @@ ADD_SPELLINGS = {
     "operator.iadd": lambda a, b: operator.iadd(a, b),
     "radd": lambda a, b: b.__radd__(a),
 }
+
+
+def bad_class_folders(root: Path) -> dict[str, Path]:
+    """Image folders for bad-input cases: ``a`` (cat, dog) and ``b`` (cat, fox) whose class
+    sets differ, and ``empty`` with no images; one 16×16 image per class."""
+    folders = {"a": root / "a", "b": root / "b", "empty": root / "empty"}
+    folders["empty"].mkdir()
+    for folder, classes in ((folders["a"], ("cat", "dog")), (folders["b"], ("cat", "fox"))):
+        for name in classes:
+            (folder / name).mkdir(parents=True)
+            Image.new("RGB", (16, 16), (90, 20, 200)).save(folder / name / "x.png")
+    return folders

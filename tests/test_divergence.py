@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
 from torch.distributions import Normal, kl_divergence
 
 import ibnify
@@ -30,7 +28,8 @@ from ibnify.divergence import (
 )
 from ibnify.small_models import digits_resnet
 from ibnify.train import FinetuneConfig
-from tests.cli_process import run_cli
+from tests.cli_process import check_bad_inputs
+from tests.helpers import bad_class_folders
 
 SOURCE = "ibnify:digits_resnet"
 
@@ -180,28 +179,11 @@ def test_weights_with_original_or_ibn_keys(tmp_path) -> None:
     assert loaded.convert_args() == f"{SOURCE} --weights {converted}"
 
 
-def _bad_input_folders(root: Path) -> dict[str, Path]:
-    folders = {"a": root / "a", "b": root / "b", "empty": root / "empty"}
-    folders["empty"].mkdir()
-    for folder, classes in ((folders["a"], ("cat", "dog")), (folders["b"], ("cat", "fox"))):
-        for name in classes:
-            (folder / name).mkdir(parents=True)
-            Image.new("RGB", (16, 16), (90, 20, 200)).save(folder / name / "x.png")
-    return folders
-
-
-def _check(name: str, code: int, output: str, message: str) -> None:
-    lines = [line for line in output.splitlines() if line.strip()]
-    assert code == 1, (name, output)
-    assert len(lines) == 1 and lines[0].startswith("error: "), (name, output)
-    assert "Traceback" not in output and message in lines[0], (name, lines[0])
-
-
 def test_bad_inputs_end_in_one_error_line(tmp_path) -> None:
-    """Exit 1, one `error:` line, no traceback, no file written. One case goes through the real
-    console script (seconds of imports), the others through click's runner."""
-    f = _bad_input_folders(tmp_path)
-    scripted = {
+    """Exit 1, one `error:` line, no traceback, no file written. One case runs in its own
+    process, the others through click's runner."""
+    f = bad_class_folders(tmp_path)
+    forked = {
         "different classes": (
             [SOURCE, "--domain-a", f["a"], "--domain-b", f["b"]],
             "hold different class sets",
@@ -217,16 +199,7 @@ def test_bad_inputs_end_in_one_error_line(tmp_path) -> None:
     def argv(name: str, args: list) -> list[str]:
         return ["analyze", *map(str, args), "--plot", str(tmp_path / f"{name}.png")]
 
-    def run(item):
-        name, (args, _message) = item
-        return name, run_cli(argv(name, args), timeout=120)
-
-    results = dict(map(run, scripted.items()))
-    for name, (_args, message) in scripted.items():
-        _check(name, results[name].returncode, results[name].stderr, message)
-    for name, (args, message) in in_process.items():
-        result = CliRunner().invoke(cli, argv(name, args))
-        _check(name, result.exit_code, result.output, message)
+    check_bad_inputs(forked, in_process, argv)
     assert sorted(tmp_path.rglob("*")) == before
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
 
 import ibnify
 import ibnify.layout_search as layout_search
@@ -24,7 +23,8 @@ from ibnify.errors import InvalidOptionError
 from ibnify.layout_search import RESULTS_FILE, Candidate, parse_candidates, search_placement
 from ibnify.small_models import digits_resnet
 from ibnify.train import FinetuneConfig
-from tests.cli_process import run_cli
+from tests.cli_process import check_bad_inputs
+from tests.helpers import bad_class_folders
 
 SOURCE = "ibnify:digits_resnet"
 KWARGS = {"width": 4}
@@ -162,23 +162,11 @@ def test_cli_search_prints_ranking_and_reproduce_command(setup, tmp_path) -> Non
     assert ibnify.load(out / "best.safetensors").layer1[0].conv1.out_channels == 4
 
 
-def _check(name: str, code: int, output: str, message: str) -> None:
-    lines = [line for line in output.splitlines() if line.strip()]
-    assert code == 1, (name, output)
-    assert len(lines) == 1 and lines[0].startswith("error: "), (name, output)
-    assert "Traceback" not in output and message in lines[0], (name, lines[0])
-
-
 def test_bad_inputs_end_in_one_error_line(tmp_path) -> None:
-    """Exit 1, one `error:` line, no traceback, nothing written (not even --out). One case goes
-    through the real console script (seconds of imports), the others through click's runner."""
-    for folder, classes in (("a", ("cat", "dog")), ("b", ("cat", "fox"))):
-        for name in classes:
-            (tmp_path / folder / name).mkdir(parents=True)
-            Image.new("RGB", (16, 16), (90, 20, 200)).save(tmp_path / folder / name / "x.png")
-    (tmp_path / "empty").mkdir()
-    a, b, empty = (str(tmp_path / n) for n in ("a", "b", "empty"))
-    scripted = {
+    """Exit 1, one `error:` line, no traceback, nothing written (not even --out). One case runs
+    in its own process, the others through click's runner."""
+    a, b, empty = (str(path) for path in bad_class_folders(tmp_path).values())
+    forked = {
         "different classes": ([SOURCE, "--data", a, "--val-data", b], "different class sets"),
     }
     in_process = {
@@ -195,14 +183,5 @@ def test_bad_inputs_end_in_one_error_line(tmp_path) -> None:
     def argv(name: str, args: list[str]) -> list[str]:
         return ["search", *args, "--out", str(tmp_path / name.replace(" ", "-"))]
 
-    def run(item):
-        name, (args, _message) = item
-        return name, run_cli(argv(name, args), timeout=120)
-
-    results = dict(map(run, scripted.items()))
-    for name, (_args, message) in scripted.items():
-        _check(name, results[name].returncode, results[name].stderr, message)
-    for name, (args, message) in in_process.items():
-        result = CliRunner().invoke(cli, argv(name, args))
-        _check(name, result.exit_code, result.output, message)
+    check_bad_inputs(forked, in_process, argv)
     assert sorted(tmp_path.rglob("*")) == before

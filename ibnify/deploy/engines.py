@@ -59,14 +59,8 @@ class OpenVinoSession:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         self._compiled = core.compile_model(model, "CPU", config)
         self._request = self._compiled.create_infer_request()
-        self._inputs = [
-            PortInfo(
-                port.get_any_name(),
-                [d.get_length() if d.is_static else f"dim{i}" for i, d in enumerate(shape)],
-            )
-            for port in self._compiled.inputs
-            for shape in [port.get_partial_shape()]
-        ]
+        self._inputs = _port_infos(self._compiled.inputs)
+        self._outputs = _port_infos(self._compiled.outputs)
 
     def get_inputs(self) -> list[PortInfo]:
         """The model's inputs (name, shape) like onnxruntime's ``get_inputs``."""
@@ -74,21 +68,26 @@ class OpenVinoSession:
 
     def get_outputs(self) -> list[PortInfo]:
         """The model's outputs (name, shape) like onnxruntime's ``get_outputs``."""
-        return [
-            PortInfo(
-                port.get_any_name(),
-                [
-                    d.get_length() if d.is_static else f"dim{i}"
-                    for i, d in enumerate(port.get_partial_shape())
-                ],
-            )
-            for port in self._compiled.outputs
-        ]
+        return list(self._outputs)
 
     def run(self, output_names: None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run one inference; return every output as a fresh numpy array."""
         results = self._request.infer(feed)
         return [np.array(results[port]) for port in self._compiled.outputs]
+
+
+def _port_infos(ports: Any) -> list[PortInfo]:
+    """OpenVINO ports as onnxruntime describes them: a dynamic dimension gets a name."""
+    return [
+        PortInfo(
+            port.get_any_name(),
+            [
+                d.get_length() if d.is_static else f"dim{i}"
+                for i, d in enumerate(port.get_partial_shape())
+            ],
+        )
+        for port in ports
+    ]
 
 
 def open_engine(

@@ -245,8 +245,8 @@ def export_onnx(
         raise ExportError(f"export profile {profile!r} is not one of {', '.join(PROFILES)}")
     if fold_form not in FOLD_FORMS:
         raise ExportError(f"fold form {fold_form!r} is not one of {', '.join(FOLD_FORMS)}")
-    channels = default_input_size(model)[0]
-    size = default_input_size(model) if input_size is None else as_input_size(input_size, channels)
+    default = default_input_size(model)
+    size = default if input_size is None else as_input_size(input_size, default[0])
     metadata = _recipe_metadata(model)
     if fold:
         export_model, fold_report = fold_bn_halves(model, form=fold_form, input_size=size)

@@ -213,17 +213,18 @@ class FoldReport:
         return "\n".join(lines)
 
     def unfolded_reasons(self) -> Counter[str]:
-        """How many sites were left unfolded for each reason, most common first."""
+        """How many sites were left unfolded for each reason, in the order first seen."""
         return Counter(reason for _, reason in self.unfolded)
 
     def summary(self) -> str:
         """One line for a warning: the unfolded count and the reasons, without site names."""
-        reasons = "; ".join(
-            f"{count} × {reason}" if len(self.unfolded_reasons()) > 1 else reason
-            for reason, count in self.unfolded_reasons().most_common()
+        reasons = self.unfolded_reasons()
+        text = "; ".join(
+            f"{count} × {reason}" if len(reasons) > 1 else reason
+            for reason, count in reasons.most_common()
         )
         total = len(self.unfolded)
-        return f"{total} IBN site{'s' if total != 1 else ''} exported unfolded ({reasons})"
+        return f"{total} IBN site{'s' if total != 1 else ''} exported unfolded ({text})"
 
     def details(self) -> str:
         """One line per unfolded site with its reason (``ibnify export --verbose``)."""
