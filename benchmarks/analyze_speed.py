@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ibnify
 from benchmarks._results import machine_line, update_section
-from ibnify.data import ImageData, Normalize
-from ibnify.evaluation import apply_shift
+from ibnify.data.images import ImageData, Normalize
+from ibnify.data.shifts import apply_shift
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SHIFT = "brightness_down"

@@ -27,9 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ibnify
 from benchmarks._results import machine_line, update_section
-from ibnify.data import ImageData, digits_data
-from ibnify.models import build_model
-from ibnify.train import FinetuneConfig, finetune
+from ibnify.data.digits import digits_data
+from ibnify.data.images import ImageData
+from ibnify.models.registry import build_model
+from ibnify.train.config import FinetuneConfig
+from ibnify.train.loop import finetune
 
 BATCH = 64
 LR = 0.02

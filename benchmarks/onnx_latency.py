@@ -30,13 +30,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ibnify
 from benchmarks._results import machine_line, update_section
 from benchmarks._timing import ratio_cells, time_batches
-from ibnify.data import Normalize, digits_data
+from ibnify.data.digits import digits_data
+from ibnify.data.images import Normalize
 from ibnify.deploy.bench import BenchReport, kernel_profile
 from ibnify.deploy.export import export_onnx
 from ibnify.deploy.ort import open_session
 from ibnify.deploy.verify import verify_onnx
-from ibnify.models import build_model
-from ibnify.train import FinetuneConfig, finetune
+from ibnify.models.registry import build_model
+from ibnify.train.config import FinetuneConfig
+from ibnify.train.loop import finetune
 from tests.helpers import randomize_norms
 
 TARGET_ORT, TARGET_OPENVINO = 1.05, 1.02

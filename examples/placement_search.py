@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 import ibnify
-from ibnify.data import digits_data
+from ibnify.data.digits import digits_data
 from ibnify.demo import DemoConfig
-from ibnify.models import build_model
-from ibnify.train import FinetuneConfig
+from ibnify.models.registry import build_model
+from ibnify.train.config import FinetuneConfig
 
 SOURCE = "ibnify:digits_resnet"
 CANDIDATES = "a:1;a:1-2;a:1-3;a:1-2@0.25;b"

@@ -15,11 +15,11 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "convert": "api",
     "convert_named": "api",
-    "load_weights": "weights",
+    "load_weights": "models.weights",
     "plan": "api",
-    "load": "checkpoint",
-    "read_recipe": "checkpoint",
-    "save": "checkpoint",
+    "load": "models.checkpoint",
+    "read_recipe": "models.checkpoint",
+    "save": "models.checkpoint",
     "IbnifyError": "errors",
     "analyze": "core.graph",
     "list_norm_layers": "core.graph",
@@ -32,10 +32,10 @@ _EXPORTS = {
     "get_plan": "core.surgery",
     "export_onnx": "deploy.export",
     "verify_onnx": "deploy.verify",
-    "finetune": "train",
+    "finetune": "train.loop",
     "evaluate": "evaluation",
-    "analyze_divergence": "divergence",
-    "search_placement": "layout_search",
+    "analyze_divergence": "placement.divergence",
+    "search_placement": "placement.search",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

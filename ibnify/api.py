@@ -22,8 +22,8 @@ from .core.layouts import make_plan
 from .core.plans import ConversionPlan, PlanOptions
 from .core.surgery import apply_plan
 from .errors import InvalidOptionError, WeightsError
-from .models import build_model
-from .weights import describe_key_mismatch, load_state_dict_file, load_weights
+from .models.registry import build_model
+from .models.weights import describe_key_mismatch, load_state_dict_file, load_weights
 
 __all__ = ["PlanOptions", "convert", "convert_named", "plan"]
 

@@ -23,16 +23,18 @@ from torch import nn
 
 from ._io import atomic_write_bytes, check_output_path
 from .api import convert
-from .checkpoint import save
 from .core.plans import ConversionPlan
 from .core.surgery import apply_plan, get_plan
-from .data import Normalize, digits_data
+from .data.digits import digits_data
+from .data.images import Normalize
 from .deploy.export import export_onnx
 from .deploy.ort import open_session
 from .deploy.verify import verify_onnx
 from .evaluation import RobustnessReport, evaluate
-from .models import build_model
-from .train import FinetuneConfig, finetune
+from .models.checkpoint import save
+from .models.registry import build_model
+from .train.config import FinetuneConfig
+from .train.loop import finetune
 
 __all__ = ["DemoConfig", "DemoResult", "demo_outputs", "run_demo"]
 

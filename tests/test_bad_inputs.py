@@ -368,7 +368,7 @@ def _make_model_assets(assets: Path) -> None:
             (assets / "bad_images" / label / "broken.png").write_bytes(os.urandom(300))
         else:
             Image.new("RGB", (32, 32), payload).save(assets / "bad_images" / label / "ok.png")
-    from ibnify.data import digits_data
+    from ibnify.data.digits import digits_data
 
     ibnify.finetune(
         tiny,

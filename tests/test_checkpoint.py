@@ -13,8 +13,8 @@ import torchvision
 import ibnify
 from ibnify.core.surgery import get_plan
 from ibnify.errors import CheckpointError, ModelNotFoundError, WeightsError
-from ibnify.models import resolve_name
-from ibnify.weights import clean_state_dict, load_state_dict_file
+from ibnify.models.registry import resolve_name
+from ibnify.models.weights import clean_state_dict, load_state_dict_file
 from tests.reference_ibn import resnet_ibn
 
 SMALL = (3, 64, 64)

@@ -135,7 +135,7 @@ def test_real_console_script(tmp_path) -> None:
         ("export", "fold_form", "ibnify.deploy.fold:FOLD_FORMS"),
         ("verify", "engine", "ibnify.deploy.engines:ENGINES"),
         ("bench", "engine", "ibnify.deploy.engines:ENGINES"),
-        ("finetune", "dataset", "ibnify.data:BUILTIN_DATASETS"),
+        ("finetune", "dataset", "ibnify.data.sources:BUILTIN_DATASETS"),
     ],
 )
 def test_cli_choices_are_the_librarys(command: str, option: str, library: str) -> None:

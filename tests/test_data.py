@@ -8,16 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from ibnify.data import (
-    DataError,
-    check_data_source,
-    digits_data,
-    image_folder_data,
-    load_digits_images,
-    resolve_data_source,
-)
+from ibnify.data.digits import digits_data, load_digits_images
+from ibnify.data.images import DataError, image_folder_data
+from ibnify.data.sources import check_data_source, resolve_data_source
 from ibnify.errors import InvalidOptionError
-from ibnify.models import build_model
+from ibnify.models.registry import build_model
 
 
 @pytest.fixture(scope="module")

@@ -18,16 +18,15 @@ from torch.distributions import Normal, kl_divergence
 import ibnify
 from ibnify.cli import cli
 from ibnify.core.plans import ConversionPlan
-from ibnify.data import digits_data
-from ibnify.divergence import (
-    CONTENT_FACTOR,
+from ibnify.data.digits import digits_data
+from ibnify.models.small import digits_resnet
+from ibnify.placement.divergence import (
     analyze_divergence,
     gaussian_symmetric_kl,
     load_model_or_checkpoint,
-    suggest_stages,
 )
-from ibnify.small_models import digits_resnet
-from ibnify.train import FinetuneConfig
+from ibnify.placement.divergence_report import CONTENT_FACTOR, suggest_stages
+from ibnify.train.config import FinetuneConfig
 from tests.cli_process import check_bad_inputs
 from tests.helpers import bad_class_folders
 

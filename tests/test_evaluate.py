@@ -14,15 +14,11 @@ from torch.utils.data import TensorDataset
 
 import ibnify
 from ibnify.cli import cli
-from ibnify.data import ImageData, load_digits_images
-from ibnify.evaluation import (
-    SHIFTS,
-    RobustnessReport,
-    apply_shift,
-    evaluate,
-    parse_shifts,
-)
-from ibnify.models import build_model
+from ibnify.data.digits import load_digits_images
+from ibnify.data.images import ImageData
+from ibnify.data.shifts import SHIFTS, apply_shift, parse_shifts
+from ibnify.evaluation import RobustnessReport, evaluate
+from ibnify.models.registry import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -95,7 +95,7 @@ def _expected_ibn_a_shapes(original: dict, pattern: str, ratio: float, bn_first=
 
 @pytest.mark.parametrize(("name", "sites"), [("timm:resnet50", 13), ("timm:seresnext50_32x4d", 13)])
 def test_timm_resnet_family_ibn_a_keys(name: str, sites: int) -> None:
-    original, _ = ibnify.models.build_model(name)
+    original, _ = ibnify.models.registry.build_model(name)
     converted = ibnify.convert(original, input_size=SMALL)
     assert len(get_plan(converted).sites) == sites
     expected = _expected_ibn_a_shapes(state_dict_shapes(original), r"layer[123]\.\d+\.bn1", 0.5)

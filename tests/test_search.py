@@ -15,14 +15,14 @@ import torch
 from click.testing import CliRunner
 
 import ibnify
-import ibnify.layout_search as layout_search
+import ibnify.placement.search as layout_search
 from ibnify.cli import cli
 from ibnify.core.plans import ConversionPlan
-from ibnify.data import digits_data
+from ibnify.data.digits import digits_data
 from ibnify.errors import InvalidOptionError
-from ibnify.layout_search import RESULTS_FILE, Candidate, parse_candidates, search_placement
-from ibnify.small_models import digits_resnet
-from ibnify.train import FinetuneConfig
+from ibnify.models.small import digits_resnet
+from ibnify.placement.search import RESULTS_FILE, Candidate, parse_candidates, search_placement
+from ibnify.train.config import FinetuneConfig
 from tests.cli_process import check_bad_inputs
 from tests.helpers import bad_class_folders
 

@@ -27,9 +27,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import ibnify
-from ibnify.checkpoint import FORMAT, Recipe
 from ibnify.errors import CheckpointError, VerificationError
-from ibnify.models import MODEL_KWARGS, check_model_kwargs
+from ibnify.models.checkpoint import FORMAT, Recipe
+from ibnify.models.registry import MODEL_KWARGS, check_model_kwargs
 
 _NETWORK_EVENTS = ("socket.connect", "socket.getaddrinfo", "socket.gethostbyname", "urllib.Request")
 _DATA_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".pkl", ".npz", ".h5")

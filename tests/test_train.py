@@ -17,21 +17,12 @@ from torch.utils.data import TensorDataset
 
 import ibnify
 from ibnify.cli import cli
-from ibnify.data import ImageData
-from ibnify.models import build_model
-from ibnify.train import (
-    CHECKPOINT_FILE,
-    METRICS_FILE,
-    MODEL_FILE,
-    FinetuneConfig,
-    distillation_loss,
-    finetune,
-    load_training_state,
-    parameter_groups,
-)
-from ibnify.train import (
-    lr_factor as _lr_factor,
-)
+from ibnify.data.images import ImageData
+from ibnify.models.registry import build_model
+from ibnify.train.config import FinetuneConfig, distillation_loss, parameter_groups
+from ibnify.train.config import lr_factor as _lr_factor
+from ibnify.train.loop import finetune
+from ibnify.train.state import CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE, load_training_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -193,9 +184,9 @@ import os, sys, torch
 sys.path.insert(0, {root!r})
 import ibnify
 from torch.utils.data import TensorDataset
-from ibnify.data import ImageData
-from ibnify.models import build_model
-from ibnify.train import finetune
+from ibnify.data.images import ImageData
+from ibnify.models.registry import build_model
+from ibnify.train.loop import finetune
 
 torch.set_num_threads(1)
 torch.manual_seed(int(os.environ["RANK"]))  # different init per rank: DDP must sync it

@@ -189,7 +189,7 @@ def _data_options(function):
 
 def _one_data_source(data: str | None, dataset: str | None) -> None:
     """The library's check of --data/--dataset, reported as a usage error (exit 2)."""
-    from ..data import check_data_source
+    from ..data.sources import check_data_source
 
     try:
         check_data_source(data, dataset)

@@ -57,8 +57,8 @@ def convert_command(
 
     from .._io import check_output_path
     from ..api import convert_named
-    from ..checkpoint import save
     from ..core.surgery import get_plan
+    from ..models.checkpoint import save
 
     if weights and pretrained:
         raise click.UsageError("give either --weights or --pretrained, not both")

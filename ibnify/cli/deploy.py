@@ -74,9 +74,9 @@ def export_command(
     profile's tolerance before it is written.
     """
     from .._io import check_output_path
-    from ..checkpoint import load
     from ..deploy.export import PROFILE_TOLERANCES, export_onnx
     from ..deploy.verify import verify_onnx
+    from ..models.checkpoint import load
 
     target = check_output_path(output, force=force)
     model = load(checkpoint)
@@ -141,9 +141,9 @@ def verify_command(
     engine: str,
 ) -> None:
     """Compare ONNX_FILE in onnxruntime with the PyTorch model in a checkpoint; exit 1 on error."""
-    from ..checkpoint import load
     from ..deploy.verify import verify_onnx
     from ..errors import VerificationError
+    from ..models.checkpoint import load
 
     model = load(against)
     report = verify_onnx(

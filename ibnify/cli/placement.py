@@ -19,8 +19,9 @@ def _load_domains(
     seed: int,
 ) -> tuple[Any, Any, str | None]:
     """analyze's data options → (domain A, domain B or None, shifts or None); usage errors."""
-    from ..data import image_folder_data, resolve_data_source
-    from ..divergence import check_same_classes
+    from ..data.images import image_folder_data
+    from ..data.sources import resolve_data_source
+    from ..placement.divergence import check_same_classes
 
     pair = domain_a is not None or domain_b is not None
     if pair and (data is not None or dataset is not None):
@@ -91,8 +92,8 @@ def analyze_command(
     import torch
 
     from .._io import check_output_path
-    from ..divergence import analyze_divergence, load_model_or_checkpoint
-    from ..evaluation import parse_shifts
+    from ..data.shifts import parse_shifts
+    from ..placement.divergence import analyze_divergence, load_model_or_checkpoint
 
     if shifts is not None:
         parse_shifts(shifts)  # fail on a bad --shift before loading anything
@@ -137,7 +138,8 @@ def _search_data(
     model: Any, data: str | None, dataset: str | None, val_data: str | None, seed: int
 ) -> tuple[Any, Any, str]:
     """search's training and validation data, and the same options for `ibnify finetune`."""
-    from ..data import digits_data, image_folder_data
+    from ..data.digits import digits_data
+    from ..data.images import image_folder_data
 
     if dataset is not None:
         train, val = digits_data("train", seed=seed), digits_data("test", seed=seed)
@@ -206,10 +208,11 @@ def search_command(
     # Long only by its option list: each option is one parameter, passed on to the library.
     import torch
 
-    from ..divergence import load_model_or_checkpoint
-    from ..evaluation import parse_shifts
-    from ..layout_search import RANK_RULE, parse_candidates, search_placement
-    from ..train import FinetuneConfig
+    from ..data.shifts import parse_shifts
+    from ..placement.divergence import load_model_or_checkpoint
+    from ..placement.search import parse_candidates, search_placement
+    from ..placement.search_report import RANK_RULE
+    from ..train.config import FinetuneConfig
 
     _one_data_source(data, dataset)
     if data is not None and val_data is None:

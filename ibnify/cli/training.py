@@ -93,7 +93,9 @@ def finetune_command(
     import json
     import os
 
-    from ..train import MODEL_FILE, FinetuneConfig, finetune_files
+    from ..train.config import FinetuneConfig
+    from ..train.loop import finetune_files
+    from ..train.state import MODEL_FILE
 
     _one_data_source(data, dataset)
     if resume and force:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..core.surgery import get_plan
-from ..data import data_config, load_images
+from ..data.images import data_config, load_images
 from ..errors import VerificationError, first_line
 from .engines import open_engine
 from .export import PROFILE_TOLERANCES, read_onnx_metadata

@@ -34,7 +34,7 @@ SAMPLE_SIZE = 40
 def golden_plan_json(model: str, layout: str, input_size: int | None) -> str:
     """The plan JSON for one golden entry, exactly as the files hold it."""
     import ibnify
-    from ibnify.models import build_model
+    from ibnify.models.registry import build_model
 
     module, source = build_model(model)
     size = None if input_size is None else (3, input_size, input_size)
@@ -57,7 +57,7 @@ def zoo_sample() -> list[tuple[str, int]]:
 def sample_sites(model: str, size: int) -> list[str]:
     """Names of the sites ibnify.plan picks for ``model`` (default layout and stages)."""
     import ibnify
-    from ibnify.models import build_model
+    from ibnify.models.registry import build_model
 
     module, source = build_model(model)
     plan = ibnify.plan(module, input_size=(3, size, size), arch=source)

@@ -1,4 +1,4 @@
-"""Data for fine-tuning and evaluation: the digits demo set and ImageFolder directories.
+"""Image data for fine-tuning and evaluation: ImageFolder directories and plain image batches.
 
 Every dataset here yields images as float tensors in [0, 1], *not* normalised: appearance shifts
 (``ibnify.evaluation``) act on pixel values, and normalisation (mean/std from timm's data config
@@ -17,43 +17,27 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from timm.data import create_transform, resolve_data_config
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
-from .errors import IbnifyError, InvalidOptionError
-from .small_models import DIGITS_MEAN, DIGITS_STD
+from ..errors import IbnifyError
 
 __all__ = [
-    "BUILTIN_DATASETS",
-    "DIGITS_SIZE",
     "DataError",
     "ImageData",
     "Normalize",
     "UnlabeledImages",
-    "check_data_source",
     "data_config",
-    "digits_data",
     "image_files",
     "image_folder_data",
-    "load_digits_images",
     "load_images",
-    "resolve_data_source",
 ]
 
 logger = logging.getLogger(__name__)
 
-DIGITS_SIZE = 16
-# Foreground tint and background level of the rendered digits: a warm stroke on a dark-grey
-# ground, away from 0 and 1 so that brightening and darkening both change every pixel.
-_DIGITS_TINT = (1.0, 0.88, 0.76)
-_DIGITS_BACKGROUND = 0.1
-_DIGITS_INK = 0.8
-BUILTIN_DATASETS = ("digits",)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
 
 
@@ -90,45 +74,6 @@ class Normalize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
-
-
-def load_digits_images(
-    size: int = DIGITS_SIZE, test_fraction: float = 1 / 3, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """scikit-learn's 1,797 real 8×8 digits as 3-channel ``size``×``size`` images in [0, 1].
-
-    Returns ``(train_x, train_y, test_x, test_y)``; the split is stratified and fixed by ``seed``.
-    """
-
-    digits = load_digits()
-    ink = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    if size != ink.shape[-1]:
-        ink = nn.functional.interpolate(
-            ink, size=(size, size), mode="bilinear", align_corners=False
-        )
-    tint = torch.tensor(_DIGITS_TINT).view(1, 3, 1, 1)
-    images = (_DIGITS_BACKGROUND + _DIGITS_INK * ink * tint).clamp(0.0, 1.0)
-    labels = torch.tensor(digits.target, dtype=torch.long)
-    train_idx, test_idx = train_test_split(
-        list(range(len(labels))),
-        test_size=test_fraction,
-        random_state=seed,
-        stratify=labels.numpy(),
-    )
-    train_idx_t, test_idx_t = torch.tensor(train_idx), torch.tensor(test_idx)
-    return images[train_idx_t], labels[train_idx_t], images[test_idx_t], labels[test_idx_t]
-
-
-def digits_data(split: str = "train", size: int = DIGITS_SIZE, seed: int = 0) -> ImageData:
-    """The digits demo set (``split`` is ``"train"`` or ``"test"``) with its mean/std."""
-
-    if split not in ("train", "test"):
-        raise DataError(f"digits split must be 'train' or 'test', got {split!r}")
-    train_x, train_y, test_x, test_y = load_digits_images(size=size, seed=seed)
-    x, y = (train_x, train_y) if split == "train" else (test_x, test_y)
-    return ImageData(
-        TensorDataset(x, y), DIGITS_MEAN, DIGITS_STD, num_classes=10, name=f"digits-{split}"
-    )
 
 
 def data_config(model: nn.Module) -> dict:
@@ -243,32 +188,3 @@ def image_folder_data(
             "or, for label-free fine-tuning, image files)"
         )
     return ImageData(unlabeled, mean, std, None, False, directory.name)
-
-
-def check_data_source(data: str | os.PathLike[str] | None, dataset: str | None) -> None:
-    """Exactly one of an image folder and a built-in data set; InvalidOptionError otherwise."""
-    if (data is None) == (dataset is None):
-        raise InvalidOptionError("give either --data DIR or --dataset digits")
-    if dataset is not None and dataset not in BUILTIN_DATASETS:
-        raise InvalidOptionError(
-            f"unknown dataset {dataset!r}; the built-in one is {', '.join(BUILTIN_DATASETS)}"
-        )
-
-
-def resolve_data_source(
-    data: str | os.PathLike[str] | None,
-    dataset: str | None,
-    model: nn.Module,
-    *,
-    split: str,
-    seed: int = 0,
-) -> ImageData:
-    """The data a command names: an image folder (timm's transforms for ``model``) or digits.
-
-    ``split`` is ``"train"`` (training augmentation, the digits train split) or ``"test"``
-    (evaluation transform, the digits test split).
-    """
-    check_data_source(data, dataset)
-    if dataset is not None:
-        return digits_data(split, seed=seed)
-    return image_folder_data(data, model, train=split == "train")  # type: ignore[arg-type]

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from .errors import WeightsError, first_line
+from ..errors import WeightsError, first_line
 
 __all__ = ["clean_state_dict", "describe_key_mismatch", "load_state_dict_file", "load_weights"]
 

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._report import markdown_table, new_figure, save_png, stage_range_text
+from .._report import markdown_table, new_figure, save_png, stage_range_text
 
 __all__ = [
     "CONTENT_FACTOR",

@@ -25,19 +25,21 @@ from typing import Any
 
 from torch import nn
 
-from ._io import atomic_write_bytes
-from ._report import stage_range_text
-from .api import convert
-from .api import plan as make_plan
-from .checkpoint import save
-from .core.generic import require_batchnorm
-from .core.graph import analyze
-from .data import ImageData
+from .._io import atomic_write_bytes
+from .._report import stage_range_text
+from ..api import convert
+from ..api import plan as make_plan
+from ..core.generic import require_batchnorm
+from ..core.graph import analyze
+from ..data.images import ImageData
+from ..data.shifts import parse_shifts
+from ..errors import CheckpointError, IbnifyError, InvalidOptionError
+from ..evaluation import evaluate
+from ..models.checkpoint import save
+from ..train.config import FinetuneConfig
+from ..train.loop import finetune
 from .divergence import analyze_divergence, check_same_classes
-from .errors import CheckpointError, IbnifyError, InvalidOptionError
-from .evaluation import evaluate, parse_shifts
 from .search_report import CONTROL_NAME, FORMAT, RANK_RULE, CandidateResult, SearchReport
-from .train import FinetuneConfig, finetune
 
 __all__ = [
     "RANK_RULE",

@@ -31,8 +31,8 @@ import torchvision
 from huggingface_hub import constants
 from torch import nn
 
-from .errors import CheckpointError, ModelNotFoundError, WeightsError, first_line
-from .small_models import MODELS
+from ..errors import CheckpointError, ModelNotFoundError, WeightsError, first_line
+from .small import MODELS
 
 __all__ = [
     "MODEL_KWARGS",

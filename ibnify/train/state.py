@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._io import atomic_write_bytes
-from .checkpoint import save
-from .core.surgery import get_plan
-from .errors import CheckpointError, InvalidOptionError, first_line
-from .train_config import FinetuneConfig
-from .weights import describe_key_mismatch
+from .._io import atomic_write_bytes
+from ..core.surgery import get_plan
+from ..errors import CheckpointError, InvalidOptionError, first_line
+from ..models.checkpoint import save
+from ..models.weights import describe_key_mismatch
+from .config import FinetuneConfig
 
 logger = logging.getLogger(__name__)
 

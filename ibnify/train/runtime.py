@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .train_config import FinetuneConfig
+from .config import FinetuneConfig
 
 logger = logging.getLogger(__name__)
 

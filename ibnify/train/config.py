@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InvalidOptionError
+from ..errors import InvalidOptionError
 
 logger = logging.getLogger(__name__)
 

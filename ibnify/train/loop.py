@@ -29,27 +29,17 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
-from .checkpoint import load, read_recipe
-from .data import (
-    ImageData,
-    Normalize,
-    check_data_source,
-    digits_data,
-    image_folder_data,
-    resolve_data_source,
-)
-from .errors import CheckpointError, InvalidOptionError
-from .evaluation import accuracy
-from .models import build_model
-from .train_config import (
-    FinetuneConfig,
-    distillation_loss,
-    lr_factor,
-    make_optimizer,
-    parameter_groups,
-)
-from .train_runtime import Dist, Runtime, Schedule, init_distributed
-from .train_state import (
+from ..data.digits import digits_data
+from ..data.images import ImageData, Normalize, image_folder_data
+from ..data.sources import check_data_source, resolve_data_source
+from ..errors import CheckpointError, InvalidOptionError
+from ..evaluation import accuracy
+from ..models.checkpoint import load, read_recipe
+from ..models.registry import build_model
+from ..models.weights import load_state_dict_file, load_weights
+from .config import FinetuneConfig, distillation_loss, lr_factor, make_optimizer, parameter_groups
+from .runtime import Dist, Runtime, Schedule, init_distributed
+from .state import (
     CHECKPOINT_FILE,
     METRICS_FILE,
     MODEL_FILE,
@@ -59,7 +49,6 @@ from .train_state import (
     set_rng_state,
     write_run_files,
 )
-from .weights import load_state_dict_file, load_weights
 
 __all__ = [
     "CHECKPOINT_FILE",

@@ -22,12 +22,12 @@ from safetensors.torch import load_file
 from safetensors.torch import save as serialize
 from torch import nn
 
-from . import __version__
-from ._io import atomic_write_bytes
-from .core.plans import ConversionPlan
-from .core.surgery import apply_plan, get_plan
-from .errors import CheckpointError, ModelNotFoundError, WeightsError, first_line
-from .models import build_recorded_model, check_model_kwargs
+from .. import __version__
+from .._io import atomic_write_bytes
+from ..core.plans import ConversionPlan
+from ..core.surgery import apply_plan, get_plan
+from ..errors import CheckpointError, ModelNotFoundError, WeightsError, first_line
+from .registry import build_recorded_model, check_model_kwargs
 from .weights import load_weights
 
 __all__ = ["FORMAT", "Recipe", "load", "read_recipe", "save"]

@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._report import markdown_table, new_figure, save_png, stage_range_text
-from .evaluation import CLEAN
+from .._report import markdown_table, new_figure, save_png, stage_range_text
+from ..data.shifts import CLEAN
 
 __all__ = ["CONTROL_NAME", "FORMAT", "RANK_RULE", "CandidateResult", "SearchReport"]
 

@@ -27,15 +27,19 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from .api import convert_named
-from .api import plan as make_plan
-from .checkpoint import load, read_recipe
-from .core.generic import require_batchnorm
-from .core.graph import analyze
-from .core.plans import ConversionPlan
-from .core.surgery import get_plan
-from .core.tracing import eval_mode
-from .data import DataError, ImageData, Normalize
+from ..api import convert_named
+from ..api import plan as make_plan
+from ..core.generic import require_batchnorm
+from ..core.graph import analyze
+from ..core.plans import ConversionPlan
+from ..core.surgery import get_plan
+from ..core.tracing import eval_mode
+from ..data.images import DataError, ImageData, Normalize
+from ..data.shifts import CLEAN, apply_shift, parse_shifts
+from ..errors import IbnifyError, InvalidOptionError
+from ..models.checkpoint import load, read_recipe
+from ..models.registry import build_model
+from ..models.weights import load_state_dict_file, load_weights
 from .divergence_report import (
     CONTENT_FACTOR,
     SUGGESTION_RULE,
@@ -43,10 +47,6 @@ from .divergence_report import (
     SiteDivergence,
     suggest_stages,
 )
-from .errors import IbnifyError, InvalidOptionError
-from .evaluation import CLEAN, apply_shift, parse_shifts
-from .models import build_model
-from .weights import load_state_dict_file, load_weights
 
 __all__ = [
     "CONTENT_FACTOR",
