@@ -1,4 +1,4 @@
-"""Time of ``ibnify.analyze_divergence`` for torchvision resnet50 (random weights) on this CPU.
+"""Time of ``ibnify.analyze`` for torchvision resnet50 (random weights) on this CPU.
 
 256 random 224×224 images form domain A; domain B is their copy under one shift
 (``brightness_down``), so the analysis runs 2 × 256 forward passes with a hook on each of the 53
@@ -63,7 +63,7 @@ def main() -> None:
         warm = torch.rand(args.batch_size, 3, 224, 224)
         model(warm.contiguous(memory_format=torch.channels_last))
     started = time.perf_counter()
-    report = ibnify.analyze_divergence(
+    report = ibnify.analyze(
         model, data, shifts=SHIFT, images=args.images, batch_size=args.batch_size,
         progress=False, arch="tv:resnet50",
     )  # fmt: skip

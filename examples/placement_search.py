@@ -6,8 +6,9 @@
    appearance shifts, averaged) at every norm layer, against the content baseline; prints the
    table and the suggested ``--stages``; writes ``divergence.png``.
 3. ``search``: converts five candidate layouts from the same baseline, fine-tunes each and an
-   unconverted control with one seed and schedule, evaluates them clean and under the shifts,
-   prints the ranked table and writes ``search/pareto.png`` and ``search/best.safetensors``.
+   unconverted control with one seed and the full schedule (no successive halving), evaluates
+   them clean and under the shifts, prints the ranked table and writes ``search/pareto.png``
+   and ``search/best.safetensors``.
 
     python examples/placement_search.py [--out ibnify-placement] [--seed 0] [--force]
 
@@ -64,7 +65,7 @@ def main() -> None:
     baseline = train_baseline(config)
     print(f"1. trained the BN baseline in {time.perf_counter() - started:.0f} s")
     test = digits_data("test", seed=args.seed)
-    divergence = ibnify.analyze_divergence(
+    divergence = ibnify.analyze(
         baseline, test, shifts="all", images=None, seed=args.seed, progress=False, arch=SOURCE
     )
     divergence.plot(out / "divergence.png", title="digits baseline: clean vs shifted digits")
@@ -92,6 +93,7 @@ def main() -> None:
         force=args.force,
         arch=SOURCE,
         echo=print,
+        halving=False,  # every candidate gets the full fine-tune: a comparison, not a race
     )
     print(report.table())
     if report.winner is not None:

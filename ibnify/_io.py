@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -13,17 +13,28 @@ from .errors import IbnifyError
 __all__ = ["atomic_output", "atomic_write_bytes", "check_output_path"]
 
 
-def check_output_path(path: str | os.PathLike[str], force: bool = False) -> Path:
+def check_output_path(
+    path: str | os.PathLike[str], force: bool = False, suffixes: Sequence[str] = ()
+) -> Path:
     """Validate an output path before any work starts; return it as a Path.
 
+    ``suffixes`` (e.g. ``(".onnx",)``) are the file types the caller writes; a name with
+    another suffix is refused, so that no file is written under a misleading name.
+
     Raises:
-        IbnifyError: the directory is missing or not writable, the path is a directory, or the
-            file exists and ``force`` is False.
+        IbnifyError: the directory is missing or not writable, the path is a directory, the
+            suffix is not one of ``suffixes``, or the file exists and ``force`` is False.
     """
     target = Path(path)
     parent = target.parent if str(target.parent) else Path(".")
     if target.is_dir():
         raise IbnifyError(f"output {str(target)!r} is a directory; give a file name")
+    if suffixes and target.suffix.lower() not in suffixes:
+        wanted = " or ".join(suffixes)
+        raise IbnifyError(
+            f"output {str(target)!r} does not end in {wanted}; this command writes {wanted} "
+            f"files, e.g. {str(target.with_suffix(suffixes[0]))!r}"
+        )
     if not parent.is_dir():
         raise IbnifyError(f"output directory {str(parent)!r} does not exist; create it first")
     if not _can_create_in(parent):

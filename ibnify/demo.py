@@ -119,7 +119,6 @@ def _save_unconverted(model: nn.Module, path: Path) -> None:
     ``ibnify.load`` rebuilds it by name and applies no change, so ``ibnify evaluate`` can put the
     baseline and the control beside the IBN model.
     """
-
     plan = ConversionPlan(
         arch=SOURCE, layout="none", stages=(), ratio=None, sites=(), family="resnet"
     )
@@ -238,7 +237,6 @@ def _finetune_config(
 
 def _export_and_verify(model: nn.Module, path: Path, test_data) -> dict[str, Any]:
     """Export with ``ibnify.export`` and verify against PyTorch on random and real digits."""
-
     export_onnx(model, path, input_size=(3, 16, 16))
     verification = verify_onnx(path, model, batch_sizes=(1, 8))
     images = torch.stack([test_data.dataset[i][0] for i in range(len(test_data))])

@@ -22,17 +22,23 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ._report import markdown_table, new_figure, save_png
-from .data.images import ImageData, Normalize
-from .data.shifts import CLEAN, SHIFT_DESCRIPTIONS, apply_shift, parse_shifts
-from .data.sources import check_data_source, resolve_data_source
+from .core.modules import device_of, modes_restored
+from .core.plans import as_input_size
+from .data.images import DataError, ImageData, Normalize
+from .data.shifts import CLEAN, SHIFT_DESCRIPTIONS, SHIFT_GROUPS, SHIFTS, apply_shift, parse_shifts
+from .data.sources import as_image_data, check_data_source, resolve_data_source
 from .errors import InvalidOptionError
-from .models.checkpoint import load
+from .models.checkpoint import load, read_recipe
 
 __all__ = [
     "RobustnessReport",
     "accuracy",
+    "check_domain_classes",
     "evaluate",
     "evaluate_files",
+    "load_domains",
+    "parse_domain",
+    "recorded_input_size",
 ]
 
 
@@ -63,7 +69,11 @@ def accuracy(
 
 @dataclass
 class RobustnessReport:
-    """Accuracy per model and shift (fractions in [0, 1]); ``clean`` is the reference."""
+    """Accuracy per model and shift (fractions in [0, 1]); ``clean`` is the reference.
+
+    ``domains`` are labelled target-domain folders: their clean accuracy is stored in
+    ``accuracy[model][domain]`` beside the shifts, and their image counts in ``domain_images``.
+    """
 
     models: list[str]
     shifts: list[str]
@@ -71,9 +81,11 @@ class RobustnessReport:
     images: int = 0
     dataset: str = ""
     extras: dict[str, Any] = field(default_factory=dict)
+    domains: list[str] = field(default_factory=list)
+    domain_images: dict[str, int] = field(default_factory=dict)
 
     def drop(self, model: str, shift: str) -> float:
-        """Clean accuracy minus accuracy under ``shift`` (positive = worse), as a fraction."""
+        """Clean accuracy minus accuracy under ``shift`` or on a domain (positive = worse)."""
         return self.accuracy[model][CLEAN] - self.accuracy[model][shift]
 
     def mean_drop(self, model: str) -> float:
@@ -81,26 +93,30 @@ class RobustnessReport:
         shifts = [s for s in self.shifts if s != CLEAN]
         return sum(self.drop(model, s) for s in shifts) / max(len(shifts), 1)
 
+    def mean_domain_drop(self, model: str) -> float:
+        """Mean drop over the target domains (0 without domains)."""
+        return sum(self.drop(model, d) for d in self.domains) / max(len(self.domains), 1)
+
+    def _cell(self, model: str, row: str) -> str:
+        acc = 100 * self.accuracy[model][row]
+        return f"{acc:.1f}" if row == CLEAN else f"{acc:.1f} ({-100 * self.drop(model, row):+.1f})"
+
     def table(self) -> str:
-        """Markdown table: one row per shift, one column per model, ``acc (drop)`` in %."""
+        """Markdown table: one row per shift and domain, one column per model, ``acc (drop)``."""
         header = ["shift", *self.models]
-        rows = []
-        for shift in self.shifts:
-            cells = [shift]
-            for model in self.models:
-                acc = 100 * self.accuracy[model][shift]
-                if shift == CLEAN:
-                    cells.append(f"{acc:.1f}")
-                else:
-                    cells.append(f"{acc:.1f} ({-100 * self.drop(model, shift):+.1f})")
-            rows.append(cells)
+        rows = [[shift, *(self._cell(m, shift) for m in self.models)] for shift in self.shifts]
         if len(self.shifts) > 1:
             rows.append(["mean drop", *(f"{-100 * self.mean_drop(m):+.1f}" for m in self.models)])
+        for domain in self.domains:
+            rows.append([f"domain {domain}", *(self._cell(m, domain) for m in self.models)])
+        if len(self.domains) > 1:
+            drops = (f"{-100 * self.mean_domain_drop(m):+.1f}" for m in self.models)
+            rows.append(["mean domain drop", *drops])
         return "\n".join(markdown_table(header, rows))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data: accuracies, drops (fractions) and the shift descriptions."""
-        return {
+        data = {
             "dataset": self.dataset,
             "images": self.images,
             "models": list(self.models),
@@ -112,6 +128,12 @@ class RobustnessReport:
             "descriptions": {s: SHIFT_DESCRIPTIONS.get(s, s) for s in self.shifts},
             **self.extras,
         }
+        if self.domains:
+            data["domains"] = list(self.domains)
+            data["domain_images"] = dict(self.domain_images)
+            data["domain_drop"] = {m: {d: self.drop(m, d) for d in self.domains}
+                                   for m in self.models}  # fmt: skip
+        return data
 
     def to_json(self, indent: int | None = 2) -> str:
         """JSON text of :meth:`to_dict`."""
@@ -119,17 +141,19 @@ class RobustnessReport:
 
     def plot(self, path: str | os.PathLike[str], title: str | None = None) -> Path:
         """Write a grouped bar chart of accuracy per shift (PNG, matplotlib Agg); atomic."""
-        figure = new_figure(max(6.0, 0.9 * len(self.shifts) + 2), 4.0)
+        columns = [*self.shifts, *self.domains]
+        figure = new_figure(max(6.0, 0.9 * len(columns) + 2), 4.0)
         axes = figure.add_subplot(1, 1, 1)
         count = len(self.models)
         width = 0.8 / max(count, 1)
-        positions = range(len(self.shifts))
+        positions = range(len(columns))
         for index, model in enumerate(self.models):
-            values = [100 * self.accuracy[model][s] for s in self.shifts]
+            values = [100 * self.accuracy[model][s] for s in columns]
             offsets = [p - 0.4 + width * (index + 0.5) for p in positions]
             axes.bar(offsets, values, width=width, label=model)
         axes.set_xticks(list(positions))
-        axes.set_xticklabels(self.shifts, rotation=30, ha="right")
+        labels = [*self.shifts, *(f"domain {d}" for d in self.domains)]
+        axes.set_xticklabels(labels, rotation=30, ha="right")
         axes.set_ylabel("top-1 accuracy (%)")
         axes.set_ylim(0, 112)
         axes.set_yticks(range(0, 101, 20))
@@ -149,61 +173,210 @@ def _named_models(
     return {f"model{i}": m for i, m in enumerate(models)}
 
 
-def _device_of(model: nn.Module, default: torch.device) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else default
+def parse_domain(spec: str) -> tuple[str, str]:
+    """``"NAME=FOLDER"`` (the CLI's ``--domain``) → ``(name, folder)``; InvalidOptionError else."""
+    name, sep, folder = spec.partition("=")
+    name = name.strip()
+    if not sep or not name:
+        raise InvalidOptionError(f"--domain {spec!r}: write NAME=FOLDER, e.g. night=photos/night")
+    if not folder.strip():
+        raise InvalidOptionError(f"--domain {spec!r} names no folder; write {name}=FOLDER")
+    return name, folder.strip()
+
+
+def _domain_specs(
+    domains: Mapping[str, Any] | Sequence[str] | None,
+) -> dict[str, Any]:
+    """Domains as ``{name: folder or ImageData}``; names must be new and distinct."""
+    if domains is None:
+        return {}
+    if isinstance(domains, Mapping):
+        pairs = [(str(k), v) for k, v in domains.items()]
+    elif isinstance(domains, str):
+        pairs = [parse_domain(domains)]
+    else:
+        pairs = [parse_domain(item) for item in domains]
+    found: dict[str, Any] = {}
+    reserved = {CLEAN, "mean drop", *SHIFTS, *SHIFT_GROUPS}
+    for name, value in pairs:
+        if name in found:
+            raise InvalidOptionError(f"domain {name!r} is given twice; give each name once")
+        if name.lower() in reserved:
+            raise InvalidOptionError(
+                f"domain name {name!r} is taken by a shift or the clean row; choose another"
+            )
+        found[name] = value
+    return found
+
+
+def check_domain_classes(source: ImageData, target: ImageData, name: str) -> None:
+    """DataError when a domain's classes differ from the source data's (names, else counts)."""
+    source_classes = getattr(source.dataset, "classes", None)
+    target_classes = getattr(target.dataset, "classes", None)
+    if source_classes is not None and target_classes is not None:
+        if list(source_classes) == list(target_classes):
+            return
+        only_source = sorted(set(source_classes) - set(target_classes))[:3]
+        only_target = sorted(set(target_classes) - set(source_classes))[:3]
+        raise DataError(
+            f"domain {name!r} holds other classes than the source data (source only: "
+            f"{', '.join(only_source) or '-'}; {name} only: {', '.join(only_target) or '-'}); "
+            "give a folder with the same CLASS sub-folders"
+        )
+    counts = (source.num_classes, target.num_classes)
+    if None not in counts and counts[0] != counts[1]:
+        raise DataError(
+            f"domain {name!r} has {counts[1]} classes, the source data {counts[0]}; give a "
+            "folder with the same CLASS sub-folders"
+        )
+
+
+def load_domains(
+    domains: Mapping[str, Any] | Sequence[str] | None,
+    model: nn.Module,
+    source: ImageData | None = None,
+    input_size: Sequence[int] | None = None,
+) -> dict[str, ImageData]:
+    """Labelled target domains (``{name: folder or ImageData}`` or ``NAME=FOLDER`` strings).
+
+    Raises:
+        DataError: a folder without class sub-folders, without images, or with other classes
+            than ``source``.
+    """
+    loaded: dict[str, ImageData] = {}
+    for name, value in _domain_specs(domains).items():
+        try:
+            data = as_image_data(value, model, "test", input_size=input_size)
+        except DataError as exc:
+            raise DataError(f"domain {name!r}: {exc}") from exc
+        if not data.labelled:
+            raise DataError(
+                f"domain {name!r} has no class sub-folders; accuracy needs labels "
+                "(CLASS/IMAGE files; `ibnify adapt` takes unlabelled images)"
+            )
+        if len(data) == 0:
+            raise DataError(f"domain {name!r} holds no images")
+        if source is not None:
+            check_domain_classes(source, data, name)
+        loaded[name] = data
+    return loaded
+
+
+def _check_head(name: str, logits: torch.Tensor, num_classes: int | None) -> None:
+    """InvalidOptionError when a model's class scores do not match the data's class count.
+
+    A 5-class head scored on a 10-class folder would print a meaningless accuracy.
+    """
+    classes = int(logits.shape[1]) if logits.ndim == 2 else None
+    if num_classes is None or classes == num_classes:
+        return
+    head = f"a {classes}-class head" if classes is not None else "no (batch, classes) output"
+    raise InvalidOptionError(
+        f"model {name!r} has {head} but the evaluation data has {num_classes} classes; "
+        "evaluate it on images of the classes it was trained on"
+    )
+
+
+def _count_correct(
+    named: dict[str, nn.Module],
+    data: ImageData,
+    shift_names: Sequence[str],
+    options: tuple[int, torch.device, int, int],
+) -> tuple[dict[str, dict[str, int]], int]:
+    """Correct predictions per model and shift on ``data``, and the number of images."""
+    batch_size, target, seed, workers = options
+    normalize = Normalize(data.mean, data.std).to(target)
+    correct = {name: dict.fromkeys(shift_names, 0) for name in named}
+    total = 0
+    for batch_index, (images, labels) in enumerate(_loader(data, batch_size, workers)):
+        labels = labels.to(target)
+        for shift in shift_names:
+            shifted = apply_shift(shift, images.float(), seed=seed, batch_index=batch_index)
+            inputs = normalize(shifted.to(target))
+            for name, model in named.items():
+                logits = model(inputs.to(device_of(model, target)))
+                _check_head(name, logits, data.num_classes)
+                correct[name][shift] += int((logits.argmax(1).to(target) == labels).sum())
+        total += int(labels.shape[0])
+    return correct, total
 
 
 @torch.no_grad()
 def evaluate(
     models: Mapping[str, nn.Module] | Sequence[nn.Module] | nn.Module,
-    data: ImageData,
+    data: ImageData | str | os.PathLike[str],
     shifts: str | Sequence[str] | None = "all",
     batch_size: int = 256,
     device: torch.device | str | None = None,
     seed: int = 0,
     workers: int = 0,
+    *,
+    domains: Mapping[str, ImageData | str | os.PathLike[str]] | None = None,
+    input_size: Sequence[int] | None = None,
 ) -> RobustnessReport:
-    """Top-1 accuracy of each model on ``data``, clean and under each shift.
+    """Top-1 accuracy of each model on ``data``, clean and under each shift, and on each domain.
 
     Args:
         models: ``{name: model}`` (the table's column names), a list, or one model.
-        data: labelled images in [0, 1] with the mean/std the models expect.
+        data: labelled images in [0, 1] with the mean/std the models expect, an image folder
+            path, or ``"digits"``.
         shifts: ``"all"``, a comma list or a sequence of shift/group names (see :data:`SHIFTS`).
         seed: seed of the noise shift.
+        domains: labelled target domains, ``{name: folder or ImageData}``, with the classes of
+            ``data``: their clean accuracy is reported beside the shifts.
+        input_size: (C, H, W) folders' images are brought to (default: the first model's).
 
     Every model sees exactly the same shifted pixels. Models are put in eval mode and restored.
     """
+    # Long by its reason: the argument checks come first so that nothing runs on bad input.
     named = _named_models(models)
     if not named:
         raise InvalidOptionError("no models to evaluate")
+    first = next(iter(named.values()))
+    data = as_image_data(data, first, "test", input_size=input_size)
     if not data.labelled:
         raise InvalidOptionError("evaluation needs labelled data (class sub-folders)")
     shift_names = [CLEAN, *parse_shifts(shifts)]
+    domain_data = load_domains(domains, first, data, input_size)
     target = torch.device(device) if device is not None else _default_device()
-    normalize = Normalize(data.mean, data.std).to(target)
-    modes = {name: model.training for name, model in named.items()}
-    correct = {name: dict.fromkeys(shift_names, 0) for name in named}
-    total = 0
-    try:
+    options = (batch_size, target, seed, workers)
+    with modes_restored(*named.values()):
         for model in named.values():
             model.eval()
-        for batch_index, (images, labels) in enumerate(_loader(data, batch_size, workers)):
-            labels = labels.to(target)
-            for shift in shift_names:
-                shifted = apply_shift(shift, images.float(), seed=seed, batch_index=batch_index)
-                inputs = normalize(shifted.to(target))
-                for name, model in named.items():
-                    logits = model(inputs.to(_device_of(model, target)))
-                    correct[name][shift] += int((logits.argmax(1).to(target) == labels).sum())
-            total += int(labels.shape[0])
-    finally:
-        for name, model in named.items():
-            model.train(modes[name])
-    if total == 0:
-        raise InvalidOptionError("the evaluation data is empty")
-    table = {name: {s: correct[name][s] / total for s in shift_names} for name in named}
-    return RobustnessReport(list(named), shift_names, table, total, data.name)
+        correct, total = _count_correct(named, data, shift_names, options)
+        if total == 0:
+            raise InvalidOptionError("the evaluation data is empty")
+        table = {name: {s: correct[name][s] / total for s in shift_names} for name in named}
+        counts = {}
+        for domain, images in domain_data.items():
+            found, counts[domain] = _count_correct(named, images, [CLEAN], options)
+            for name in named:
+                table[name][domain] = found[name][CLEAN] / max(counts[domain], 1)
+    return RobustnessReport(
+        list(named), shift_names, table, total, data.name,
+        domains=list(domain_data), domain_images=counts,
+    )  # fmt: skip
+
+
+def recorded_input_size(path: str | os.PathLike[str]) -> tuple[int, int, int] | None:
+    """The input size an ibnify checkpoint records (``convert --input-size``), or None."""
+    value = read_recipe(path).get("input_size")
+    if value is None:
+        return None
+    try:
+        return as_input_size(value)
+    except (InvalidOptionError, TypeError, ValueError):
+        return None
+
+
+def _column_names(paths: Sequence[Path]) -> list[str]:
+    """File stems, with the parent folder where stems collide, numbered where still equal."""
+    stems = [p.stem for p in paths]
+    names = [
+        f"{p.parent.name}/{p.stem}" if stems.count(p.stem) > 1 and p.parent.name else p.stem
+        for p in paths
+    ]
+    return [n if names.count(n) == 1 else f"{n}#{i + 1}" for i, n in enumerate(names)]
 
 
 def evaluate_files(
@@ -215,27 +388,28 @@ def evaluate_files(
     batch_size: int = 256,
     seed: int = 0,
     workers: int = 0,
+    domains: Mapping[str, Any] | Sequence[str] | None = None,
+    input_size: Sequence[int] | None = None,
 ) -> RobustnessReport:
     """What ``ibnify evaluate`` does: load ibnify checkpoints and evaluate them side by side.
 
     Columns are named by file stem (with the parent folder where stems collide). ``data`` is an
-    ImageFolder directory, transformed with timm's eval transform for the first model;
-    ``dataset="digits"`` is the digits demo set's test split.
+    ImageFolder directory, transformed with timm's eval transform for the first model at
+    ``input_size`` (default: the size the first checkpoint records, else the model's);
+    ``dataset="digits"`` is the digits demo set's test split. ``domains`` are labelled target
+    folders (``NAME=FOLDER`` strings or ``{name: folder}``).
     """
-
     check_data_source(data, dataset)
     if not checkpoints:
         raise InvalidOptionError("give at least one checkpoint")
-    parse_shifts(shifts)  # fail on a bad --shift before loading anything
+    parse_shifts(shifts)  # fail on a bad --shift or --domain before loading anything
+    domain_specs = _domain_specs(domains)
     paths = [Path(p) for p in checkpoints]
-    stems = [p.stem for p in paths]
-    names = [
-        f"{p.parent.name}/{p.stem}" if stems.count(p.stem) > 1 and p.parent.name else p.stem
-        for p in paths
-    ]
-    names = [n if names.count(n) == 1 else f"{n}#{i + 1}" for i, n in enumerate(names)]
-    models = {name: load(path) for name, path in zip(names, paths, strict=True)}
-    eval_data = resolve_data_source(data, dataset, next(iter(models.values())), split="test")
+    size = tuple(input_size) if input_size is not None else recorded_input_size(paths[0])
+    models = {name: load(path) for name, path in zip(_column_names(paths), paths, strict=True)}
+    first = next(iter(models.values()))
+    eval_data = resolve_data_source(data, dataset, first, split="test", input_size=size)
     return evaluate(
-        models, eval_data, shifts=shifts, batch_size=batch_size, seed=seed, workers=workers
-    )
+        models, eval_data, shifts=shifts, batch_size=batch_size, seed=seed, workers=workers,
+        domains=domain_specs, input_size=size,
+    )  # fmt: skip

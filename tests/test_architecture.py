@@ -1,10 +1,11 @@
-"""The package's shape, enforced: import direction between layers, no hidden upward imports,
-public names that submodules cannot shadow.
+"""The package's shape, enforced: import direction between floors, no hidden upward imports,
+``__all__`` in every module, public names that submodules cannot shadow.
 
-``core`` (model → analysis → plan → converted module) imports only ``ibnify.errors``;
-``deploy`` imports ``core``, ``data``, ``errors`` and ``_io``. Imports inside functions would
-hide such dependencies (and cycles), so only the ``ibnify.cli`` package and ``__init__.py``
-(which keep ``--help`` fast) and optional extras may import lazily.
+The floors come from the table in ``docs/architecture.md`` (read here, so the page and the check
+cannot drift apart): every module of ibnify belongs to one row, imports only what its row allows,
+and a row allows only lower floors. Imports inside functions would hide such dependencies (and
+cycles), so only the ``ibnify.cli`` package and ``__init__.py`` (which keep ``--help`` fast) and
+optional extras may import lazily.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ from __future__ import annotations
 import ast
 import importlib
 import pkgutil
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -19,23 +24,41 @@ import pytest
 import ibnify
 
 PACKAGE = Path(ibnify.__file__).parent
+DOC = PACKAGE.parent / "docs" / "architecture.md"
 # Top-level packages that are optional extras: imported where used, so ibnify works without them.
 OPTIONAL_EXTRAS = {"openvino"}
 # Modules that may import inside functions: the package root, and the command line (every
 # module of the ibnify.cli package) so that --help and usage errors never load torch.
 LAZY_MODULES = {"ibnify", "ibnify.__main__"}
 LAZY_PACKAGES = ("ibnify.cli",)
-ALLOWED = {
-    "ibnify.core": {"ibnify.errors", "ibnify.core"},
-    "ibnify.deploy": {
-        "ibnify.core",
-        "ibnify.data",
-        "ibnify.errors",
-        "ibnify._io",
-        "ibnify.deploy",
-        "ibnify.__version__",
-    },
-}
+ROOT = "__init__"  # the table's name for the package root, ibnify/__init__.py
+PSEUDO_UNITS = {"__version__"}  # rows that name a value, not a module
+
+
+@dataclass(frozen=True)
+class Floor:
+    """One row of the import table: the floor number and what the module or package may import."""
+
+    level: int
+    may: frozenset[str]
+
+
+_ROW = re.compile(r"^\|\s*(\d+)\s*\|\s*`([^`]+)`\s*\|(.*)\|\s*$")
+
+
+def read_table(text: str) -> dict[str, Floor]:
+    """The rows between the ``import-table`` markers, as ``{unit: Floor}`` (relative names)."""
+    body = text.split("<!-- import-table: start -->")[1].split("<!-- import-table: end -->")[0]
+    table = {}
+    for line in body.splitlines():
+        match = _ROW.match(line.strip())
+        if match:
+            level, unit, may = match.groups()
+            table[unit] = Floor(int(level), frozenset(re.findall(r"`([^`]+)`", may)))
+    return table
+
+
+TABLE = read_table(DOC.read_text())
 
 
 def _module_name(path: Path) -> str:
@@ -65,29 +88,169 @@ def _modules() -> list[tuple[str, Path, ast.Module]]:
     return [(_module_name(p), p, ast.parse(p.read_text())) for p in sorted(PACKAGE.rglob("*.py"))]
 
 
-def test_every_layer_imports_only_what_it_may() -> None:
-    violations = []
-    for module, path, tree in _modules():
-        layer = next((name for name in ALLOWED if module.startswith(name)), None)
-        if layer is None:
+def _within(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def unit_of(name: str, table: dict[str, Floor]) -> str | None:
+    """The table row covering ``name`` (``ibnify.core.graph`` → ``core``); None if no row does."""
+    relative = ROOT if name == "ibnify" else name.removeprefix("ibnify.")
+    matches = [unit for unit in table if _within(relative, unit)]
+    return max(matches, key=len) if matches else None
+
+
+def violations(module: str, path: Path, tree: ast.Module, table: dict[str, Floor]) -> list[str]:
+    """``module:line imports name`` for each ibnify import its row does not allow."""
+    unit = unit_of(module, table)
+    if unit is None:
+        return [f"{module} is on no floor of docs/architecture.md"]
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Import | ast.ImportFrom):
             continue
-        for node in ast.walk(tree):
-            if not isinstance(node, ast.Import | ast.ImportFrom):
+        for name in _imported(node, module, path):
+            if not _within(name, "ibnify") or unit_of(name, table) == unit:
                 continue
-            for name in _imported(node, module, path):
-                if not name.startswith("ibnify"):
-                    continue
-                if not any(name == ok or name.startswith(ok + ".") for ok in ALLOWED[layer]):
-                    violations.append(f"{module}:{node.lineno} imports {name}")
-    assert violations == []
+            relative = name.removeprefix("ibnify.")
+            if not any(_within(relative, ok) for ok in table[unit].may):
+                found.append(f"{module}:{node.lineno} imports {name}")
+    return found
 
 
-def test_the_import_rule_catches_an_upward_import() -> None:
-    """The checker itself: a core module reaching up to ibnify.api is a violation."""
-    tree = ast.parse("from ..api import convert\nfrom ..errors import TraceError\n")
-    path = PACKAGE / "core" / "graph.py"
-    names = [n for node in tree.body for n in _imported(node, "ibnify.core.graph", path)]
-    assert names == ["ibnify.api", "ibnify.errors"]
+def upward(table: dict[str, Floor]) -> list[str]:
+    """Rows that allow a target on their own floor or above, or a target no row covers."""
+    found = []
+    for unit, floor in table.items():
+        for target in sorted(floor.may):
+            covering = unit_of(f"ibnify.{target}", table)
+            if covering is None:
+                found.append(f"{unit} may import {target}, which is on no floor")
+            elif table[covering].level >= floor.level:
+                found.append(
+                    f"{unit} (floor {floor.level}) may import {target} "
+                    f"(floor {table[covering].level})"
+                )
+    return found
+
+
+def test_the_table_covers_every_module_and_names_only_real_ones() -> None:
+    modules = [module for module, _path, _tree in _modules()]
+    assert [m for m in modules if unit_of(m, TABLE) is None] == []
+    used = {unit_of(m, TABLE) for m in modules}
+    assert set(TABLE) - used - PSEUDO_UNITS == set()
+    # every package and top-level module of the new tree has its row
+    assert {"core", "models", "data", "train", "placement", "deploy", "cli"} <= set(TABLE)
+    assert {"api", "evaluation", "demo", "errors", "_io", "_report", "adaptation"} <= set(TABLE)
+
+
+def test_the_table_is_a_strict_layering() -> None:
+    """Every allowed import points to a lower floor: no cycles, no upward reach."""
+    assert upward(TABLE) == []
+    assert TABLE["core"].may == {"errors"}
+    assert "data" not in TABLE["deploy"].may and "data.images" in TABLE["deploy"].may
+
+
+def test_every_module_imports_only_what_its_floor_may() -> None:
+    found = [v for module, path, tree in _modules() for v in violations(module, path, tree, TABLE)]
+    assert found == []
+
+
+def test_the_import_rule_catches_violations() -> None:
+    """The checker itself, on the real table: upward imports, the scikit-learn rule of deploy,
+    a module on no floor, and a table row that reaches up."""
+
+    def check(module: str, source: str) -> list[str]:
+        relative = module.removeprefix("ibnify.").replace(".", "/")
+        return violations(module, PACKAGE / f"{relative}.py", ast.parse(source), TABLE)
+
+    assert check("ibnify.core.graph", "from ..api import convert\nfrom ..errors import E\n") == [
+        "ibnify.core.graph:1 imports ibnify.api"
+    ]
+    assert check("ibnify.models.registry", "from ..data.images import ImageData\n") == [
+        "ibnify.models.registry:1 imports ibnify.data.images"
+    ]
+    verify = "from ..data.images import load_images\nfrom ..data.digits import digits_data\n"
+    assert check("ibnify.deploy.verify", verify) == [
+        "ibnify.deploy.verify:2 imports ibnify.data.digits"
+    ]
+    assert check("ibnify.train.loop", "from ..placement import search\n") == [
+        "ibnify.train.loop:1 imports ibnify.placement"
+    ]
+    assert check("ibnify.cli.deploy", "def f():\n    from ..deploy.verify import v\n") == []
+    assert check("ibnify.newthing", "") == [
+        "ibnify.newthing is on no floor of docs/architecture.md"
+    ]
+    reaching_up = {**TABLE, "models": Floor(3, TABLE["models"].may | {"data"})}
+    assert upward(reaching_up) == ["models (floor 3) may import data (floor 4)"]
+
+
+def test_verifying_an_onnx_file_never_loads_scikit_learn() -> None:
+    """deploy imports data.images only; data.digits is the one scikit-learn import."""
+    code = (
+        "import sys, ibnify.deploy.verify, ibnify.deploy.bench, ibnify.data.images; "
+        "assert 'sklearn' not in sys.modules, 'sklearn loaded'; "
+        "import ibnify.data.digits; assert 'sklearn' in sys.modules; print('ok')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert (result.returncode, result.stdout.strip()) == (0, "ok"), result.stderr[-500:]
+
+
+def readme_layout(text: str) -> set[str]:
+    """The ``.py`` paths the README's "Project layout" tree lists (indentation gives folders)."""
+    block = text.split("## Project layout")[1].split("```")[1]
+    stack: list[tuple[int, str]] = []
+    paths = set()
+    for line in block.splitlines():
+        if not line.strip():
+            continue
+        indent, name = len(line) - len(line.lstrip()), line.split()[0]
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        path = "".join(folder for _, folder in stack) + name
+        if name.endswith("/"):
+            stack.append((indent, name))
+        elif name.endswith(".py"):
+            paths.add(path)
+    return paths
+
+
+def test_the_readme_layout_lists_every_module() -> None:
+    """Every module, one line each; a sub-package's empty ``__init__.py`` (``__all__ = []``,
+    imports nothing) goes without saying."""
+    listed = readme_layout((PACKAGE.parent / "README.md").read_text())
+    real = {
+        str(path.relative_to(PACKAGE.parent))
+        for module, path, _tree in _modules()
+        if not (path.name == "__init__.py" and importlib.import_module(module).__all__ == [])
+    }
+    assert "ibnify/cli/__init__.py" in real and "ibnify/core/__init__.py" not in real
+    assert {p for p in listed if p.startswith("ibnify/")} == real
+    tree = "## Project layout\n```\nibnify/\n  a.py  x\n  core/\n    b.py  y\n  c.py\n```\n"
+    assert readme_layout(tree) == {"ibnify/a.py", "ibnify/core/b.py", "ibnify/c.py"}
+
+
+def _declares_all(tree: ast.Module) -> bool:
+    """Whether a module assigns ``__all__`` at its top level."""
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        if any(isinstance(t, ast.Name) and t.id == "__all__" for t in targets):
+            return True
+    return False
+
+
+def test_every_module_declares_all_and_every_name_in_it_exists() -> None:
+    missing, unknown = [], []
+    for module, _path, tree in _modules():
+        if not _declares_all(tree):
+            missing.append(module)
+            continue
+        imported = importlib.import_module(module)
+        unknown += [f"{module}.{name}" for name in imported.__all__ if not hasattr(imported, name)]
+    assert (missing, unknown) == ([], [])
+    assert not _declares_all(ast.parse("x = 1\ndef f():\n    __all__ = []\n"))
+    assert _declares_all(ast.parse("__all__: list[str] = []\n"))
 
 
 def _may_import_lazily(module: str) -> bool:

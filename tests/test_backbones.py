@@ -18,6 +18,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 import ibnify
 from ibnify.core.layers import IBN, IBNAct, freeze_instance_norms
+from ibnify.core.reasons import Reason, ReasonCode
 from tests.helpers import randomize_norms
 
 
@@ -184,8 +185,8 @@ def test_segmentation_models_get_the_published_layout_in_their_backbone(builder:
     reasons = {s.name: s.reason for s in plan.skipped}
     assert reasons[
         "classifier.0.project.1" if builder == "deeplabv3_resnet50" else "classifier.1"
-    ] == ("outside the ResNet body (segmentation or detection head)")
-    assert reasons["backbone.layer4.0.bn1"] == "stage 4 not chosen"
+    ] == Reason(ReasonCode.OUTSIDE_BODY)
+    assert reasons["backbone.layer4.0.bn1"] == Reason(ReasonCode.STAGE_NOT_CHOSEN, value=4)
     if builder == "fcn_resnet50":
         converted = ibnify.convert(model, input_size=(3, SIZE, SIZE)).eval()
         reference = _hand_converted(model, expected, _ReferenceIBN)

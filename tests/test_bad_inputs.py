@@ -196,9 +196,21 @@ CASES = [
     ),
     Case(
         "export-output-exists",
-        ["export", "{assets}/tiny.safetensors", "-o", "{out}/existing.safetensors"],
+        ["export", "{assets}/tiny.safetensors", "-o", "{out}/existing.onnx"],
         1,
         "already exists",
+    ),
+    Case(
+        "export-output-not-onnx",
+        ["export", "{assets}/tiny.safetensors", "-o", "{out}/m.safetensors"],
+        1,
+        "does not end in .onnx",
+    ),
+    Case(
+        "export-opset-out-of-range",
+        ["export", "{assets}/tiny.safetensors", "-o", "{out}/m.onnx", "--opset", "30"],
+        1,
+        "opset 30 is outside the range ibnify exports (17 to 20",
     ),
     Case(
         "verify-corrupt-onnx",
@@ -259,6 +271,8 @@ CASES = [
             "{assets}/tiny.safetensors",
             "--data",
             "{assets}/bad_images",
+            "--num-classes",
+            "2",
             "--out",
             "{out}/run",
         ],
@@ -341,6 +355,7 @@ def _make_assets(assets: Path, out: Path) -> None:
     with open(assets / "evil.pth", "wb") as handle:
         pickle.dump({"conv1.weight": _Exploit(str(out / "pwned"))}, handle)
     (out / "existing.safetensors").write_bytes(b"the user's previous file")
+    (out / "existing.onnx").write_bytes(b"the user's previous file")
     _make_model_assets(assets)
 
 

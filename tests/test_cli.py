@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -126,20 +125,3 @@ def test_real_console_script(tmp_path) -> None:
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert bad.stderr.startswith("error: unknown model 'nosuchnet'")
     assert not (tmp_path / "x.safetensors").exists()
-
-
-@pytest.mark.parametrize(
-    ("command", "option", "library"),
-    [
-        ("export", "profile", "ibnify.deploy.export:PROFILES"),
-        ("export", "fold_form", "ibnify.deploy.fold:FOLD_FORMS"),
-        ("verify", "engine", "ibnify.deploy.engines:ENGINES"),
-        ("bench", "engine", "ibnify.deploy.engines:ENGINES"),
-        ("finetune", "dataset", "ibnify.data.sources:BUILTIN_DATASETS"),
-    ],
-)
-def test_cli_choices_are_the_librarys(command: str, option: str, library: str) -> None:
-    """The CLI spells its choices out (so --help loads no torch); they must stay the library's."""
-    module, _, name = library.partition(":")
-    params = {p.name: p for p in cli.commands[command].params}
-    assert list(params[option].type.choices) == list(getattr(importlib.import_module(module), name))

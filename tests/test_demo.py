@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,10 +39,61 @@ def test_cli_demo_quick_runs_end_to_end(tmp_path: Path) -> None:
     assert again.exit_code == 1 and "--force" in again.output
 
 
-def test_full_demo_meets_the_readme_claims(tmp_path: Path) -> None:
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_tables(heading: str) -> list[str]:
+    """The markdown tables (runs of ``|`` lines) in the README section under ``heading``."""
+    lines = README.read_text(encoding="utf-8").splitlines()
+    start = lines.index(heading) + 1
+    end = next((i for i in range(start, len(lines)) if lines[i].startswith("#")), len(lines))
+    tables: list[list[str]] = []
+    for previous, line in zip(lines[start - 1 : end], lines[start:end], strict=False):
+        if line.startswith("|"):
+            if not previous.startswith("|"):
+                tables.append([])
+            tables[-1].append(line)
+    return ["\n".join(table) for table in tables]
+
+
+def readme_block_lines(heading: str) -> list[str]:
+    """The lines of the first fenced block after the first table under ``heading``."""
+    lines = README.read_text(encoding="utf-8").splitlines()
+    start = lines.index(heading)
+    table = next(i for i in range(start, len(lines)) if lines[i].startswith("|"))
+    fence = next(i for i in range(table, len(lines)) if lines[i].startswith("```"))
+    close = next(i for i in range(fence + 1, len(lines)) if lines[i].startswith("```"))
+    return lines[fence + 1 : close]
+
+
+@pytest.fixture(scope="module")
+def full_demo(tmp_path_factory):
+    """The README's run (seed 0, default sizes), run once for every test below."""
+    return run_demo(tmp_path_factory.mktemp("demo"), DemoConfig())
+
+
+def test_readme_demo_table_is_what_the_demo_prints(full_demo) -> None:
+    """The README shows the table the demo prints today, digit for digit (seeded, one thread),
+    and the comparison lines under it; only the run time may differ."""
+    printed = full_demo.summary().splitlines()
+    assert readme_tables("### The demo (the main command)")[0] == full_demo.report.table(), (
+        "README.md's demo table differs from what `ibnify demo` prints; update the README"
+    )
+    shown = readme_block_lines("### The demo (the main command)")
+    words = ("clean accuracy", "brightness_down:", "contrast_down:", "gamma:")
+    assert [line for line in shown if line.startswith(words)] == [
+        line for line in printed if line.startswith(words)
+    ]
+    # The README wraps the ONNX line in two.
+    exported = " ".join(line for line in shown if line.startswith(("exported", "599/599")))
+    assert exported == next(line for line in printed if line.startswith("exported"))
+    assert shown[-1].startswith("demo finished in ") and len(shown) == 7
+
+
+def test_full_demo_meets_the_readme_claims(full_demo) -> None:
     """The README's run (seed 0): clean accuracy within 1 point of the control, and at least
     10 points less accuracy lost under darkening and low contrast (seeds 1 and 2 also do)."""
-    result = run_demo(tmp_path, DemoConfig())
+    result = full_demo
     report = result.report
     assert result.seconds < 180
     clean_gap = report.accuracy["ibn"]["clean"] - report.accuracy["control"]["clean"]
@@ -48,3 +101,30 @@ def test_full_demo_meets_the_readme_claims(tmp_path: Path) -> None:
     for shift in ("brightness_down", "contrast_down"):
         assert report.drop("ibn", shift) <= report.drop("control", shift) - 0.10, shift
     assert result.onnx["passed"]
+
+
+@pytest.mark.slow  # trains the baseline and fine-tunes six models: 1-2 minutes on 2 cores
+def test_readme_placement_tables_are_what_the_example_prints(tmp_path: Path) -> None:
+    """The README's two placement tables (divergence per stage, ranked candidates) are what
+    ``examples/placement_search.py`` prints today (seeded, one thread)."""
+    script = README.parent / "examples" / "placement_search.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--out", str(tmp_path / "placement")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=True,
+    )
+    printed: list[list[str]] = []
+    previous = ""
+    for line in result.stdout.splitlines():
+        if line.startswith("|"):
+            if not previous.startswith("|"):
+                printed.append([])
+            printed[-1].append(line)
+        previous = line
+    # The per-layer divergence table comes first; the README shows the per-stage one.
+    assert len(printed) == 3 and printed[0][0].startswith("| # | layer")
+    assert readme_tables("### On the digits demo's baseline") == [
+        "\n".join(table) for table in printed[1:]
+    ], "README.md's placement tables differ from examples/placement_search.py's; update them"

@@ -173,7 +173,8 @@ def test_ibn_b_refused_for_densenet() -> None:
 
 def test_already_converted_model_is_refused() -> None:
     converted = ibnify.convert("resnet18", input_size=SMALL)
-    with pytest.raises(ibnify.errors.NoBatchNormError, match="already converted"):
+    already = r"tv:resnet18 is already converted \(resnet-a stages 1,2,3\)"
+    with pytest.raises(ibnify.errors.ConversionError, match=already):
         ibnify.convert(converted, input_size=SMALL)
     # Adding stage 4 to an IBN-a model converts only the new sites.
     more = ibnify.convert(converted, stages=(1, 2, 3, 4), input_size=SMALL)

@@ -11,7 +11,18 @@ from torchvision.ops import FrozenBatchNorm2d
 import ibnify
 from ibnify.core.graph import Role, analyze, trace
 from ibnify.core.layers import IBN, IBNAct
-from ibnify.core.ops import NormKind, OpKind, classify, is_channel_concat, is_norm, norm_kind
+from ibnify.core.ops import (
+    NormKind,
+    OpKind,
+    classify,
+    has_batchnorm,
+    is_batchnorm_like,
+    is_channel_concat,
+    is_frozen_batchnorm,
+    is_instance_norm,
+    is_norm,
+    norm_kind,
+)
 from ibnify.core.surgery import apply_plan
 from ibnify.errors import ConversionError
 from tests.helpers import ADD_SPELLINGS
@@ -219,3 +230,32 @@ def test_an_unknown_batchnorm_subclass_is_a_leaf_but_refused_by_the_surgery() ->
     model[1] = _DoublingBatchNorm(4)
     with pytest.raises(ConversionError, match="whose forward ibnify does not know"):
         apply_plan(model, plan)
+
+
+def test_the_norm_predicates_agree_with_norm_kind() -> None:
+    """Each predicate, for each kind of norm: (BN-like, frozen, instance norm)."""
+    table = {
+        "bn": (nn.BatchNorm2d(4), (True, False, False)),
+        "sync": (nn.SyncBatchNorm(4), (True, False, False)),
+        "bn_act": (BatchNormAct2d(4), (True, False, False)),
+        "frozen": (FrozenBatchNorm2d(4), (True, True, False)),
+        "frozen_act": (FrozenBatchNormAct2d(4), (True, True, False)),
+        "ibn": (IBN(4), (True, False, False)),
+        "ibn_act": (IBNAct(4), (True, False, False)),
+        "in2d": (nn.InstanceNorm2d(4), (False, False, True)),
+        "in1d": (nn.InstanceNorm1d(4), (False, False, True)),
+        "conv": (nn.Conv2d(4, 4, 1), (False, False, False)),
+    }
+    got = {
+        name: (is_batchnorm_like(m), is_frozen_batchnorm(m), is_instance_norm(m))
+        for name, (m, _) in table.items()
+    }
+    assert got == {name: expected for name, (_, expected) in table.items()}
+    assert norm_kind(IBNAct(4)) == NormKind.IBN  # registered by core/layers.py
+
+
+def test_a_model_with_only_frozen_batchnorm_has_batchnorm() -> None:
+    """The small-batch warning of fine-tuning asks this; frozen BN counts, IN alone does not."""
+    assert has_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 1), FrozenBatchNorm2d(4)))
+    assert has_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 1), FrozenBatchNormAct2d(4)))
+    assert not has_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 1), nn.InstanceNorm2d(4)))

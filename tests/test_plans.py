@@ -12,14 +12,13 @@ from ibnify.core.plans import (
     ConversionPlan,
     ConversionSite,
     PlanOptions,
-    Reason,
-    ReasonCode,
     SiteKind,
     as_input_size,
     check_ratio,
     parse_input_size,
     parse_stages,
 )
+from ibnify.core.reasons import Reason, ReasonCode
 from ibnify.errors import InvalidOptionError
 
 SMALL = (3, 64, 64)
@@ -33,14 +32,17 @@ def test_plan_json_round_trip_and_reasons() -> None:
     assert all(type(site.kind) is SiteKind for site in again.sites)
     assert json.loads(text)["sites"][0]["kind"] == "ibn" and json.loads(text)["extras"] == {}
     reasons = {s.name: s.reason for s in plan.skipped}
-    assert reasons["bn1"] == "stem (IBN-a keeps the stem BN)"
-    assert reasons["layer1.0.downsample.1"] == "shortcut (downsample) BN"
-    assert (
-        reasons["layer1.0.bn3"]
-        == "last BN before the residual addition (sets the residual's scale)"
-    )
-    assert reasons["layer1.0.bn2"] == "IBN-a converts only the block's first BN (bn1)"
-    assert reasons["layer4.0.bn1"] == "stage 4 not chosen"
+    assert reasons["bn1"] == Reason(ReasonCode.STEM)
+    assert reasons["layer1.0.downsample.1"] == Reason(ReasonCode.RESNET_SHORTCUT)
+    assert reasons["layer1.0.bn3"] == Reason(ReasonCode.RESNET_PRE_ADD)
+    assert reasons["layer1.0.bn2"] == Reason(ReasonCode.RESNET_NOT_BN1)
+    assert reasons["layer4.0.bn1"] == Reason(ReasonCode.STAGE_NOT_CHOSEN, value=4)
+    saved = json.loads(text)["skipped"]
+    stem = {"code": "stem", "at": None, "value": None}
+    assert saved[0] == {"name": "bn1", "stage": 0, "reason": stem}
+    # text only at display: the table renders the sentence from the code
+    rows = [line.split() for line in plan.details(verbose=True).splitlines()]
+    assert ["layer4.0.bn1", "4", "stage", "4", "not", "chosen"] in rows
 
 
 def test_plan_table_lists_sites_and_with_verbose_every_skipped_norm() -> None:
@@ -164,3 +166,17 @@ def test_reason_text_is_rendered_from_the_code_never_parsed() -> None:
     for code in ReasonCode:  # every code has a sentence, fully filled in
         text = str(Reason(code, at="x", value=1))
         assert text and "{" not in text and text.startswith(Reason(code, "x", 1).summary)
+
+
+def test_every_reason_sentence_maps_back_to_its_record() -> None:
+    """Format-1 plans stored ``str(reason)``: each template's sentence parses to its record."""
+    for code in ReasonCode:
+        if code == ReasonCode.LEGACY:
+            continue
+        sentence = str(Reason(code, at="layer1.0", value=3))
+        back = Reason.from_dict(sentence)
+        assert back.code == code, sentence
+        assert str(back) == sentence and back.to_dict()["code"] == str(code)
+    assert Reason.from_dict("role 'main' unknown to the generic rule").value == "main"
+    with pytest.raises(ValueError, match="unknown reason code 'gone'"):
+        Reason.from_dict({"code": "gone", "at": None, "value": None})

@@ -115,7 +115,7 @@ def _convert_cli(out: Path, seed: int) -> subprocess.CompletedProcess:
 
 
 def test_convert_with_seed_is_bit_for_bit_reproducible(tmp_path) -> None:
-    first, second, other = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "c"
+    first, second, other = (tmp_path / f"{name}.safetensors" for name in "abc")
     for path, seed in ((first, 5), (second, 5), (other, 6)):
         done = _convert_cli(path, seed)
         assert done.returncode == 0, done.stderr

@@ -15,13 +15,16 @@ import torch
 from click.testing import CliRunner
 
 import ibnify
-import ibnify.placement.search as layout_search
+import ibnify.placement.candidates as candidates
+import ibnify.placement.runs as runs
 from ibnify.cli import cli
 from ibnify.core.plans import ConversionPlan
 from ibnify.data.digits import digits_data
 from ibnify.errors import InvalidOptionError
 from ibnify.models.small import digits_resnet
-from ibnify.placement.search import RESULTS_FILE, Candidate, parse_candidates, search_placement
+from ibnify.placement.candidates import Candidate, parse_candidates
+from ibnify.placement.search import search_placement
+from ibnify.placement.search_state import RESULTS_FILE
 from ibnify.train.config import FinetuneConfig
 from tests.cli_process import check_bad_inputs
 from tests.helpers import bad_class_folders
@@ -71,7 +74,7 @@ def test_parse_candidates() -> None:
 
 def test_auto_candidates_for_a_three_stage_resnet(setup) -> None:
     base, _train, val, _config = setup
-    auto = layout_search.auto_candidates(base, val, shifts="brightness_down")
+    auto = candidates.auto_candidates(base, val, shifts="brightness_down")
     # stages 1 and 1-2 (never the last of three); the suggestion is one of them; IBN-b exists
     assert [c.name for c in auto] == ["a:1", "a:1-2", "b"]
 
@@ -93,13 +96,13 @@ def test_search_is_deterministic_and_resumes(setup, tmp_path, monkeypatch) -> No
     assert (tmp_path / "one" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
 
     calls: list[str] = []
-    real = layout_search.finetune
+    real = runs.finetune
 
     def counting(model, *args, **kwargs):
         calls.append(type(model).__name__)
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(layout_search, "finetune", counting)
+    monkeypatch.setattr(runs, "finetune", counting)
     again = _search(setup, tmp_path / "one")
     assert calls == [] and again.reused == names
     assert again.table() == first.table()

@@ -111,9 +111,11 @@ def _set(**fields: Any) -> Callable[[dict[str, Any]], None]:
 
 
 def _old_location(kwargs: dict[str, Any], top: dict[str, Any] | None = None):
-    """Files written before the Recipe class repeated model_kwargs in the plan's extras."""
+    """Files written before the Recipe class repeated model_kwargs in the plan's extras (recipe
+    format 1: one ``plan``)."""
 
     def change(recipe: dict[str, Any]) -> None:
+        recipe.update(format="ibnify.checkpoint/1", plan=recipe.pop("plans")[0])
         recipe["plan"].setdefault("extras", {})["model_kwargs"] = kwargs
         if top is None:
             recipe.pop("model_kwargs", None)
@@ -285,8 +287,8 @@ def test_recipe_stores_model_kwargs_once_and_reads_old_files(
     assert recipe["format"] == FORMAT and recipe["model_kwargs"] == {"width": 4}
     with safe_open(str(base_checkpoint), framework="pt") as handle:
         stored = json.loads(handle.metadata()["ibnify_recipe"])
-    assert "model_kwargs" not in stored["plan"].get("extras", {})
-    assert "model_kwargs" not in stored["plan"]
+    assert "model_kwargs" not in stored["plans"][0].get("extras", {})
+    assert "model_kwargs" not in stored["plans"][0]
     old = _craft(
         base_checkpoint, tmp_path / "old.safetensors", _old_location({"width": 4}, {"width": 4})
     )

@@ -191,7 +191,7 @@ from ibnify.train.loop import finetune
 torch.set_num_threads(1)
 torch.manual_seed(int(os.environ["RANK"]))  # different init per rank: DDP must sync it
 model, source = build_model("ibnify:digits_resnet", width=4, image_size=8)
-model = ibnify.convert(model, stages=(1, 2), arch=source)
+model = ibnify.convert(model, stages=(1, 2), arch=source, model_kwargs=dict(width=4, image_size=8))
 g = torch.Generator().manual_seed(0)
 data = ImageData(TensorDataset(torch.rand(64, 3, 8, 8, generator=g),
                                torch.randint(0, 10, (64,), generator=g)), (0.5,) * 3, (0.25,) * 3)
@@ -237,7 +237,7 @@ def test_cli_finetune_digits_then_refuses_to_overwrite(tmp_path: Path) -> None:
     out = tmp_path / "run"
     runner = CliRunner()
     args = ["finetune", str(ckpt), "--dataset", "digits", "--epochs", "1", "--out", str(out)]
-    result = runner.invoke(cli, [*args, "--batch-size", "128"])
+    result = runner.invoke(cli, [*args, "--batch-size", "128", "--json"])
     assert result.exit_code == 0, result.output
     line = json.loads(next(t for t in result.output.splitlines() if t.startswith("{")))
     assert line["epoch"] == 1 and 0.0 <= line["val_acc"] <= 1.0

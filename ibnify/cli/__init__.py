@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from . import convert, deploy, placement, training  # noqa: F401  (registers the commands)
+from . import adapt, convert, deploy, placement, training  # noqa: F401  (registers the commands)
 from ._group import cli
 
 __all__ = ["cli", "main"]

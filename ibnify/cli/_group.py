@@ -16,7 +16,10 @@ from typing import Any
 import click
 
 from .. import __version__
+from ..constants import BUILTIN_DATASETS
 from ..errors import IbnifyError, first_line
+
+__all__ = ["IbnifyGroup", "Interrupted", "cli", "invocation", "threads_option"]
 
 
 class IbnifyGroup(click.Group):
@@ -32,6 +35,7 @@ class IbnifyGroup(click.Group):
     ) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
         debug = "--debug" in argv
+        extra.setdefault("obj", {"argv": argv})  # commands that print a rerun command read it
         try:
             result = super().main(
                 args=argv,
@@ -40,12 +44,15 @@ class IbnifyGroup(click.Group):
                 standalone_mode=False,
                 **extra,
             )
+        except click.exceptions.NoArgsIsHelpError as exc:
+            click.echo(exc.ctx.get_help())  # plain `ibnify`: the help, as --help prints it
+            result = 0
         except click.UsageError as exc:
             _fail(exc.format_message(), 2, debug)
-        except click.Abort:
-            _fail("interrupted; nothing was written", 130, debug)
-        except KeyboardInterrupt:
-            _fail("interrupted; nothing was written", 130, debug)
+        except click.Abort as exc:  # click turns KeyboardInterrupt into Abort
+            _fail(_interrupted(exc.__cause__), 130, debug)
+        except KeyboardInterrupt as exc:
+            _fail(_interrupted(exc), 130, debug)
         except click.ClickException as exc:
             _fail(exc.format_message(), exc.exit_code, debug)
         except IbnifyError as exc:
@@ -61,6 +68,46 @@ class IbnifyGroup(click.Group):
         if standalone_mode:
             sys.exit(code)
         return code
+
+
+class Interrupted(click.ClickException):
+    """Ctrl-C that a command caught to say what it kept and how to continue; exit 130."""
+
+    exit_code = 130
+
+
+def _interrupted(exc: BaseException | None) -> str:
+    """A command that keeps work on Ctrl-C says so in its KeyboardInterrupt; else nothing was."""
+    said = str(exc) if isinstance(exc, KeyboardInterrupt) else ""
+    return said or "interrupted; nothing was written"
+
+
+def invocation(ctx: click.Context) -> list[str]:
+    """The arguments this ``ibnify`` run was given (for a printed rerun command)."""
+    obj = ctx.find_root().obj
+    argv = obj.get("argv") if isinstance(obj, dict) else None
+    return list(argv) if argv is not None else sys.argv[1:]
+
+
+def threads_option(function):
+    """Add ``--threads N`` to a command that computes: torch's intra-op threads for the run.
+
+    Absent, torch keeps its default; the command function does not receive the value.
+    """
+
+    @functools.wraps(function)
+    def command(*args: Any, threads: int | None = None, **kwargs: Any) -> Any:
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
+        return function(*args, **kwargs)
+
+    return click.option(
+        "--threads",
+        type=click.IntRange(min=1),
+        help="CPU threads for torch (default: torch's own choice).",
+    )(command)
 
 
 def _fail(message: str, code: int, debug: bool) -> None:
@@ -178,7 +225,7 @@ def _data_options(function):
         ),
         click.option(
             "--dataset",
-            type=click.Choice(["digits"]),
+            type=click.Choice(BUILTIN_DATASETS),
             help="Built-in data set: scikit-learn's handwritten digits as 3×16×16 images.",
         ),
     ]

@@ -9,6 +9,8 @@ import click
 
 from ._group import _plan_options, cli
 
+__all__ = ["convert_command", "plan_command"]
+
 
 def _model_kwargs(num_classes: int | None) -> dict[str, Any]:
     return {"num_classes": num_classes} if num_classes else {}
@@ -52,17 +54,27 @@ def convert_command(
     force: bool,
     seed: int | None,
 ) -> None:
-    """Convert MODEL to IBN-Net form and write it to OUTPUT (safetensors + recipe)."""
+    """Convert MODEL to IBN-Net form and write it to OUTPUT (safetensors + recipe).
+
+    MODEL is a model name or an ibnify checkpoint; a checkpoint is converted further (for
+    example ``--stages 4`` after IBN-a, or ``--layout b``) and its recipe keeps every plan.
+    """
     import torch
 
     from .._io import check_output_path
-    from ..api import convert_named
-    from ..core.surgery import get_plan
+    from ..api import convert_named, is_checkpoint_spec
+    from ..core.recipe import get_recipe
+    from ..errors import InvalidOptionError
     from ..models.checkpoint import save
 
     if weights and pretrained:
         raise click.UsageError("give either --weights or --pretrained, not both")
-    target = check_output_path(output, force=force)
+    if is_checkpoint_spec(model) and (weights or pretrained or num_classes):
+        raise InvalidOptionError(
+            f"{model!r} is an ibnify checkpoint, it records its own weights and classes: "
+            "--weights, --pretrained and --num-classes apply to a model name"
+        )
+    target = check_output_path(output, force=force, suffixes=(".safetensors",))
     if seed is not None:
         torch.manual_seed(seed)
     converted = convert_named(
@@ -72,8 +84,16 @@ def convert_command(
         model_kwargs=_model_kwargs(num_classes),
         options=options,
     )
-    plan = get_plan(converted)
-    _echo_plan(plan, as_json, verbose)
+    recipe = get_recipe(converted)
+    _echo_plan(recipe.plan, as_json, verbose)
     save(converted, target)
     if not as_json:
+        if len(recipe.plans) > 1:
+            click.echo(f"recipe: {recipe.conversions()}")
+        if recipe.head is not None and not is_checkpoint_spec(model):
+            head = recipe.head
+            click.echo(
+                f"head {head['name']}: {head['from_classes']} → {head['num_classes']} classes, "
+                "fresh weights"
+            )
         click.echo(f"wrote {Path(target)}")

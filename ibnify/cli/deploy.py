@@ -6,7 +6,10 @@ import sys
 
 import click
 
-from ._group import _parse_input_size, cli
+from ..constants import ENGINES, FOLD_FORMS, ONNX_OPSETS, PROFILES
+from ._group import _parse_input_size, cli, threads_option
+
+__all__ = ["bench_command", "export_command", "verify_command"]
 
 
 def _parse_batches(ctx: click.Context, param: click.Parameter, value: str):
@@ -24,7 +27,13 @@ def _parse_batches(ctx: click.Context, param: click.Parameter, value: str):
 @click.option(
     "-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .onnx file."
 )
-@click.option("--opset", type=click.IntRange(min=17), default=18, show_default=True)
+@click.option(
+    "--opset",
+    type=int,
+    default=18,
+    show_default=True,
+    help=f"ONNX opset, {ONNX_OPSETS[0]} to {ONNX_OPSETS[-1]}.",
+)
 @click.option(
     "--input-size",
     callback=_parse_input_size,
@@ -35,14 +44,14 @@ def _parse_batches(ctx: click.Context, param: click.Parameter, value: str):
 @click.option("--no-fold", is_flag=True, help="Keep the BN halves as BatchNormalization nodes.")
 @click.option(
     "--profile",
-    type=click.Choice(["default", "fp16", "portable"]),
+    type=click.Choice(PROFILES),
     default="default",
     show_default=True,
     help="fp16: float16 except InstanceNormalization; portable: IN as elementary ops.",
 )
 @click.option(
     "--fold-form",
-    type=click.Choice(["auto", "concat", "split"]),
+    type=click.Choice(FOLD_FORMS),
     default="auto",
     show_default=True,
     help="Graph at each IBN site: auto picks the faster of concat and split-next-conv.",
@@ -54,6 +63,7 @@ def _parse_batches(ctx: click.Context, param: click.Parameter, value: str):
 @click.option(
     "-v", "--verbose", is_flag=True, help="List every IBN site left unfolded, with its reason."
 )
+@threads_option
 def export_command(
     checkpoint: str,
     output: str,
@@ -74,11 +84,12 @@ def export_command(
     profile's tolerance before it is written.
     """
     from .._io import check_output_path
-    from ..deploy.export import PROFILE_TOLERANCES, export_onnx
+    from ..deploy.export import PROFILE_TOLERANCES, check_opset, export_onnx
     from ..deploy.verify import verify_onnx
     from ..models.checkpoint import load
 
-    target = check_output_path(output, force=force)
+    check_opset(opset)  # before anything loads: torch's exporter would print its IR first
+    target = check_output_path(output, force=force, suffixes=(".onnx",))
     model = load(checkpoint)
     atol, rtol = PROFILE_TOLERANCES[profile]
     verified: list = []
@@ -126,11 +137,12 @@ def export_command(
 )
 @click.option(
     "--engine",
-    type=click.Choice(["onnxruntime", "openvino"]),
+    type=click.Choice(ENGINES),
     default="onnxruntime",
     show_default=True,
     help="Runtime to check (openvino needs the ibnify[openvino] extra).",
 )
+@threads_option
 def verify_command(
     onnx_file: str,
     against: str,
@@ -170,7 +182,7 @@ def verify_command(
 @click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option(
     "--engine",
-    type=click.Choice(["onnxruntime", "openvino"]),
+    type=click.Choice(ENGINES),
     default="onnxruntime",
     show_default=True,
     help="Runtime to time (openvino needs the ibnify[openvino] extra).",
@@ -201,6 +213,8 @@ def bench_command(
     bars: list = []  # the bar appears with the first timed run, after the files have loaded
 
     def progress(done: int, total: int) -> None:
+        if not sys.stderr.isatty():  # off a terminal click prints only the label: a stray line
+            return
         if not bars:
             bars.append(click.progressbar(length=total, label="timing", file=sys.stderr))
             bars[0].__enter__()

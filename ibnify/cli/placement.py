@@ -6,37 +6,9 @@ from typing import Any
 
 import click
 
-from ._group import _data_options, _one_data_source, cli
+from ._group import _data_options, _one_data_source, _parse_input_size, cli, threads_option
 
-
-def _load_domains(
-    model: Any,
-    data: str | None,
-    dataset: str | None,
-    domain_a: str | None,
-    domain_b: str | None,
-    shifts: str | None,
-    seed: int,
-) -> tuple[Any, Any, str | None]:
-    """analyze's data options → (domain A, domain B or None, shifts or None); usage errors."""
-    from ..data.images import image_folder_data
-    from ..data.sources import resolve_data_source
-    from ..placement.divergence import check_same_classes
-
-    pair = domain_a is not None or domain_b is not None
-    if pair and (data is not None or dataset is not None):
-        raise click.UsageError("give --domain-a/--domain-b or --data/--dataset, not both")
-    if pair:
-        if domain_a is None or domain_b is None:
-            raise click.UsageError("give both --domain-a DIR and --domain-b DIR")
-        if shifts is not None:
-            raise click.UsageError("--shift applies to --data/--dataset (one domain, shifted)")
-        first = image_folder_data(domain_a, model, train=False)
-        second = image_folder_data(domain_b, model, train=False)
-        check_same_classes(first, second)
-        return first, second, None
-    _one_data_source(data, dataset)
-    return resolve_data_source(data, dataset, model, split="test", seed=seed), None, shifts
+__all__ = ["analyze_command", "search_command"]
 
 
 @cli.command("analyze")
@@ -50,6 +22,12 @@ def _load_domains(
 )
 @click.option("--domain-a", type=click.Path(file_okay=False), help="Image folder, domain A.")
 @click.option("--domain-b", type=click.Path(file_okay=False), help="Image folder, domain B.")
+@click.option(
+    "--input-size",
+    callback=_parse_input_size,
+    help="Image size the model sees: 32 or 3,32,32 (default: the checkpoint's, else the "
+    "model's own).",
+)
 @click.option(
     "--images",
     type=click.IntRange(min=4),
@@ -69,52 +47,23 @@ def _load_domains(
 )
 @click.option("--force", is_flag=True, help="Overwrite the plot file if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@threads_option
 def analyze_command(
-    model: str,
-    weights: str | None,
-    data: str | None,
-    dataset: str | None,
-    shifts: str | None,
-    domain_a: str | None,
-    domain_b: str | None,
-    images: int,
-    batch_size: int,
-    plot: str | None,
-    as_json: bool,
-    seed: int,
-    force: bool,
-    quiet: bool,
+    model: str, plot: str | None, as_json: bool, force: bool, quiet: bool, **options: Any
 ) -> None:
     """Feature divergence between two domains at every norm layer (IBN-Net §3): where
     appearance lives in MODEL (a model name or an ibnify checkpoint), and a suggested --stages.
     """
-    # Long only by its option list: each option is one parameter, passed on to the library.
-    import torch
-
     from .._io import check_output_path
-    from ..data.shifts import parse_shifts
-    from ..placement.divergence import analyze_divergence, load_model_or_checkpoint
+    from ..placement.divergence import AnalyzeOptions, analyze_files
 
-    if shifts is not None:
-        parse_shifts(shifts)  # fail on a bad --shift before loading anything
-    plot_path = check_output_path(plot, force=force) if plot else None
-    torch.manual_seed(seed)  # a model built without weights gets the same init every run
-    source = load_model_or_checkpoint(model, weights)
-    first, second, shifts = _load_domains(
-        source.model, data, dataset, domain_a, domain_b, shifts, seed
-    )
-    report = analyze_divergence(
-        source.model,
-        first,
-        second,
-        shifts=shifts or "all",
-        images=images,
-        batch_size=batch_size,
-        seed=seed,
-        progress=False if quiet or as_json else None,
-        arch=source.source,
-    )
-    report.extras["model_args"] = source.convert_args()
+    pair = options["domain_a"] is not None or options["domain_b"] is not None
+    if not pair:
+        _one_data_source(options["data"], options["dataset"])
+    plot_path = check_output_path(plot, force=force, suffixes=(".png",)) if plot else None
+    progress = False if quiet or as_json else None
+    result = analyze_files(model, AnalyzeOptions(**options, progress=progress))
+    report, source = result.report, result.source
     if plot_path is not None:
         report.plot(plot_path)
     if as_json:
@@ -134,26 +83,39 @@ def analyze_command(
         click.echo(f"wrote {plot_path}")
 
 
-def _search_data(
-    model: Any, data: str | None, dataset: str | None, val_data: str | None, seed: int
-) -> tuple[Any, Any, str]:
-    """search's training and validation data, and the same options for `ibnify finetune`."""
-    from ..data.digits import digits_data
-    from ..data.images import image_folder_data
-
-    if dataset is not None:
-        train, val = digits_data("train", seed=seed), digits_data("test", seed=seed)
-        return train, val, f"--dataset {dataset}"
-    train = image_folder_data(data, model, train=True)  # type: ignore[arg-type]
-    val = image_folder_data(val_data, model, train=False)  # type: ignore[arg-type]
-    return train, val, f"--data {data} --val-data {val_data}"
-
-
 @cli.command("search")
 @click.argument("model")
 @click.option("--weights", type=click.Path(dir_okay=False), help="Weights for a model name.")
 @_data_options
 @click.option("--val-data", type=click.Path(file_okay=False), help="Labelled validation folder.")
+@click.option(
+    "--domain",
+    "domains",
+    multiple=True,
+    metavar="NAME=FOLDER",
+    help="A labelled target-domain folder (the classes of the data), evaluated for every "
+    "candidate; repeat for more.",
+)
+@click.option(
+    "--objective",
+    type=click.Choice(["shifts", "domains", "both"]),
+    help="Rank by accuracy under the shifts, on the domains, or both (default: domains when "
+    "--domain is given, else shifts).",
+)
+@click.option(
+    "--max-clean-drop",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    metavar="PTS",
+    help="A candidate this many points of clean accuracy below the control cannot win.",
+)
+@click.option(
+    "--halving/--no-halving",
+    default=None,
+    help="Successive halving: all candidates train the first part of the schedule, the worse "
+    "half stops, the rest go on (default: on with more than 3 candidates).",
+)
 @click.option(
     "--candidates",
     default="auto",
@@ -166,6 +128,12 @@ def _search_data(
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-4, show_default=True)
 @click.option("--warmup-epochs", type=click.FloatRange(min=0), default=1.0, show_default=True)
 @click.option("--shift", "shifts", default="all", show_default=True, help="Shifts to evaluate.")
+@click.option(
+    "--input-size",
+    callback=_parse_input_size,
+    help="Image size the model sees: 32 or 3,32,32 (default: the checkpoint's, else the "
+    "model's own).",
+)
 @click.option(
     "--budget-min",
     type=click.FloatRange(min=0, min_open=True),
@@ -182,78 +150,24 @@ def _search_data(
 @click.option("--force", is_flag=True, help="Discard the results recorded in --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--progress", is_flag=True, help="Show the fine-tuning progress bars.")
-def search_command(
-    model: str,
-    weights: str | None,
-    data: str | None,
-    dataset: str | None,
-    val_data: str | None,
-    candidates: str,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    weight_decay: float,
-    warmup_epochs: float,
-    shifts: str,
-    budget_min: float | None,
-    out_dir: str,
-    seed: int,
-    force: bool,
-    as_json: bool,
-    progress: bool,
-) -> None:
+@threads_option
+def search_command(model: str, as_json: bool, **options: Any) -> None:
     """Convert, fine-tune and evaluate candidate IBN layouts of MODEL (a model name or an
     unconverted ibnify checkpoint) plus an identically fine-tuned control; rank them.
     """
-    # Long only by its option list: each option is one parameter, passed on to the library.
-    import torch
+    from ..placement.search import SearchOptions, search_files
 
-    from ..data.shifts import parse_shifts
-    from ..placement.divergence import load_model_or_checkpoint
-    from ..placement.search import parse_candidates, search_placement
-    from ..placement.search_report import RANK_RULE
-    from ..train.config import FinetuneConfig
-
-    _one_data_source(data, dataset)
-    if data is not None and val_data is None:
-        raise click.UsageError("give --val-data DIR with --data")
-    parse_shifts(shifts)  # fail on bad options before loading anything
-    if candidates.strip().lower() != "auto":
-        parse_candidates(candidates)
-    torch.manual_seed(seed)  # a model built without weights gets the same init every run
-    source = load_model_or_checkpoint(model, weights)
-    train, val, data_args = _search_data(source.model, data, dataset, val_data, seed)
-    config = FinetuneConfig(
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        weight_decay=weight_decay,
-        warmup_epochs=warmup_epochs,
-        seed=seed,
-        quiet=not progress,
-    )
-    report = search_placement(
-        source.model,
-        train,
-        val,
-        candidates=candidates,
-        config=config,
-        shifts=shifts,
-        budget_min=budget_min,
-        out_dir=out_dir,
-        force=force,
-        arch=source.source,
-        model_kwargs=source.model_kwargs or None,
-        echo=None if as_json else lambda line: click.echo(line, err=True),
-    )
+    _one_data_source(options["data"], options["dataset"])
+    echo = None if as_json else lambda line: click.echo(line, err=True)
+    result = search_files(model, SearchOptions(**options), echo=echo)
+    report = result.report
     if as_json:
         click.echo(report.to_json())
         return
     click.echo(report.table())
-    command = report.reproduce_command(source.convert_args(), data_args)
+    click.echo(f"{report.winner_line()}; {report.rule}")
     if report.winner is not None:
-        click.echo(f"winner: {report.winner.name} ({RANK_RULE})")
-        click.echo(f"reproduce: {command}")
+        click.echo(f"reproduce: {result.reproduce_command()}")
     if report.stopped:
         click.echo(report.stopped)
     for label, path in report.files.items():

@@ -3,40 +3,89 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
-from ._group import _data_options, _one_data_source, cli
+from ..constants import FINETUNE_DEFAULTS, OPTIMIZERS
+from ._group import (
+    Interrupted,
+    _data_options,
+    _one_data_source,
+    _parse_input_size,
+    cli,
+    invocation,
+    threads_option,
+)
+
+__all__ = ["demo_command", "evaluate_command", "finetune_command"]
+
+_DEFAULTS = FINETUNE_DEFAULTS
 
 
 @cli.command("finetune")
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @_data_options
 @click.option("--val-data", type=click.Path(file_okay=False), help="Labelled validation folder.")
-@click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True)
+@click.option(
+    "--input-size",
+    callback=_parse_input_size,
+    help="Image size the model sees: 32 or 3,32,32 (default: the checkpoint's, else the "
+    "model's own).",
+)
+@click.option(
+    "--num-classes",
+    type=click.IntRange(min=1),
+    help="Give the model a fresh classifier head of N classes first (its own data's count).",
+)
+@click.option(
+    "--epochs", type=click.IntRange(min=1), default=_DEFAULTS["epochs"], show_default=True
+)
+@click.option(
+    "--lr",
+    type=click.FloatRange(min=0, min_open=True),
+    default=_DEFAULTS["lr"],
+    show_default=True,
+)
 @click.option(
     "--batch-size",
     type=click.IntRange(min=1),
-    default=64,
+    default=_DEFAULTS["batch_size"],
     show_default=True,
     help="Images per process and step.",
 )
-@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-4, show_default=True)
+@click.option(
+    "--optimizer",
+    type=click.Choice(OPTIMIZERS),
+    default=_DEFAULTS["optimizer"],
+    show_default=True,
+)
+@click.option(
+    "--weight-decay",
+    type=click.FloatRange(min=0),
+    default=_DEFAULTS["weight_decay"],
+    show_default=True,
+)
 @click.option(
     "--decay-norm/--no-decay-norm",
-    default=True,
+    "decay_norm_and_bias",
+    default=_DEFAULTS["decay_norm_and_bias"],
     show_default=True,
     help="Weight decay on BN affine and biases (reference recipe: yes; timm: no).",
 )
 @click.option(
     "--decay-in/--no-decay-in",
-    default=True,
+    "decay_in_affine",
+    default=_DEFAULTS["decay_in_affine"],
     show_default=True,
     help="Weight decay on the InstanceNorm affine of the IBN layers.",
 )
-@click.option("--warmup-epochs", type=click.FloatRange(min=0), default=1.0, show_default=True)
+@click.option(
+    "--warmup-epochs",
+    type=click.FloatRange(min=0),
+    default=_DEFAULTS["warmup_epochs"],
+    show_default=True,
+)
 @click.option(
     "--out",
     "out_dir",
@@ -46,7 +95,7 @@ from ._group import _data_options, _one_data_source, cli
 )
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
 @click.option("--force", is_flag=True, help="Start over in an --out that holds a run.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=_DEFAULTS["seed"], show_default=True)
 @click.option(
     "--distill-from",
     help="Label-free: distil from the original model (ibnify checkpoint, weights file of the "
@@ -54,100 +103,92 @@ from ._group import _data_options, _one_data_source, cli
 )
 @click.option(
     "--temperature",
+    "distill_temperature",
     type=click.FloatRange(min=0, min_open=True),
-    default=4.0,
+    default=_DEFAULTS["distill_temperature"],
     show_default=True,
     help="Distillation temperature.",
 )
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option(
+    "--workers", type=click.IntRange(min=0), default=_DEFAULTS["workers"], show_default=True
+)
 @click.option("--stop-after", type=click.IntRange(min=1), help="End after N epochs this run.")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
-def finetune_command(
-    checkpoint: str,
-    data: str | None,
-    dataset: str | None,
-    val_data: str | None,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    optimizer: str,
-    weight_decay: float,
-    decay_norm: bool,
-    decay_in: bool,
-    warmup_epochs: float,
-    out_dir: str,
-    resume: bool,
-    force: bool,
-    seed: int,
-    distill_from: str | None,
-    temperature: float,
-    workers: int,
-    stop_after: int | None,
-    quiet: bool,
-) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Per-epoch lines as JSON (metrics.jsonl's).")
+@threads_option
+def finetune_command(**options: Any) -> None:
     """Fine-tune an ibnify CHECKPOINT (labelled, or label-free with --distill-from).
 
     Runs data-parallel under `torchrun --nproc_per_node N -m ibnify finetune ...`.
     """
-    # Long only by its option list: each option is one parameter, passed on to the library.
     import json
     import os
+    from dataclasses import fields
 
     from ..train.config import FinetuneConfig
-    from ..train.loop import finetune_files
+    from ..train.files import finetune_files
+    from ..train.progress import FinetuneInterrupted, format_epoch
     from ..train.state import MODEL_FILE
 
-    _one_data_source(data, dataset)
-    if resume and force:
+    # The options record: every option named as a FinetuneConfig field goes into the config;
+    # the rest (checkpoint, data, teacher, input size, output form) go to finetune_files.
+    config_fields = {f.name for f in fields(FinetuneConfig)}
+    config = FinetuneConfig(**{k: options.pop(k) for k in list(options) if k in config_fields})
+    as_json = options.pop("as_json")
+    _one_data_source(options["data"], options["dataset"])
+    if config.resume and options["force"]:
         raise click.UsageError("--resume and --force exclude each other")
-    config = FinetuneConfig(
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        optimizer=optimizer,
-        weight_decay=weight_decay,
-        decay_norm_and_bias=decay_norm,
-        decay_in_affine=decay_in,
-        warmup_epochs=warmup_epochs,
-        distill_temperature=temperature,
-        seed=seed,
-        workers=workers,
-        out_dir=out_dir,
-        resume=resume,
-        stop_after=stop_after,
-        quiet=quiet,
-    )
 
     def on_epoch(metrics: dict) -> None:
-        if not quiet:
-            click.echo(json.dumps(metrics))
+        if not config.quiet:
+            click.echo(json.dumps(metrics) if as_json else format_epoch(metrics))
 
-    result = finetune_files(
-        checkpoint,
-        config,
-        data=data,
-        dataset=dataset,
-        val_data=val_data,
-        distill_from=distill_from,
-        force=force,
-        on_epoch=on_epoch,
-    )
+    checkpoint = options.pop("checkpoint")
+    try:
+        result = finetune_files(checkpoint, config, on_epoch=on_epoch, **options)
+    except FinetuneInterrupted as stop:
+        raise Interrupted(_interrupt_message(stop)) from None
     if int(os.environ.get("RANK", "0")) == 0:
         state = "finished" if result.completed else "stopped; continue with --resume"
-        click.echo(f"{state}: wrote {Path(out_dir) / MODEL_FILE}")
+        click.echo(f"{state}: wrote {Path(config.out_dir) / MODEL_FILE}")  # type: ignore[arg-type]
+
+
+def _interrupt_message(stop: Any) -> str:
+    """What Ctrl-C kept (the last finished epoch's files) and the command that continues."""
+    import shlex
+
+    if not stop.kept:
+        return f"{stop}"
+    argv = [a for a in invocation(click.get_current_context()) if a != "--force"]
+    if "--resume" not in argv:
+        argv.append("--resume")
+    return f"{stop}; continue with: ibnify {shlex.join(argv)}"
 
 
 @cli.command("evaluate")
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @_data_options
 @click.option(
+    "--domain",
+    "domains",
+    multiple=True,
+    metavar="NAME=FOLDER",
+    help="A labelled target-domain folder (the classes of --data), reported beside the "
+    "shifts; repeat for more.",
+)
+@click.option(
     "--shift",
     "shifts",
-    default="all",
-    show_default=True,
-    help="all, or a comma list of shifts/groups: brightness, contrast, color, "
+    show_default="all; none with --domain",
+    help="all, none, or a comma list of shifts/groups: brightness, contrast, color, "
     "brightness_up, brightness_down, contrast_up, contrast_down, rgb_plus_50, "
     "r_plus_50, gamma, blur, noise.",
+)
+@click.option(
+    "--input-size",
+    callback=_parse_input_size,
+    help="Image size the models see: 32 or 3,32,32 (default: the first checkpoint's, else "
+    "the model's own).",
 )
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG bar chart here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
@@ -155,11 +196,14 @@ def finetune_command(
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the noise shift.")
 @click.option("--force", is_flag=True, help="Overwrite the plot file if it exists.")
+@threads_option
 def evaluate_command(
     checkpoints: tuple[str, ...],
     data: str | None,
     dataset: str | None,
-    shifts: str,
+    domains: tuple[str, ...],
+    shifts: str | None,
+    input_size: tuple[int, int, int] | None,
     plot: str | None,
     as_json: bool,
     batch_size: int,
@@ -167,12 +211,17 @@ def evaluate_command(
     seed: int,
     force: bool,
 ) -> None:
-    """Accuracy of CHECKPOINTS side by side, clean and under appearance shifts."""
+    """Accuracy of CHECKPOINTS side by side: clean, under appearance shifts and on labelled
+    target domains (--domain NAME=FOLDER).
+    """
+    # Long only by its option list: each option is one parameter, passed on to the library.
     from .._io import check_output_path
     from ..evaluation import evaluate_files
 
     _one_data_source(data, dataset)
     plot_path = check_output_path(plot, force=force) if plot else None
+    if shifts is None:
+        shifts = "none" if domains else "all"
     report = evaluate_files(
         checkpoints,
         data=data,
@@ -181,13 +230,16 @@ def evaluate_command(
         batch_size=batch_size,
         seed=seed,
         workers=workers,
+        domains=domains,
+        input_size=input_size,
     )
     if plot_path is not None:
         report.plot(plot_path)
     if as_json:
         click.echo(report.to_json())
         return
-    click.echo(f"{report.dataset}: {report.images} images; accuracy % (drop from clean)")
+    counts = "".join(f", {d} {n}" for d, n in report.domain_images.items())
+    click.echo(f"{report.dataset}: {report.images} images{counts}; accuracy % (drop from clean)")
     click.echo(report.table())
     if plot_path is not None:
         click.echo(f"wrote {plot_path}")
@@ -207,6 +259,7 @@ def evaluate_command(
 @click.option("--no-export", is_flag=True, help="Skip the ONNX export and verification.")
 @click.option("--force", is_flag=True, help="Overwrite files from an earlier demo run.")
 @click.option("--progress", is_flag=True, help="Show per-epoch progress bars.")
+@threads_option
 def demo_command(
     out_dir: str, seed: int, quick: bool, no_export: bool, force: bool, progress: bool
 ) -> None:

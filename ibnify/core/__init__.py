@@ -3,3 +3,5 @@
 Modules here import nothing from ibnify but :mod:`ibnify.errors` (a test enforces it), so the
 converter can be read, tested and reused on its own.
 """
+
+__all__: list[str] = []

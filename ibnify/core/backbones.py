@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .ops import BN_LIKE_KINDS, norm_kind
+from .ops import is_batchnorm_like
 
 __all__ = ["ResNetBody", "find_resnet_body"]
 
@@ -21,11 +21,6 @@ __all__ = ["ResNetBody", "find_resnet_body"]
 # network that merely contains a small ResNet-shaped part is not taken for a ResNet.
 _MIN_NORM_SHARE = 0.5
 _MAX_WRAPPER_DEPTH = 2
-
-
-def _is_batchnorm_like(module: object) -> bool:
-    """A BatchNorm (plain, sync, norm+act, frozen) or an IBN that replaced one."""
-    return norm_kind(module) in BN_LIKE_KINDS
 
 
 @dataclass(frozen=True)
@@ -69,7 +64,7 @@ def _stages(module: nn.Module, prefix: str) -> tuple[tuple[str, ...], ...]:
     while isinstance(getattr(module, f"layer{k}", None), nn.Module):
         blocks = _numbered_children(getattr(module, f"layer{k}"))
         if blocks is None or not all(
-            _is_batchnorm_like(getattr(block, "bn1", None)) for _, block in blocks
+            is_batchnorm_like(getattr(block, "bn1", None)) for _, block in blocks
         ):
             return ()
         base = f"{prefix}.layer{k}" if prefix else f"layer{k}"
@@ -80,7 +75,7 @@ def _stages(module: nn.Module, prefix: str) -> tuple[tuple[str, ...], ...]:
 
 
 def _norm_count(module: nn.Module) -> int:
-    return sum(1 for m in module.modules() if _is_batchnorm_like(m))
+    return sum(1 for m in module.modules() if is_batchnorm_like(m))
 
 
 def find_resnet_body(model: nn.Module) -> ResNetBody | None:

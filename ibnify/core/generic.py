@@ -52,7 +52,8 @@ from .ops import (
     shape_of,
     target_name,
 )
-from .plans import Reason, ReasonCode, stages_text
+from .plans import stages_text
+from .reasons import Reason, ReasonCode
 
 __all__ = [
     "RULE_DEPTHWISE",

@@ -33,6 +33,7 @@ from torch import fx, nn
 from ..errors import TraceError, first_line
 from .hookwalk import walk
 from .layers import batchnorm_channels
+from .modules import eval_mode
 from .ops import (
     NormKind,
     OpKind,
@@ -46,7 +47,6 @@ from .ops import (
 from .tracing import (
     default_input_size,
     dummy_input,
-    eval_mode,
     record_shapes,
     timm_notrace,
     trace,
@@ -74,12 +74,6 @@ class Role(StrEnum):
     PRE_ADD = "pre_add"  # the main branch's last norm
     SHORTCUT = "shortcut"  # the shortcut (downsample) branch
     OUTSIDE = "outside"  # in no residual block (stem, transitions, heads, plain stacks)
-
-
-ROLE_MAIN = Role.MAIN
-ROLE_PRE_ADD = Role.PRE_ADD
-ROLE_SHORTCUT = Role.SHORTCUT
-ROLE_OUTSIDE = Role.OUTSIDE
 
 
 def list_norm_layers(model: nn.Module) -> list[str]:

@@ -23,6 +23,7 @@ from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 
 from .ops import is_add_function
+from .tracing import check_codegen_safe, is_literal
 
 __all__ = ["walk"]
 
@@ -71,13 +72,17 @@ class _Recorder(TorchFunctionMode):
         self.is_leaf = is_leaf
 
     def _arg(self, value: Any) -> Any:
+        """The graph argument for ``value``: its producer node, or a literal; an object the
+        generated code cannot spell (torchvision's ``ImageList``) is a gap, like an unknown
+        tensor."""
         if isinstance(value, torch.Tensor):
             return self.producer.get(id(value))
         if isinstance(value, list | tuple):
-            return type(value)(self._arg(v) for v in value)
+            items = [self._arg(v) for v in value]
+            return items if isinstance(value, list) else tuple(items)
         if isinstance(value, dict):
-            return {k: self._arg(v) for k, v in value.items()}
-        return value
+            return {k: self._arg(v) for k, v in value.items() if isinstance(k, str)}
+        return value if is_literal(value) else None
 
     def _outputs(self, node: fx.Node, result: Any) -> None:
         if isinstance(result, torch.Tensor):
@@ -155,4 +160,5 @@ def walk(model: nn.Module, dummy: torch.Tensor, is_leaf: Callable[[nn.Module], b
     finally:
         for handle in handles:
             handle.remove()
+    check_codegen_safe(recorder.graph, type(model).__name__)
     return recorder.graph

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from .ops import NormKind, is_frozen_batchnorm, register_norm_kind
+
 __all__ = [
     "IBN",
     "IBNAct",
@@ -24,7 +26,6 @@ __all__ = [
     "freeze_instance_norms",
     "ibn_split_sizes",
     "instance_norm_from_batchnorm",
-    "is_frozen_batchnorm",
 ]
 
 Order = Literal["in_first", "bn_first"]
@@ -59,6 +60,7 @@ def ibn_split_sizes(num_features: int, ratio: float, order: Order = "in_first") 
     return in_channels, bn_channels
 
 
+@register_norm_kind(NormKind.IBN)
 class IBN(nn.Module):
     """Instance-Batch Normalization over the channel dimension of an NCHW tensor.
 
@@ -143,20 +145,21 @@ class IBN(nn.Module):
         bn: nn.Module,
         ratio: float = 0.5,
         order: Order = "in_first",
-        freeze_in: bool = False,
     ) -> Self:
         """Build an IBN that starts from a trained BatchNorm (plain, sync or frozen).
 
         The BN half keeps its slice of ``weight, bias, running_mean, running_var`` and the IN
         half's affine takes the matching ``gamma, beta`` slice; mode, device and dtype follow
         ``bn``. The BN half is of ``bn``'s kind: a ``SyncBatchNorm`` stays synchronised and a
-        frozen BN (detection backbones) stays a ``FrozenBatchNorm2d``. The IN half is trainable
-        unless ``freeze_in`` (or, for a plain BN, unless ``bn``'s own affine is frozen).
+        frozen BN (detection backbones) stays a ``FrozenBatchNorm2d``. A tensor of ``bn`` with
+        ``requires_grad=False`` gives frozen halves (both IN and BN: frozen stays frozen); the IN
+        half of a ``FrozenBatchNorm2d`` (buffers, no parameters) trains (see
+        :func:`freeze_instance_norms`).
         """
         kwargs = {**_batchnorm_kwargs(bn), **cls._kwargs_from(bn)}
         ibn = cls(batchnorm_channels(bn), ratio=ratio, order=order, **kwargs)
         ibn.BN = _bn_half_like(bn, ibn.bn_channels)
-        ibn.copy_from_batchnorm(bn, freeze_in=freeze_in)
+        ibn.copy_from_batchnorm(bn)
         return ibn
 
     @classmethod
@@ -165,7 +168,7 @@ class IBN(nn.Module):
         return {}
 
     @torch.no_grad()
-    def copy_from_batchnorm(self, bn: nn.Module, freeze_in: bool = False) -> None:
+    def copy_from_batchnorm(self, bn: nn.Module) -> None:
         """Copy a BatchNorm's parameters and statistics into the two halves (see from_batchnorm)."""
         channels = batchnorm_channels(bn)
         if channels != self.num_features:
@@ -186,16 +189,28 @@ class IBN(nn.Module):
                 self.BN.num_batches_tracked.copy_(tracked)
         self.train(bn.training)
         for param, source in ((self.IN.weight, weight), (self.IN.bias, bias)):
-            trainable = source.requires_grad if isinstance(source, nn.Parameter) else True
-            param.requires_grad_(trainable and not freeze_in)
+            param.requires_grad_(_trainable(source))
+        for name, source in (("weight", weight), ("bias", bias)):
+            param = getattr(self.BN, name, None)
+            if isinstance(param, nn.Parameter):
+                param.requires_grad_(_trainable(source))
 
 
-class IBNAct(IBN):
-    """IBN that keeps the activation and dropout of a timm ``BatchNormAct2d`` it replaces.
+class _ActTail(nn.Module):
+    """The ``drop`` then ``act`` a timm norm+act layer applies after normalising, kept by the
+    layer that replaces it: a plain norm would silently drop the activation (timm #1254)."""
 
-    Replacing a norm+act layer with a plain norm silently drops the activation (timm #1254);
-    this class carries ``drop`` and ``act`` over so the network computes what it did before.
-    """
+    def _keep_tail(self, act: nn.Module | None, drop: nn.Module | None) -> None:
+        self.drop = drop if drop is not None else nn.Identity()
+        self.act = act if act is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+class IBNAct(_ActTail, IBN):
+    """IBN that keeps the activation and dropout of a timm ``BatchNormAct2d`` it replaces, so
+    the network computes what it did before."""
 
     def __init__(
         self,
@@ -206,11 +221,7 @@ class IBNAct(IBN):
         **kwargs,
     ) -> None:
         super().__init__(num_features, ratio=ratio, **kwargs)
-        self.drop = drop if drop is not None else nn.Identity()
-        self.act = act if act is not None else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.drop(super().forward(x)))
+        self._keep_tail(act, drop)
 
     @classmethod
     def _kwargs_from(cls, bn: nn.Module) -> dict:
@@ -221,24 +232,20 @@ class IBNAct(IBN):
         }
 
 
+def _trainable(source: object) -> bool:
+    """Whether a new layer's tensor copied from ``source`` trains: a frozen Parameter stays frozen.
+
+    A buffer (a frozen BN's affine) is no Parameter: the IN half copied from it trains.
+    """
+    return source.requires_grad if isinstance(source, nn.Parameter) else True
+
+
 def batchnorm_channels(bn: nn.Module) -> int:
     """Channels of a BatchNorm; frozen BNs (torchvision's) carry no ``num_features``."""
     channels = getattr(bn, "num_features", None)
     if isinstance(channels, int):
         return channels
     return int(bn.running_mean.numel())
-
-
-def is_frozen_batchnorm(module: nn.Module) -> bool:
-    """True for a BN whose statistics and affine are buffers (``x * scale + shift`` only).
-
-    Any BatchNorm-like layer that is not a torch ``_BatchNorm`` is frozen: torchvision's
-    ``FrozenBatchNorm2d``, timm's ``FrozenBatchNormAct2d`` and other libraries' frozen BNs that
-    :func:`ibnify.core.ops.norm_kind` recognised by their buffers and forward.
-    """
-    return not isinstance(module, nn.modules.batchnorm._BatchNorm) and hasattr(
-        module, "running_var"
-    )
 
 
 def _bn_half_like(bn: nn.Module, channels: int) -> nn.Module:
@@ -289,7 +296,7 @@ def _batchnorm_kwargs(bn: nn.Module) -> dict:
     }
 
 
-class InstanceNormAct2d(nn.InstanceNorm2d):
+class InstanceNormAct2d(_ActTail, nn.InstanceNorm2d):
     """InstanceNorm2d plus the ``drop`` and ``act`` of the timm norm+act layer it replaces."""
 
     def __init__(
@@ -300,11 +307,7 @@ class InstanceNormAct2d(nn.InstanceNorm2d):
         **kwargs,
     ) -> None:
         super().__init__(num_features, **kwargs)
-        self.drop = drop if drop is not None else nn.Identity()
-        self.act = act if act is not None else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.drop(super().forward(x)))
+        self._keep_tail(act, drop)
 
 
 @torch.no_grad()
@@ -332,5 +335,7 @@ def instance_norm_from_batchnorm(bn: nn.modules.batchnorm._BatchNorm) -> nn.Inst
     if getattr(bn, "weight", None) is not None and getattr(bn, "bias", None) is not None:
         norm.weight.copy_(bn.weight)
         norm.bias.copy_(bn.bias)
+        norm.weight.requires_grad_(_trainable(bn.weight))
+        norm.bias.requires_grad_(_trainable(bn.bias))
     norm.train(bn.training)
     return norm

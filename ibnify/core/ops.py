@@ -5,22 +5,21 @@ node an addition, a channel concatenation, a split, a per-channel op, a conv of 
 this module a BatchNorm ibnify can convert) is decided by the functions below. The graph analysis
 classifies each node once (:func:`classify`) and keeps the table, so the generic rule, the
 forward-hook walk and the surgery cannot disagree about, say, whether ``out.add_(identity)`` is
-a residual addition.
+a residual addition. The norm predicates (:func:`is_batchnorm_like`, :func:`is_frozen_batchnorm`,
+:func:`is_instance_norm`, :func:`has_batchnorm`) are defined here and nowhere else.
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from timm.layers import BatchNormAct2d, FrozenBatchNormAct2d
 from torch import fx, nn
 from torchvision.ops import FrozenBatchNorm2d
-
-from .layers import IBN
 
 __all__ = [
     "ADD_FUNCTIONS",
@@ -30,19 +29,23 @@ __all__ = [
     "CONV_KINDS",
     "FROZEN_KINDS",
     "GRAPH_NORM_KINDS",
-    "MIXING_KINDS",
     "NormKind",
     "OpKind",
     "classify",
     "concat_inputs",
+    "has_batchnorm",
     "is_add_call",
     "is_add_function",
+    "is_batchnorm_like",
     "is_channel_concat",
+    "is_frozen_batchnorm",
     "is_in_place",
+    "is_instance_norm",
     "is_norm",
     "norm_kind",
     "op_kind",
     "reached",
+    "register_norm_kind",
     "shape_of",
     "target_name",
 ]
@@ -67,7 +70,6 @@ class OpKind(StrEnum):
 
 
 CONV_KINDS = frozenset({OpKind.CONV, OpKind.GROUPED, OpKind.DEPTHWISE})
-MIXING_KINDS = CONV_KINDS | {OpKind.LINEAR}
 
 
 class NormKind(StrEnum):
@@ -100,6 +102,22 @@ BN_LIKE_KINDS = BATCHNORM_KINDS | {NormKind.IBN}
 GRAPH_NORM_KINDS = BN_LIKE_KINDS | {NormKind.INSTANCENORM}
 
 
+# Classes that declared their kind where they are defined (IBN in core/layers.py): the vocabulary
+# does not import the layers, so the layers can ask it what a norm is.
+_REGISTERED: dict[type, NormKind] = {}
+_Class = TypeVar("_Class", bound=type)
+
+
+def register_norm_kind(kind: NormKind) -> Callable[[_Class], _Class]:
+    """Class decorator: instances of the class (and its subclasses) are norms of ``kind``."""
+
+    def register(cls: _Class) -> _Class:
+        _REGISTERED[cls] = kind
+        return cls
+
+    return register
+
+
 def norm_kind(module: object) -> NormKind | None:
     """The :class:`NormKind` of ``module``; None for modules that are not normalization layers.
 
@@ -107,8 +125,9 @@ def norm_kind(module: object) -> NormKind | None:
     forward are known well enough to replace; any other ``_BatchNorm`` subclass is
     ``UNKNOWN_BATCHNORM`` (refused by the surgery, as its forward may do more than normalise).
     """
-    if isinstance(module, IBN):
-        return NormKind.IBN
+    for cls, kind in _REGISTERED.items():
+        if isinstance(module, cls):
+            return kind
     if isinstance(module, nn.InstanceNorm2d):
         return NormKind.INSTANCENORM
     if type(module) in (nn.BatchNorm2d, nn.SyncBatchNorm):
@@ -167,6 +186,29 @@ def _behaves_as_frozen_batchnorm(module: nn.Module) -> bool:
 def is_norm(module: object) -> bool:
     """True for the modules the analysis treats as normalization leaves (BN, IN, IBN)."""
     return norm_kind(module) in GRAPH_NORM_KINDS
+
+
+def is_batchnorm_like(module: object) -> bool:
+    """A BatchNorm of any kind (plain, sync, norm+act, frozen, unknown) or an IBN that replaced
+    one: what a layout counts as a BN position."""
+    return norm_kind(module) in BN_LIKE_KINDS
+
+
+def is_frozen_batchnorm(module: object) -> bool:
+    """A BN whose statistics and affine are buffers (``x * scale + shift`` only): torchvision's
+    ``FrozenBatchNorm2d``, timm's ``FrozenBatchNormAct2d``, detectron2-style duck types."""
+    return norm_kind(module) in FROZEN_KINDS
+
+
+def is_instance_norm(module: object) -> bool:
+    """Any torch InstanceNorm (1-D, 2-D, 3-D; an IBN's IN half, an IBN-b stem): its affine is
+    what ``decay_in_affine`` of the fine-tuning config governs."""
+    return isinstance(module, nn.modules.instancenorm._InstanceNorm)
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether any submodule of ``model`` is a BatchNorm of any kind, frozen ones included."""
+    return any(norm_kind(module) in BATCHNORM_KINDS for module in model.modules())
 
 
 # Every spelling of an addition: fx gives operator.add (also for ``+=``), torch.add or the

@@ -14,16 +14,12 @@ from enum import StrEnum
 from typing import Any
 
 from ..errors import InvalidOptionError
+from .reasons import Reason
 
 __all__ = [
-    "KIND_IBN",
-    "KIND_IN",
-    "KIND_POST_ADD_IN",
     "ConversionPlan",
     "ConversionSite",
     "PlanOptions",
-    "Reason",
-    "ReasonCode",
     "SiteKind",
     "SkippedNorm",
     "as_input_size",
@@ -42,133 +38,7 @@ class SiteKind(StrEnum):
     POST_ADD_IN = "post_add_in"  # a new InstanceNorm2d after a residual addition (IBN-b)
 
 
-KIND_IBN = SiteKind.IBN
-KIND_IN = SiteKind.IN
-KIND_POST_ADD_IN = SiteKind.POST_ADD_IN
 _KINDS = tuple(SiteKind)
-
-
-class ReasonCode(StrEnum):
-    """Why a norm is left unchanged: the data behind each sentence of a plan's skip list."""
-
-    NOT_2D_BATCHNORM = "not_2d_batchnorm"
-    STEM = "stem"
-    STAGE_NOT_CHOSEN = "stage_not_chosen"
-    TOO_FEW_CHANNELS = "too_few_channels"
-    POOLED = "pooled"
-    SHORTCUT = "shortcut"
-    SETS_RESIDUAL_SCALE = "sets_residual_scale"
-    NOT_FIRST_IN_BLOCK = "not_first_in_block"
-    NOT_FED_BY_CONV = "not_fed_by_conv"
-    AFTER_DEPTHWISE = "after_depthwise"
-    PROJECTION = "projection"
-    OUTSIDE_BLOCKS = "outside_blocks"
-    UNKNOWN_ROLE = "unknown_role"
-    NOT_PICKED = "not_picked"
-    # Hazards: the norm's channels must not be split into IN and BN parts.
-    FEEDS_ADDITION = "feeds_addition"
-    INDEXED = "indexed"
-    SLICE_CUTS = "slice_cuts"
-    SPLIT_UNKNOWN_DIM = "split_unknown_dim"
-    SPLIT_PATHS = "split_paths"
-    RESHAPE = "reshape"
-    SHUFFLE = "shuffle"
-    UNKNOWN_OP = "unknown_op"
-    # Published layouts.
-    ALREADY_CONVERTED = "already_converted"
-    RESNET_SHORTCUT = "resnet_shortcut"
-    RESNET_PRE_ADD = "resnet_pre_add"
-    RESNET_NOT_BN1 = "resnet_not_bn1"
-    IBN_B_UNTOUCHED = "ibn_b_untouched"
-    DENSE_OUTSIDE = "dense_outside"
-    DENSE_BLOCK_NOT_CHOSEN = "dense_block_not_chosen"
-    DENSE_NOT_NORM1 = "dense_not_norm1"
-    DENSE_NOT_THIRD = "dense_not_third"
-    OUTSIDE_BODY = "outside_body"
-
-
-# code -> the sentence, with {value}/{at} fields
-_REASON_TEXT: dict[ReasonCode, str] = {
-    ReasonCode.NOT_2D_BATCHNORM: "not a 2-D BatchNorm ({value})",
-    ReasonCode.STEM: "stem (IBN-a keeps the stem BN)",
-    ReasonCode.OUTSIDE_BODY: "outside the ResNet body (segmentation or detection head)",
-    ReasonCode.STAGE_NOT_CHOSEN: "stage {value} not chosen",
-    ReasonCode.TOO_FEW_CHANNELS: "fewer than 2 channels: nothing to split",
-    ReasonCode.POOLED: "runs on pooled 1×1 features (attention/SE branch): IN needs H×W",
-    ReasonCode.SHORTCUT: "shortcut BN",
-    ReasonCode.SETS_RESIDUAL_SCALE: "last BN before the residual addition, sets its scale",
-    ReasonCode.NOT_FIRST_IN_BLOCK: (
-        "not the first safe main-branch BN, IBN-a converts one BN per block"
-    ),
-    ReasonCode.NOT_FED_BY_CONV: "not fed by a convolution (pre-activation, head or unknown input)",
-    ReasonCode.AFTER_DEPTHWISE: (
-        "after a depthwise conv (the depthwise-separable rule converts the BN after the block's "
-        "expansion conv)"
-    ),
-    ReasonCode.PROJECTION: (
-        "projection BN of a depthwise-separable block (after the depthwise conv)"
-    ),
-    ReasonCode.OUTSIDE_BLOCKS: "outside the residual blocks (transition or aggregation layer)",
-    ReasonCode.UNKNOWN_ROLE: "role {value!r} unknown to the generic rule",
-    ReasonCode.NOT_PICKED: "not picked by the generic rule",
-    ReasonCode.FEEDS_ADDITION: "its output feeds an addition directly",
-    ReasonCode.INDEXED: "its channels are indexed in a way ibnify cannot follow ({at})",
-    ReasonCode.SLICE_CUTS: "a channel slice cuts through its IN and BN parts",
-    ReasonCode.SPLIT_UNKNOWN_DIM: "its channels are split along an unknown dim",
-    ReasonCode.SPLIT_PATHS: "a channel split would send its IN and BN parts down different paths",
-    ReasonCode.RESHAPE: (
-        "a reshape/transpose moves its channels (channel shuffle or layout change), ibnify "
-        "does not follow them"
-    ),
-    ReasonCode.SHUFFLE: "a channel shuffle interleaves its channels",
-    ReasonCode.UNKNOWN_OP: "its output reaches an op ibnify does not know, cautious default",
-    ReasonCode.ALREADY_CONVERTED: "already converted",
-    ReasonCode.RESNET_SHORTCUT: "shortcut (downsample) BN",
-    ReasonCode.RESNET_PRE_ADD: "last BN before the residual addition (sets the residual's scale)",
-    ReasonCode.RESNET_NOT_BN1: "IBN-a converts only the block's first BN (bn1)",
-    ReasonCode.IBN_B_UNTOUCHED: "IBN-b changes only the stem BN and adds IN after additions",
-    ReasonCode.DENSE_OUTSIDE: "outside the dense blocks (stem, transition or head)",
-    ReasonCode.DENSE_BLOCK_NOT_CHOSEN: "dense block {value} not chosen",
-    ReasonCode.DENSE_NOT_NORM1: "DenseNet IBN-a converts norm1 only",
-    ReasonCode.DENSE_NOT_THIRD: "DenseNet IBN-a converts every third dense layer (1, 4, 7, ...)",
-}
-# where a location is appended to the sentence (" (at node)", " (block name)")
-_AT = " (at {at})"
-_BLOCK = " (block {at})"
-_SUFFIX: dict[ReasonCode, str] = {
-    ReasonCode.SHORTCUT: _BLOCK,
-    ReasonCode.SETS_RESIDUAL_SCALE: _BLOCK,
-    ReasonCode.NOT_FIRST_IN_BLOCK: _BLOCK,
-    ReasonCode.FEEDS_ADDITION: _AT,
-    ReasonCode.SLICE_CUTS: _AT,
-    ReasonCode.SPLIT_UNKNOWN_DIM: _AT,
-    ReasonCode.SPLIT_PATHS: _AT,
-    ReasonCode.RESHAPE: _AT,
-    ReasonCode.SHUFFLE: _AT,
-    ReasonCode.UNKNOWN_OP: _AT,
-}
-
-
-@dataclass(frozen=True)
-class Reason:
-    """Why a norm is left unchanged, as data; ``str()`` gives the sentence a plan records.
-
-    ``at`` names the node or block the reason points at, ``value`` fills the sentence (a stage
-    number, a module kind). Code decides on ``code``, never on the text.
-    """
-
-    code: ReasonCode
-    at: str | None = None
-    value: str | int | None = None
-
-    @property
-    def summary(self) -> str:
-        """The sentence without its location suffix (for counting reasons across norms)."""
-        return _REASON_TEXT[self.code].format(value=self.value, at=self.at)
-
-    def __str__(self) -> str:
-        suffix = _SUFFIX.get(self.code)
-        return self.summary + suffix.format(at=self.at) if suffix else self.summary
 
 
 @dataclass(frozen=True)
@@ -207,7 +77,12 @@ class SkippedNorm:
 
     name: str
     stage: int
-    reason: str
+    reason: Reason
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SkippedNorm:
+        """Inverse of the plan JSON's skipped entry; reads an older plan's sentence too."""
+        return cls(str(data["name"]), int(data["stage"]), Reason.from_dict(data["reason"]))
 
 
 @dataclass(frozen=True)
@@ -269,7 +144,7 @@ class ConversionPlan:
             lines.extend(
                 _table(
                     ("layer", "stage", "reason"),
-                    [(s.name, str(s.stage), s.reason) for s in self.skipped],
+                    [(s.name, str(s.stage), str(s.reason)) for s in self.skipped],
                 )
             )
         return "\n".join(lines)
@@ -282,7 +157,11 @@ class ConversionPlan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ConversionPlan:
-        """Rebuild a plan written by ``to_dict``; raises ValueError on a malformed dict."""
+        """Rebuild a plan written by ``to_dict``; raises ValueError on a malformed dict.
+
+        Plans written before reasons were records (a sentence per skipped norm) load too: see
+        :meth:`ibnify.core.reasons.Reason.from_dict`.
+        """
         try:
             return cls(
                 arch=str(data["arch"]),
@@ -290,7 +169,7 @@ class ConversionPlan:
                 stages=tuple(int(s) for s in data["stages"]),
                 ratio=None if data.get("ratio") is None else float(data["ratio"]),
                 sites=tuple(ConversionSite(**site) for site in data["sites"]),
-                skipped=tuple(SkippedNorm(**s) for s in data.get("skipped", ())),
+                skipped=tuple(SkippedNorm.from_dict(s) for s in data.get("skipped", ())),
                 family=str(data.get("family", "")),
                 num_stages=int(data.get("num_stages", 0)),
                 extras=dict(data.get("extras", {})),
@@ -408,13 +287,23 @@ def check_ratio(ratio: object) -> float:
     return float(ratio)
 
 
+def _ratio_number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise InvalidOptionError(
+            f"ratio {text!r} is not a number; give the fraction of channels given to IN, e.g. 0.5"
+        ) from None
+
+
 @dataclass(frozen=True)
 class PlanOptions:
     """What the user asks of a plan: layout, stages, IN ratio and analysis input size.
 
     ``None`` (or empty stages) means the layout's default. Built once (by the CLI or by
     ``ibnify.plan``/``ibnify.convert`` from their keywords) and passed down to the layouts;
-    the ratio is checked on construction.
+    the ratio is checked on construction. Text parses as on the command line: ``stages="1-3"``,
+    ``ratio="0.5"``.
     """
 
     layout: str = "a"
@@ -423,9 +312,13 @@ class PlanOptions:
     input_size: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
-        if self.stages is not None:
+        if isinstance(self.stages, str):
+            object.__setattr__(self, "stages", parse_stages(self.stages))
+        elif self.stages is not None:
             object.__setattr__(self, "stages", tuple(self.stages))
-        if self.ratio is not None:
+        if isinstance(self.ratio, str):
+            object.__setattr__(self, "ratio", check_ratio(_ratio_number(self.ratio)))
+        elif self.ratio is not None:
             check_ratio(self.ratio)
         if self.input_size is not None:
             object.__setattr__(self, "input_size", as_input_size(self.input_size))

@@ -14,11 +14,11 @@ from ..errors import ConversionError
 from .layers import IBN, IBNAct, batchnorm_channels, instance_norm_from_batchnorm
 from .ops import BATCHNORM_KINDS, NormKind, OpKind, classify, is_in_place, norm_kind
 from .plans import ConversionPlan, ConversionSite, SiteKind
+from .recipe import Recipe, get_recipe, set_recipe
 from .tracing import trace
 
-__all__ = ["PLAN_ATTRIBUTE", "apply_plan", "get_plan"]
+__all__ = ["apply_plan", "get_plan"]
 
-PLAN_ATTRIBUTE = "ibnify_plan"
 # The BatchNorm kinds whose forward ibnify knows, and the IBN class that replaces each.
 _IBN_CLASS = {
     NormKind.BATCHNORM: IBN,
@@ -29,13 +29,20 @@ _IBN_CLASS = {
 
 
 def get_plan(model: nn.Module) -> ConversionPlan | None:
-    """The plan a model was converted with, or None for a model ibnify did not convert."""
-    plan = getattr(model, PLAN_ATTRIBUTE, None)
-    return plan if isinstance(plan, ConversionPlan) else None
+    """The last plan a model was converted with, or None for a model ibnify did not convert.
+
+    Every plan applied, in order, is in the model's :class:`~ibnify.core.recipe.Recipe`.
+    """
+    recipe = get_recipe(model)
+    return None if recipe is None else recipe.plan
 
 
 def apply_plan(model: nn.Module, plan: ConversionPlan, inplace: bool = False) -> nn.Module:
     """Return ``model`` converted by ``plan`` (a deep copy unless ``inplace``).
+
+    ``plan`` is appended to the model's recipe (a model converted twice records both plans).
+    A model without a recipe starts one with no source (``ibnify.convert`` fills it in) and
+    the constructor arguments a plan of ibnify 0.1.0 kept in ``extras["model_kwargs"]``.
 
     Raises:
         ConversionError: a site is missing, already converted, has other channels than planned,
@@ -47,7 +54,8 @@ def apply_plan(model: nn.Module, plan: ConversionPlan, inplace: bool = False) ->
             _insert_post_add_in(target, site)
         else:
             _swap_norm(target, site)
-    setattr(target, PLAN_ATTRIBUTE, plan)
+    recipe = get_recipe(target) or Recipe(model_kwargs=plan.extras.get("model_kwargs") or {})
+    set_recipe(target, recipe.with_plan(plan))
     return target
 
 

@@ -8,9 +8,8 @@ needs data.
 
 from __future__ import annotations
 
+import enum
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,15 +22,17 @@ except ImportError:  # timm 1.0.9 - 1.0.16 (the oldest pyproject.toml allows)
     from timm.models import _features_fx as timm_fx
 
 from ..errors import TraceError, first_line
+from .modules import device_of, eval_mode
 from .ops import is_norm
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "TensorShape",
+    "check_codegen_safe",
     "default_input_size",
     "dummy_input",
-    "eval_mode",
+    "is_literal",
     "record_shapes",
     "timm_notrace",
     "trace",
@@ -81,7 +82,62 @@ def trace(model: nn.Module) -> fx.GraphModule:
             f"torch.fx cannot trace {type(model).__name__}: failed inside module '{where}' "
             f"({type(exc).__name__}: {detail})"
         ) from exc
+    check_codegen_safe(graph, type(model).__name__)
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+# Constants fx's code generator writes as valid source; anything else it would print as a repr.
+_LITERAL_TYPES = (
+    type(None),
+    bool,
+    int,
+    float,
+    complex,
+    str,
+    type(Ellipsis),
+    torch.dtype,
+    torch.device,
+    torch.memory_format,
+    torch.layout,
+    enum.Enum,
+)
+
+
+def is_literal(value: Any) -> bool:
+    """Whether fx's generated code can spell ``value`` (a graph node, a literal, or a container
+    of them); an object such as torchvision's ``ImageList`` would appear as its repr instead."""
+    return _first_non_literal(value) is None
+
+
+def _first_non_literal(value: Any) -> tuple[Any] | None:
+    """``(obj,)`` for the first object inside ``value`` that generated code cannot spell."""
+    if isinstance(value, (fx.Node, *_LITERAL_TYPES)):
+        return None
+    if isinstance(value, slice):
+        value = (value.start, value.stop, value.step)
+    elif isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            return (value,)
+        value = tuple(value.values())
+    elif not isinstance(value, list | tuple):
+        return (value,)
+    return next((found for v in value if (found := _first_non_literal(v)) is not None), None)
+
+
+def check_codegen_safe(graph: fx.Graph, name: str) -> None:
+    """Refuse, in one line, a graph whose generated code would embed an object's repr.
+
+    Raises:
+        TraceError: names the first node whose arguments hold a non-literal object.
+    """
+    for node in graph.nodes:
+        found = _first_non_literal((*node.args, *node.kwargs.values()))
+        if found is not None:
+            raise TraceError(
+                f"the graph of {name} passes a {type(found[0]).__name__} object to "
+                f"'{node.target if node.op == 'call_module' else node.name}', which generated "
+                "code cannot hold"
+            )
 
 
 def default_input_size(model: nn.Module) -> tuple[int, int, int]:
@@ -98,24 +154,11 @@ def default_input_size(model: nn.Module) -> tuple[int, int, int]:
     return (channels, 224, 224)
 
 
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode and restore each one's own flag afterwards."""
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes.items():
-            module.training = training
-
-
 def dummy_input(model: nn.Module, input_size: tuple[int, int, int]) -> torch.Tensor:
     """A zero batch of one ``input_size`` input on the model's device and float dtype."""
     reference = next(iter(model.parameters()), None)
-    device = reference.device if reference is not None else torch.device("cpu")
     dtype = reference.dtype if reference is not None and reference.is_floating_point() else None
-    return torch.zeros((1, *input_size), device=device, dtype=dtype or torch.float32)
+    return torch.zeros((1, *input_size), device=device_of(model), dtype=dtype or torch.float32)
 
 
 def record_shapes(graph_module: fx.GraphModule, dummy: torch.Tensor, name: str) -> None:

@@ -32,7 +32,6 @@ def load_digits_images(
 
     Returns ``(train_x, train_y, test_x, test_y)``; the split is stratified and fixed by ``seed``.
     """
-
     digits = load_digits()
     ink = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     if size != ink.shape[-1]:
@@ -54,7 +53,6 @@ def load_digits_images(
 
 def digits_data(split: str = "train", size: int = DIGITS_SIZE, seed: int = 0) -> ImageData:
     """The digits demo set (``split`` is ``"train"`` or ``"test"``) with its mean/std."""
-
     if split not in ("train", "test"):
         raise DataError(f"digits split must be 'train' or 'test', got {split!r}")
     train_x, train_y, test_x, test_y = load_digits_images(size=size, seed=seed)

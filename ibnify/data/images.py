@@ -76,10 +76,14 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-def data_config(model: nn.Module) -> dict:
-    """timm's data config for ``model`` (input size, interpolation, crop, mean, std)."""
+def data_config(model: nn.Module, input_size: Sequence[int] | None = None) -> dict:
+    """timm's data config for ``model`` (input size, interpolation, crop, mean, std).
 
-    return resolve_data_config({}, model=model)
+    ``input_size`` (C, H, W) replaces the model's default size (a model converted for 32-px
+    images is fed 32-px images, not upsampled to timm's 224).
+    """
+    given = {"input_size": tuple(int(v) for v in input_size)} if input_size is not None else {}
+    return resolve_data_config(given, model=model)
 
 
 class UnlabeledImages(Dataset):
@@ -100,7 +104,6 @@ class UnlabeledImages(Dataset):
 
 def load_rgb_image(path: str | os.PathLike[str]):
     """Open an image as RGB; a corrupt or unreadable file raises DataError naming it."""
-
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
@@ -146,19 +149,22 @@ def load_images(
 
 
 def image_folder_data(
-    root: str | os.PathLike[str], model: nn.Module, train: bool = False
+    root: str | os.PathLike[str],
+    model: nn.Module,
+    train: bool = False,
+    input_size: Sequence[int] | None = None,
 ) -> ImageData:
     """An image directory as :class:`ImageData`, with timm's transforms for ``model``.
 
     ``root/CLASS/*.jpg`` gives a labelled ImageFolder; a directory of images without class
     sub-folders gives unlabelled images (for ``--distill-from``). Training uses timm's training
-    augmentation (random resized crop, flip); evaluation its resize + centre crop.
+    augmentation (random resized crop, flip); evaluation its resize + centre crop; both at
+    ``input_size`` (C, H, W) when given, else at the model's default size.
     """
-
     directory = Path(root)
     if not directory.is_dir():
         raise DataError(f"data directory {str(directory)!r} does not exist or is not a directory")
-    config = data_config(model)
+    config = data_config(model, input_size)
     # Without normalisation timm's transform ends in uint8 tensors (0-255): scale them to
     # [0, 1], where the appearance shifts and Normalize expect them.
     transform = transforms.Compose(

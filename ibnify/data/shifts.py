@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..constants import SHIFT_DESCRIPTIONS, SHIFT_GROUPS
 from ..errors import InvalidOptionError
 
 __all__ = ["CLEAN", "SHIFTS", "SHIFT_DESCRIPTIONS", "SHIFT_GROUPS", "apply_shift", "parse_shifts"]
@@ -59,25 +60,6 @@ SHIFTS: dict[str, ShiftFn] = {
     "noise": _noise,
 }
 """Shift name → function of (images in [0, 1], generator). Names match the CLI's ``--shift``."""
-
-SHIFT_DESCRIPTIONS = {
-    "brightness_up": "pixel values ×1.4 (clipped)",
-    "brightness_down": "pixel values ×0.5 (darker)",
-    "contrast_up": "contrast ×1.5 around the image mean (clipped)",
-    "contrast_down": "contrast ×0.5 around the image mean",
-    "rgb_plus_50": "+50/255 on every channel (paper's RGB+50)",
-    "r_plus_50": "+50/255 on the red channel only (paper's R+50)",
-    "gamma": "gamma 2.0 (darker mid-tones)",
-    "blur": "Gaussian blur, sigma 1 px",
-    "noise": "Gaussian noise, sigma 0.08, fixed seed",
-}
-
-SHIFT_GROUPS: dict[str, tuple[str, ...]] = {
-    "brightness": ("brightness_up", "brightness_down"),
-    "contrast": ("contrast_up", "contrast_down"),
-    "color": ("rgb_plus_50", "r_plus_50"),
-    "colour": ("rgb_plus_50", "r_plus_50"),
-}
 
 CLEAN = "clean"
 

@@ -1,18 +1,22 @@
-"""Which data a command names: an image folder or a built-in data set, exactly one of them."""
+"""Which data a command names: an image folder or a built-in data set, exactly one of them;
+and the one conversion of what a Python caller passes (a folder path, a data set name, a
+Dataset or ImageData) into :class:`ImageData`."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from pathlib import Path
 
 from torch import nn
+from torch.utils.data import Dataset
 
+from ..constants import BUILTIN_DATASETS
 from ..errors import InvalidOptionError
 from .digits import digits_data
-from .images import ImageData, image_folder_data
+from .images import DataError, ImageData, image_folder_data
 
-__all__ = ["BUILTIN_DATASETS", "check_data_source", "resolve_data_source"]
-
-BUILTIN_DATASETS = ("digits",)
+__all__ = ["BUILTIN_DATASETS", "as_image_data", "check_data_source", "resolve_data_source"]
 
 
 def check_data_source(data: str | os.PathLike[str] | None, dataset: str | None) -> None:
@@ -32,13 +36,49 @@ def resolve_data_source(
     *,
     split: str,
     seed: int = 0,
+    input_size: Sequence[int] | None = None,
 ) -> ImageData:
     """The data a command names: an image folder (timm's transforms for ``model``) or digits.
 
     ``split`` is ``"train"`` (training augmentation, the digits train split) or ``"test"``
-    (evaluation transform, the digits test split).
+    (evaluation transform, the digits test split). ``input_size`` (C, H, W) sets the folder
+    transform's size (default: the model's); the digits set is always 3×16×16.
     """
     check_data_source(data, dataset)
     if dataset is not None:
         return digits_data(split, seed=seed)
-    return image_folder_data(data, model, train=split == "train")  # type: ignore[arg-type]
+    return image_folder_data(  # type: ignore[arg-type]
+        data, model, train=split == "train", input_size=input_size
+    )
+
+
+def as_image_data(
+    data: ImageData | Dataset | str | os.PathLike[str],
+    model: nn.Module,
+    split: str = "test",
+    *,
+    seed: int = 0,
+    input_size: Sequence[int] | None = None,
+) -> ImageData:
+    """What the Python API accepts wherever the CLI takes ``--data``/``--dataset``, as ImageData.
+
+    An :class:`ImageData` is returned as it is; a folder path is read as the CLI reads
+    ``--data`` (timm's transforms for ``model``, ``split`` ``"train"`` or ``"test"``, at
+    ``input_size`` when given); a built-in data set name (``"digits"``) that is not an existing
+    path gives that set's ``split``; a plain ``Dataset`` is taken as already-normalised pairs.
+
+    Raises:
+        DataError: anything else, or a folder that is missing or holds no images.
+    """
+    if isinstance(data, ImageData):
+        return data
+    if isinstance(data, str | os.PathLike):
+        if isinstance(data, str) and data in BUILTIN_DATASETS and not Path(data).exists():
+            return resolve_data_source(None, data, model, split=split, seed=seed)
+        return resolve_data_source(data, None, model, split=split, input_size=input_size)
+    if isinstance(data, Dataset):
+        return ImageData(data, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), name="dataset")
+    raise DataError(
+        f"data is a {type(data).__name__}; give an image folder path, "
+        f"{' or '.join(repr(n) for n in BUILTIN_DATASETS)}, an ImageData or a torch Dataset"
+    )

@@ -15,10 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from ..constants import ENGINES
 from ..errors import VerificationError, first_line
 from .ort import check_onnx_file, open_session
 
-ENGINES = ("onnxruntime", "openvino")
+__all__ = ["OpenVinoSession", "PortInfo", "open_engine"]
 
 
 @dataclass(frozen=True)

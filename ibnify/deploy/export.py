@@ -15,12 +15,13 @@ tolerance from there):
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -34,17 +35,35 @@ from torch import nn
 
 from .. import __version__
 from .._io import atomic_output
+from ..constants import ONNX_OPSETS, PROFILES
 from ..core.graph import default_input_size
+from ..core.modules import device_of
+from ..core.ops import is_instance_norm
 from ..core.plans import as_input_size
-from ..core.surgery import get_plan
+from ..core.recipe import get_recipe
 from ..errors import ExportError, first_line
 from .fold import FOLD_FORMS, FoldReport, fold_bn_halves
 
 logger = logging.getLogger(__name__)
 
+__all__ = [
+    "INPUT_NAME",
+    "PROFILE_TOLERANCES",
+    "RECIPE_KEY",
+    "ExportOptions",
+    "ExportReport",
+    "apply_profile",
+    "check_opset",
+    "decompose_instance_norm",
+    "export_onnx",
+    "onnx_op_types",
+    "output_names",
+    "read_onnx_metadata",
+]
+
 INPUT_NAME = "input"
 _METADATA_PREFIX = "ibnify."
-PROFILES = ("default", "fp16", "portable")
+RECIPE_KEY = "recipe"  # ``ibnify.recipe``: the model's Recipe.to_dict() as JSON
 # (atol, rtol) against the fp32 PyTorch model. fp16 keeps ~3 significant digits per op and the
 # error grows with depth: measured max abs error 1.1e-3 to 1.6e-3 on random-weight resnet18
 # IBN-a/IBN-b and densenet121 IBN-a at 64 px (outputs ~2), 1.4e-2 on random-weight resnet50
@@ -83,26 +102,31 @@ class ExportReport:
 
 
 def _recipe_metadata(model: nn.Module) -> dict[str, str]:
-
+    """The model's recipe as one JSON value (``ibnify.recipe``), with the simple keys older
+    readers use (``source``, ``layout``, ``stages``, ``ratio``, ``sites``, the last ``plan``)
+    derived from it; a model without a recipe gets the ibnify version only."""
     metadata = {"ibnify_version": __version__}
-    plan = get_plan(model)
-    if plan is not None:
-        metadata.update(
-            {
-                "source": plan.arch,
-                "layout": plan.layout,
-                "stages": ",".join(str(s) for s in plan.stages),
-                "ratio": "" if plan.ratio is None else repr(plan.ratio),
-                "sites": str(len(plan.sites)),
-                "plan": plan.to_json(indent=None),
-            }
-        )
+    recipe = get_recipe(model)
+    if recipe is None or recipe.plan is None:
+        return metadata
+    summary = recipe.summary()
+    record = {**recipe.to_dict(), "ibnify_version": recipe.ibnify_version or __version__}
+    metadata.update(
+        {
+            RECIPE_KEY: json.dumps(record, separators=(",", ":")),
+            "source": recipe.label,
+            "layout": summary["layout"],
+            "stages": ",".join(str(s) for s in summary["stages"]),
+            "ratio": "" if summary["ratio"] is None else repr(summary["ratio"]),
+            "sites": str(summary["sites"]),
+            "plan": recipe.plan.to_json(indent=None),
+        }
+    )
     return metadata
 
 
 def onnx_op_types(path: str | os.PathLike[str]) -> Counter[str]:
     """Count the op types of the main graph of an ONNX file."""
-
     return Counter(node.op_type for node in onnx.load(os.fspath(path)).graph.node)
 
 
@@ -202,26 +226,25 @@ def _torch_export(
             )
 
 
-def export_onnx(
-    model: nn.Module,
-    path: str | os.PathLike[str],
-    input_size: Sequence[int] | int | None = None,
-    opset: int = 18,
-    dynamic_batch: bool = True,
-    fold: bool = True,
-    dynamo: bool = False,
-    dynamic_size: bool = False,
-    profile: str = "default",
-    fold_form: str = "auto",
-    check: Callable[[Path], None] | None = None,
-) -> ExportReport:
-    """Export ``model`` to ONNX at ``path`` (atomic), BN halves folded, recipe in the metadata.
+def check_opset(opset: int) -> int:
+    """Return ``opset`` or raise ExportError naming the range ibnify exports (ONNX_OPSETS)."""
+    low, high = ONNX_OPSETS[0], ONNX_OPSETS[-1]
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset not in ONNX_OPSETS:
+        raise ExportError(
+            f"opset {opset!r} is outside the range ibnify exports ({low} to {high}: 17 is the "
+            f"first with InstanceNormalization and Split sizes as an input, {high} the newest "
+            "torch's exporter writes)"
+        )
+    return opset
 
-    Args:
-        model: a converted model (or any CNN; a plain one gets no recipe metadata).
-        path: output ``.onnx`` file; overwritten if it exists.
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How :func:`export_onnx` exports: the options as one record (the CLI builds one).
+
+    Attributes:
         input_size: 224, (224, 224) or (3, 224, 224); default from the model's timm cfg, else 224.
-        opset: ONNX opset (≥ 17: InstanceNormalization and Split with sizes as input).
+        opset: ONNX opset, 17 to 20 (:data:`ibnify.constants.ONNX_OPSETS`).
         dynamic_batch: export the batch axis as dynamic (``batch``).
         fold: fold each IBN's BN half into the preceding conv (see :func:`fold_bn_halves`).
         dynamo: use the torch.export-based exporter instead of the TorchScript one.
@@ -230,54 +253,84 @@ def export_onnx(
         profile: ``default``, ``fp16`` or ``portable`` (see the module docstring).
         fold_form: ``auto``, ``concat`` or ``split``: the graph at each folded IBN site (see
             :func:`~ibnify.deploy.fold.choose_form`).
+    """
+
+    input_size: Sequence[int] | int | None = None
+    opset: int = 18
+    dynamic_batch: bool = True
+    fold: bool = True
+    dynamo: bool = False
+    dynamic_size: bool = False
+    profile: str = "default"
+    fold_form: str = "auto"
+
+    def validate(self) -> ExportOptions:
+        """Return the options, or raise ExportError in one line before anything is exported."""
+        check_opset(self.opset)
+        if self.profile not in PROFILES:
+            raise ExportError(
+                f"export profile {self.profile!r} is not one of {', '.join(PROFILES)}"
+            )
+        if self.fold_form not in FOLD_FORMS:
+            raise ExportError(f"fold form {self.fold_form!r} is not one of {', '.join(FOLD_FORMS)}")
+        return self
+
+
+_OPTION_NAMES = tuple(f.name for f in fields(ExportOptions))
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    options: ExportOptions | None = None,
+    *,
+    check: Callable[[Path], None] | None = None,
+    **keywords: Any,
+) -> ExportReport:
+    """Export ``model`` to ONNX at ``path`` (atomic), BN halves folded, recipe in the metadata.
+
+    Args:
+        model: a converted model (or any CNN; a plain one gets no recipe metadata).
+        path: output ``.onnx`` file; overwritten if it exists.
+        options: an :class:`ExportOptions`; or give its fields as keywords
+            (``export_onnx(model, path, input_size=64, profile="fp16")``), not both.
         check: called with the finished temporary file before it replaces ``path`` (e.g. a
             verification); whatever it raises leaves ``path`` untouched.
 
     Raises:
-        ExportError: the exporter failed, or the graph fails ``onnx.checker`` or the op checks.
+        ExportError: a bad option (before any export), the exporter failed, or the graph fails
+            ``onnx.checker`` or the op checks.
     """
-
-    # Long by design: one linear sequence (check, fold, export, profile, metadata, verify)
-    # inside one atomic_output block, so the temporary file's lifetime reads in one place.
-    if opset < 17:
-        raise ExportError(f"opset {opset} is too old; use 17 or newer")
-    if profile not in PROFILES:
-        raise ExportError(f"export profile {profile!r} is not one of {', '.join(PROFILES)}")
-    if fold_form not in FOLD_FORMS:
-        raise ExportError(f"fold form {fold_form!r} is not one of {', '.join(FOLD_FORMS)}")
+    chosen = _export_options(options, keywords).validate()
     default = default_input_size(model)
-    size = default if input_size is None else as_input_size(input_size, default[0])
-    metadata = _recipe_metadata(model)
-    if fold:
-        export_model, fold_report = fold_bn_halves(model, form=fold_form, input_size=size)
+    size = default if chosen.input_size is None else as_input_size(chosen.input_size, default[0])
+    if chosen.fold:
+        export_model, fold_report = fold_bn_halves(model, form=chosen.fold_form, input_size=size)
     else:
         export_model, fold_report = copy.deepcopy(model).eval(), None
-    metadata["folded_sites"] = str(len(fold_report.folded)) if fold_report else "0"
-    metadata["profile"] = profile
-    metadata["fold_form"] = fold_form if fold else "none"
-    if fold_report is not None and fold_report.forms:
-        chosen = Counter(fold_report.forms.values())
-        metadata["site_forms"] = ",".join(f"{form}:{chosen[form]}" for form in sorted(chosen))
-    metadata["input_size"] = ",".join(str(v) for v in size)
-    reference = next(export_model.parameters(), None)
-    device = reference.device if reference is not None else torch.device("cpu")
-    batch = 2 if dynamic_batch else 1
-    example = torch.randn(batch, *size, device=device)
-    has_in = any(isinstance(m, nn.InstanceNorm2d) for m in model.modules())
+    example = torch.randn(2 if chosen.dynamic_batch else 1, *size, device=device_of(export_model))
     outputs = output_names(export_model, example)
-    metadata["outputs"] = ",".join(outputs)
+    metadata = {**_recipe_metadata(model), **_export_metadata(chosen, fold_report, size, outputs)}
+    has_in = any(is_instance_norm(m) for m in model.modules())
     target = Path(path)
     with atomic_output(target) as temp:
         try:
             _torch_export(
-                export_model, example, temp, opset, dynamic_batch, dynamic_size, dynamo, outputs
+                export_model,
+                example,
+                temp,
+                chosen.opset,
+                chosen.dynamic_batch,
+                chosen.dynamic_size,
+                chosen.dynamo,
+                outputs,
             )
         except Exception as exc:  # the exporters raise many types; all mean "export failed"
             first = first_line(exc)
             raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {first}") from exc
         proto = onnx.load(str(temp))
         _check_graph(proto, has_in)
-        proto = apply_profile(proto, profile)
+        proto = apply_profile(proto, chosen.profile)
         for key, value in metadata.items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = _METADATA_PREFIX + key, value
@@ -291,9 +344,43 @@ def export_onnx(
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     shape = tuple(d.dim_param or d.dim_value for d in dims)
     op_types = dict(Counter(node.op_type for node in proto.graph.node))
-    report = ExportReport(target, opset, shape, op_types, fold_report, metadata)
+    report = ExportReport(target, chosen.opset, shape, op_types, fold_report, metadata)
     logger.info("%s", report)
     return report
+
+
+def _export_options(options: ExportOptions | None, keywords: dict[str, Any]) -> ExportOptions:
+    """``options``, or the options the keywords describe (not both; unknown names refused)."""
+    unknown = sorted(set(keywords) - set(_OPTION_NAMES))
+    if unknown:
+        raise TypeError(
+            f"export_onnx() got unknown option {unknown[0]!r}; options: {', '.join(_OPTION_NAMES)}"
+        )
+    if options is None:
+        return ExportOptions(**keywords)
+    if keywords:
+        raise TypeError("export_onnx() takes options= or option keywords, not both")
+    return options
+
+
+def _export_metadata(
+    options: ExportOptions,
+    fold_report: FoldReport | None,
+    size: tuple[int, int, int],
+    outputs: list[str],
+) -> dict[str, str]:
+    """The export's own ``ibnify.*`` entries (the recipe's come from :func:`_recipe_metadata`)."""
+    metadata = {
+        "folded_sites": str(len(fold_report.folded)) if fold_report else "0",
+        "profile": options.profile,
+        "fold_form": options.fold_form if options.fold else "none",
+    }
+    if fold_report is not None and fold_report.forms:
+        chosen = Counter(fold_report.forms.values())
+        metadata["site_forms"] = ",".join(f"{form}:{chosen[form]}" for form in sorted(chosen))
+    metadata["input_size"] = ",".join(str(v) for v in size)
+    metadata["outputs"] = ",".join(outputs)
+    return metadata
 
 
 def apply_profile(proto: onnx.ModelProto, profile: str) -> onnx.ModelProto:
@@ -375,7 +462,6 @@ def decompose_instance_norm(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """The ``ibnify.*`` metadata_props of an ONNX file, without the prefix."""
-
     proto = onnx.load(os.fspath(path), load_external_data=False)
     return {
         p.key[len(_METADATA_PREFIX) :]: p.value

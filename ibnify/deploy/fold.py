@@ -20,9 +20,21 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from ..constants import FOLD_FORMS
 from ..core.graph import default_input_size, trace
 from ..core.layers import IBN
+from ..core.tracing import dummy_input
 from ..errors import ExportError, TraceError, first_line
+
+__all__ = [
+    "SPLIT_MIN_POSITIONS",
+    "FoldReport",
+    "FoldedIBN",
+    "SplitConvIBN",
+    "SplitNextConvIBN",
+    "choose_form",
+    "fold_bn_halves",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +136,6 @@ class SplitNextConvIBN(nn.Module):
         return self.next_in(normed) + self.next_bn(passed)
 
 
-FOLD_FORMS = ("auto", "concat", "split")
 # Per-op profiling of onnxruntime's CPU kernels (issue 12) found the split form cheaper at 56×56
 # and 28×28 sites and dearer at 14×14. benchmarks/fold_forms.py (2 threads, AVX2 machine, shared)
 # puts the two forms within ±1% of each other per site and concat-everywhere the slowest
@@ -355,10 +366,7 @@ def _split_site(
 
 def _propagate_shapes(graph_module: fx.GraphModule, input_size: tuple[int, ...]) -> None:
     """Record every node's output shape for a batch-1 input (for the per-site form choice)."""
-    reference = next(graph_module.parameters(), None)
-    device = reference.device if reference is not None else torch.device("cpu")
-    dtype = reference.dtype if reference is not None else torch.float32
-    example = torch.zeros(1, *input_size, device=device, dtype=dtype)
+    example = dummy_input(graph_module, input_size)
     try:  # ShapeProp prints a traceback before it re-raises: keep it off the user's stderr
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(graph_module).propagate(example)

@@ -16,6 +16,8 @@ import onnxruntime as ort
 from ..errors import VerificationError, first_line
 from .export import onnx_op_types
 
+__all__ = ["check_onnx_file", "open_session", "optimized_op_types", "ort_session"]
+
 logger = logging.getLogger(__name__)
 
 
@@ -32,7 +34,6 @@ def ort_session(
     ``spinning=False`` stops idle intra-op threads from busy-waiting, which sessions timed side
     by side on few cores need; ``profile_prefix`` turns on onnxruntime's per-node profiler.
     """
-
     options = ort.SessionOptions()
     options.log_severity_level = 3
     levels = {
@@ -142,7 +143,6 @@ def _ort_domains() -> frozenset[str]:
 
 def optimized_op_types(path: str | os.PathLike[str], level: str = "extended") -> Counter[str]:
     """Op types of the graph onnxruntime runs after its optimizations (saved and re-read)."""
-
     with tempfile.TemporaryDirectory() as directory:
         optimized = Path(directory) / "optimized.onnx"
         ort_session(path, optimized_path=optimized, level=level)

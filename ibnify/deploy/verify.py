@@ -16,33 +16,44 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.surgery import get_plan
+from ..core.plans import stages_text
+from ..core.recipe import get_recipe
 from ..data.images import data_config, load_images
 from ..errors import VerificationError, first_line
 from .engines import open_engine
-from .export import PROFILE_TOLERANCES, read_onnx_metadata
+from .export import PROFILE_TOLERANCES, RECIPE_KEY, read_onnx_metadata
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["Comparison", "RecordedMetadata", "VerificationReport", "read_record", "verify_onnx"]
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """Error of one onnxruntime output against PyTorch on one input."""
+    """Error of one engine output against PyTorch on one input.
+
+    ``max_abs`` is ``max |engine - torch|``; ``max_ratio`` is the tested quantity,
+    ``max |engine - torch| / (atol + rtol * |torch|)`` over the elements: the check passes
+    where it is at most 1 (``numpy.allclose``'s rule) and every value is finite. ``vacuous``:
+    an all-zero output would pass too, because every ``|torch|`` is within the tolerance.
+    """
 
     case: str
     output: str
     shape: tuple[int, ...]
     max_abs: float
-    max_rel: float
+    max_ratio: float
     passed: bool
+    vacuous: bool = False
 
 
 @dataclass
 class VerificationReport:
-    """Per-output, per-input errors of onnxruntime against PyTorch.
+    """Per-output, per-input errors of the engine against PyTorch.
 
-    ``max_rel`` is ``max |ort - torch| / (|torch| + atol)``, so near-zero outputs do not blow it
-    up; a value passes where ``|ort - torch| <= atol + rtol * |torch|`` (numpy.allclose).
+    An element passes where ``|engine - torch| <= atol + rtol * |torch|`` (numpy.allclose);
+    the table's ``err/tol`` column is the largest ``|engine - torch| / (atol + rtol * |torch|)``
+    of each check, so a check passes where it is at most 1.
     """
 
     path: Path
@@ -60,33 +71,55 @@ class VerificationReport:
     def max_abs(self) -> float:
         return max((row.max_abs for row in self.rows), default=math.nan)
 
+    def vacuous_warning(self) -> str | None:
+        """One line when some output is so small that an all-zero output would pass too.
+
+        A random-init model's outputs can be ~1e-8: every check then passes, whatever the
+        file computes. The tolerance is not rescaled; the report says so instead.
+        """
+        outputs = list(dict.fromkeys(row.output for row in self.rows if row.vacuous))
+        if not outputs:
+            return None
+        names = ", ".join(repr(name) for name in outputs)
+        return (
+            f"output {names} stays within atol {self.atol:g} of zero, so this check would pass "
+            "for any file; verify a trained model, or lower atol"
+        )
+
     def failure_message(self) -> str:
         """One line naming the worst failing output."""
         failing = [row for row in self.rows if not row.passed]
         if not failing:
             return "all outputs within tolerance"
-        worst = max(failing, key=lambda row: row.max_abs)
+        worst = max(failing, key=lambda row: row.max_ratio)
         return (
             f"{self.engine} differs from PyTorch beyond tolerance on {len(failing)} of "
             f"{len(self.rows)} checks; worst: {worst.case} {worst.output} max abs "
-            f"{worst.max_abs:.3g}, max rel {worst.max_rel:.3g} (atol {self.atol:g}, "
-            f"rtol {self.rtol:g})"
+            f"{worst.max_abs:.3g}, err/tol {worst.max_ratio:.3g} > 1 (|engine - torch| <= "
+            f"{self.atol:g} + {self.rtol:g} * |torch|)"
         )
 
     def __str__(self) -> str:
-        lines = [f"verify {self.path} against PyTorch (atol {self.atol:g}, rtol {self.rtol:g})"]
+        lines = [
+            f"verify {self.path} against PyTorch: passes where |engine - torch| <= "
+            f"atol + rtol * |torch| (atol {self.atol:g}, rtol {self.rtol:g})"
+        ]
         lines += [f"note: {note}" for note in self.notes]
+        warning = self.vacuous_warning()
+        if warning:
+            lines.append(f"warning: {warning}")
         width = max([6, *(len(row.output) for row in self.rows)])
         header = (
-            f"{'input':<28} {'output':<{width}} {'shape':<16} {'max abs':>10} {'max rel':>10}  ok"
+            f"{'input':<28} {'output':<{width}} {'shape':<16} {'max abs':>10} {'err/tol':>10}  ok"
         )
         lines.append(header)
         for row in self.rows:
             shape = "x".join(str(d) for d in row.shape)
             lines.append(
                 f"{row.case:<28} {row.output:<{width}} {shape:<16} {row.max_abs:>10.3g} "
-                f"{row.max_rel:>10.3g}  {'yes' if row.passed else 'NO'}"
+                f"{row.max_ratio:>10.3g}  {'yes' if row.passed else 'NO'}"
             )
+        lines.append("err/tol = max |engine - torch| / (atol + rtol * |torch|); ok where <= 1")
         lines.append("PASS" if self.passed else f"FAIL: {self.failure_message()}")
         return "\n".join(lines)
 
@@ -133,13 +166,25 @@ def _compare(
                 f"output {names[index]!r} has shape {tuple(ort_out.shape)} in the ONNX file but "
                 f"{tuple(ref.shape)} in the model; the file was exported from another model"
             )
-        diff = np.abs(ort_out.astype(np.float64) - ref.astype(np.float64))
-        magnitude = np.abs(ref.astype(np.float64))
-        max_abs = float(diff.max()) if diff.size else 0.0
-        max_rel = float((diff / (magnitude + atol)).max()) if diff.size else 0.0
-        passed = bool(np.all(diff <= atol + rtol * magnitude)) and bool(np.isfinite(ort_out).all())
-        rows.append(Comparison(case, names[index], tuple(ref.shape), max_abs, max_rel, passed))
+        rows.append(_comparison(case, names[index], ort_out, ref, atol, rtol))
     return rows
+
+
+def _comparison(
+    case: str, output: str, got: np.ndarray, want: np.ndarray, atol: float, rtol: float
+) -> Comparison:
+    """One check: passes where ``|got - want| <= atol + rtol * |want|`` everywhere, finite."""
+    diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+    magnitude = np.abs(want.astype(np.float64))
+    allowed = atol + rtol * magnitude
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(diff == 0, 0.0, diff / allowed)  # allowed is 0 only with atol 0
+    ratio = np.nan_to_num(ratio, nan=np.inf)  # a NaN output fails and shows as inf
+    max_abs = float(diff.max()) if diff.size else 0.0
+    max_ratio = float(ratio.max()) if diff.size else 0.0
+    passed = bool(np.all(diff <= allowed)) and bool(np.isfinite(got).all())
+    vacuous = bool(np.all(magnitude <= allowed))  # an all-zero output would pass as well
+    return Comparison(case, output, tuple(want.shape), max_abs, max_ratio, passed, vacuous)
 
 
 def verify_onnx(
@@ -168,10 +213,11 @@ def verify_onnx(
     """
     # Long by design: the input cases (batches, a second size, images) read top to bottom.
     session = open_engine(path, engine)
-    atol, rtol, profile = _tolerance(path, atol, rtol)
+    recorded = read_record(path)
+    atol, rtol, profile = _tolerance(recorded, atol, rtol)
     report = VerificationReport(Path(path), atol, rtol, engine=engine)
     report.notes.append(f"engine {engine}, export profile {profile}")
-    _check_recipe(path, model)
+    _check_recipe(recorded, path, model)
     inputs = session.get_inputs()
     if len(inputs) != 1 or len(inputs[0].shape) != 4:
         raise VerificationError(
@@ -181,10 +227,10 @@ def verify_onnx(
     batch_dim, channels, height, width = inputs[0].shape
     dynamic_size = not isinstance(height, int) or not isinstance(width, int)
     if not all(isinstance(d, int) for d in (channels, height, width)):
-        recorded = _recorded_size(path)
-        channels = channels if isinstance(channels, int) else recorded[0]
-        height = height if isinstance(height, int) else recorded[1]
-        width = width if isinstance(width, int) else recorded[2]
+        size = recorded.input_size
+        channels = channels if isinstance(channels, int) else size[0]
+        height = height if isinstance(height, int) else size[1]
+        width = width if isinstance(width, int) else size[2]
     second = (_second_size(height), _second_size(width))
     if dynamic_size:
         report.notes.append(
@@ -222,19 +268,19 @@ def verify_onnx(
         case = f"images batch {batch.shape[0]}"
         report.rows += _compare(session, model, batch, case, atol, rtol)
     logger.info("%s", report)
+    warning = report.vacuous_warning()
+    if warning:
+        logger.warning("%s", warning)
     if raise_on_failure and not report.passed:
         raise VerificationError(report.failure_message())
     return report
 
 
 def _tolerance(
-    path: str | os.PathLike[str], atol: float | None, rtol: float | None
+    recorded: RecordedMetadata, atol: float | None, rtol: float | None
 ) -> tuple[float, float, str]:
     """(atol, rtol, profile): the given values, else the recorded export profile's tolerance."""
-    try:
-        profile = read_onnx_metadata(path).get("profile", "default")
-    except Exception:  # unreadable metadata: the session already loaded the graph
-        profile = "default"
+    profile = recorded.profile
     default_atol, default_rtol = PROFILE_TOLERANCES.get(profile, PROFILE_TOLERANCES["default"])
     return (
         default_atol if atol is None else float(atol),
@@ -243,41 +289,94 @@ def _tolerance(
     )
 
 
-def _recorded_size(path: str | os.PathLike[str]) -> tuple[int, int, int]:
-    """The export input size recorded in the metadata, else (3, 224, 224)."""
-    try:
-        values = tuple(int(v) for v in read_onnx_metadata(path)["input_size"].split(","))
-    except (KeyError, ValueError, OSError):
-        return (3, 224, 224)
-    return values if len(values) == 3 else (3, 224, 224)  # type: ignore[return-value]
-
-
 def _second_size(size: int) -> int:
     """Another valid spatial size: three quarters, rounded down to a multiple of 32 (≥ 32)."""
     smaller = max(32, (size * 3 // 4) // 32 * 32)
     return smaller if smaller != size else size + 32
 
 
-def _check_recipe(path: str | os.PathLike[str], model: nn.Module) -> None:
-    """Refuse a file whose recorded recipe names another model than ``model``'s plan."""
+@dataclass(frozen=True)
+class RecordedMetadata:
+    """What an exported file records about itself, read once: the export profile, the input
+    size, and the model's recipe (``ibnify.recipe``; older files: the last ``plan`` only)."""
 
+    profile: str = "default"
+    input_size: tuple[int, int, int] = (3, 224, 224)
+    recipe: dict[str, Any] | None = None
+    plan: dict[str, Any] | None = None
+
+
+def read_record(path: str | os.PathLike[str]) -> RecordedMetadata:
+    """The file's :class:`RecordedMetadata`; unreadable or missing values keep the defaults."""
     try:
         stored = read_onnx_metadata(path)
     except Exception:  # unreadable metadata: the session already loaded the graph, go on
-        return
-    plan = get_plan(model)
-    if plan is None or "plan" not in stored:
-        return
+        return RecordedMetadata()
+    return RecordedMetadata(
+        profile=stored.get("profile", "default"),
+        input_size=_size(stored.get("input_size", "")),
+        recipe=_json_object(stored.get(RECIPE_KEY)),
+        plan=_json_object(stored.get("plan")),
+    )
+
+
+def _size(text: str) -> tuple[int, int, int]:
     try:
-        recorded = json.loads(stored["plan"])
+        values = tuple(int(v) for v in text.split(","))
     except ValueError:
+        return (3, 224, 224)
+    return values if len(values) == 3 else (3, 224, 224)  # type: ignore[return-value]
+
+
+def _json_object(text: str | None) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text) if text else None
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _conversions(source: Any, plans: Any) -> tuple[Any, list[tuple[Any, ...]]]:
+    """(source, [(layout, stages, ratio) per plan]): what must match between file and model."""
+    plans = plans if isinstance(plans, list) else []
+    steps = [
+        (p.get("layout"), list(p.get("stages") or []), p.get("ratio"))
+        for p in plans
+        if isinstance(p, dict)
+    ]
+    return source, steps
+
+
+def _check_recipe(
+    recorded: RecordedMetadata, path: str | os.PathLike[str], model: nn.Module
+) -> None:
+    """Refuse a file whose recorded recipe names another model than ``model``'s recipe.
+
+    The source and every plan's layout, stages and ratio must match (a file exported before
+    the recipe was stored whole is compared on its last plan).
+    """
+    recipe = get_recipe(model)
+    if recipe is None or recipe.plan is None:
         return
-    mine = plan.to_dict()
-    for key in ("arch", "layout", "stages", "ratio"):
-        if recorded.get(key) != mine.get(key):
-            raise VerificationError(
-                f"{str(path)!r} was exported from {recorded.get('arch')} "
-                f"(layout {recorded.get('layout')}, stages {recorded.get('stages')}), but the "
-                f"model is {mine.get('arch')} (layout {mine.get('layout')}, stages "
-                f"{mine.get('stages')}); {key} differs"
-            )
+    mine = recipe.to_dict()
+    ours = _conversions(recipe.label, mine["plans"])
+    if recorded.recipe is not None:
+        plans = recorded.recipe.get("plans")
+        first = plans[0] if isinstance(plans, list) and plans and isinstance(plans[0], dict) else {}
+        theirs = _conversions(recorded.recipe.get("source") or first.get("arch"), plans)
+    elif recorded.plan is not None:
+        theirs = _conversions(recorded.plan.get("arch"), [recorded.plan])
+        ours = (recipe.plan.arch, ours[1][-1:])
+    else:
+        return
+    if theirs != ours:
+        what = "source" if theirs[0] != ours[0] else "conversion"
+        raise VerificationError(
+            f"{str(path)!r} was exported from {theirs[0]} ({_steps_text(theirs[1])}), but the "
+            f"model is {ours[0]} ({_steps_text(ours[1])}); the {what} differs"
+        )
+
+
+def _steps_text(steps: list[tuple[Any, ...]]) -> str:
+    parts = [f"layout {layout}, stages {stages_text(stages) or '-'}" for layout, stages, _ in steps]
+    return " then ".join(parts) or "no conversion"

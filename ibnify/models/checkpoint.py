@@ -1,18 +1,24 @@
-"""Save and load converted models: safetensors tensors plus a plain-data recipe.
+"""Save and load converted models: safetensors tensors plus the model's recipe.
 
-The recipe (:class:`Recipe`: source model, constructor arguments, the full plan and the ibnify
-version) lives in the safetensors metadata as JSON. Loading checks it as data before anything is
-built: a known ``format``, a source that resolves, and constructor arguments from the allowlist
-of :func:`ibnify.models.check_model_kwargs` (nothing that loads weights or reaches the network).
-It then builds the base model from its source, replays the plan and loads the tensors with
-``strict=True``: no pickled modules, no other file opened, no connection made.
+The :class:`~ibnify.core.recipe.Recipe` (source model, constructor arguments, every plan applied
+in order, input size, classes, adaptations, the ibnify version) lives in the safetensors
+metadata as JSON. Loading checks it as data before anything is built: a known ``format``, a
+source that resolves, and constructor arguments from the allowlist of
+:func:`ibnify.models.registry.check_model_kwargs` (nothing that loads weights or reaches the
+network). It then builds the base model from its source, replays the plans in order and loads
+the tensors with ``strict=True``: no pickled modules, no other file opened, no connection made.
+
+``save`` refuses to write a file ``load`` would refuse: it rebuilds the base model from the
+recipe, replays the plans and compares every tensor name and shape before writing.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
-from dataclasses import dataclass, field, fields, replace
+import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,149 +30,114 @@ from torch import nn
 
 from .. import __version__
 from .._io import atomic_write_bytes
-from ..core.plans import ConversionPlan
-from ..core.surgery import apply_plan, get_plan
-from ..errors import CheckpointError, ModelNotFoundError, WeightsError, first_line
-from .registry import build_recorded_model, check_model_kwargs
-from .weights import load_weights
+from ..core.recipe import FORMAT, FORMATS, Recipe, get_recipe, set_recipe
+from ..core.surgery import apply_plan
+from ..errors import CheckpointError, ConversionError, ModelNotFoundError, WeightsError, first_line
+from .heads import num_classes_of
+from .registry import build_recorded_model, check_model_kwargs, resolve_name
+from .weights import describe_key_mismatch, load_weights
 
-__all__ = ["FORMAT", "Recipe", "load", "read_recipe", "save"]
+__all__ = [
+    "FORMAT",
+    "FORMATS",
+    "Recipe",
+    "load",
+    "read_recipe",
+    "recipe_input_size",
+    "recipe_of_file",
+    "save",
+]
 
-FORMAT = "ibnify.checkpoint/1"
-FORMATS = (FORMAT,)  # recipe formats this version reads
 _RECIPE_KEY = "ibnify_recipe"
+_SOURCE_FORM = re.compile(r"^(tv|timm|ibnify):[A-Za-z0-9_.\-]+$")
+_SOURCE_HINT = (
+    "name its base model: ibnify.save(model, path, source='tv:resnet50'), or convert it with "
+    "ibnify.convert(model, arch='tv:resnet50')"
+)
 
 
-def _plan_kwargs(plan: ConversionPlan) -> dict[str, Any]:
-    """The constructor arguments a plan carries in memory (a field, or ``extras``)."""
-    value = getattr(plan, "model_kwargs", None)
-    if isinstance(value, dict) and value:
-        return dict(value)
-    return dict((getattr(plan, "extras", None) or {}).get("model_kwargs") or {})
+def build_base(recipe: Recipe, where: str) -> nn.Module:
+    """Build the unconverted base model of ``recipe`` from its source and constructor arguments.
 
-
-def _with_kwargs(plan: ConversionPlan, kwargs: dict[str, Any]) -> ConversionPlan:
-    """``plan`` carrying ``kwargs`` in memory, so that saving a loaded model keeps them."""
-    if not kwargs:
-        return plan
-    if "model_kwargs" in {f.name for f in fields(plan)}:
-        return replace(plan, model_kwargs=dict(kwargs))
-    return replace(plan, extras={**plan.extras, "model_kwargs": dict(kwargs)})
-
-
-def _split_plan_dict(plan: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """(the plan dict without constructor arguments, the arguments it held or None)."""
-    plan = dict(plan)
-    found = plan.pop("model_kwargs", None)
-    extras = plan.get("extras")
-    if isinstance(extras, dict) and "model_kwargs" in extras:
-        extras = dict(extras)
-        found = extras.pop("model_kwargs") if found is None else found
-        plan["extras"] = extras
-    return plan, found
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """What an ibnify checkpoint records to rebuild its model, checked as data.
-
-    ``source`` names the base model (``tv:resnet50``), ``model_kwargs`` its constructor
-    arguments (stored once, at the top level of the JSON; files written before 0.1.0 also
-    repeat them in the plan's ``extras`` and still load), ``plan`` the conversion to replay.
-    ``from_dict`` is the one gate for recipes read from files.
+    Raises:
+        CheckpointError: the source is not buildable by name, or the arguments do not fit.
     """
+    try:
+        model, _ = build_recorded_model(str(recipe.source), recipe.model_kwargs, where)
+    except ModelNotFoundError as exc:
+        raise CheckpointError(
+            f"the model of {where}, {str(recipe.source)[:80]!r}, cannot be built by name "
+            f"({exc}); ibnify rebuilds tv:, timm: and ibnify: models only"
+        ) from exc
+    return model
 
-    source: str
-    plan: ConversionPlan
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    format: str = FORMAT
-    ibnify_version: str = __version__
 
-    @classmethod
-    def of(cls, model: nn.Module, source: str | None = None) -> Recipe:
-        """The recipe of a converted model (its plan must be attached).
-
-        Its constructor arguments must pass the same allowlist as a loaded recipe, so that a
-        file is never written that ``load`` would refuse.
-        """
-        plan = get_plan(model)
-        if plan is None:
-            raise CheckpointError(
-                "the model carries no ibnify plan; convert it with ibnify.convert before saving"
-            )
-        kwargs = check_model_kwargs(_plan_kwargs(plan), "ibnify.save")  # must load back
-        return cls(source=source or plan.arch, plan=plan, model_kwargs=kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON-ready form written to the metadata (``layout``/``stages``/``ratio`` are
-        copies of the plan's, for readers that do not parse the plan)."""
-        plan, _ = _split_plan_dict(self.plan.to_dict())
-        return {
-            "format": self.format,
-            "ibnify_version": self.ibnify_version,
-            "source": self.source,
-            "model_kwargs": dict(self.model_kwargs),
-            "layout": self.plan.layout,
-            "stages": list(self.plan.stages),
-            "ratio": self.plan.ratio,
-            "plan": plan,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str = "the checkpoint") -> Recipe:
-        """Check a recipe read from a file and return it; nothing is opened or built.
-
-        Raises:
-            CheckpointError: an unknown format (naming the ibnify version that wrote it), a
-                missing or malformed field, or a refused constructor argument (named).
-        """
-        if not isinstance(data, dict):
-            raise CheckpointError(f"{where} has a damaged ibnify recipe (not a JSON object)")
-        version = data.get("ibnify_version")
-        version = str(version)[:40] if isinstance(version, str | int | float) else "unknown"
-        fmt = data.get("format")
-        if fmt is None:
-            raise CheckpointError(f"{where} has a damaged ibnify recipe (no format)")
-        if fmt not in FORMATS:
-            shown = repr(fmt)[:60] if isinstance(fmt, str) else type(fmt).__name__
-            raise CheckpointError(
-                f"{where} has recipe format {shown}, written by ibnify {version}; ibnify "
-                f"{__version__} reads {', '.join(FORMATS)} only (upgrade ibnify to load it)"
-            )
-        source = data.get("source")
-        if not isinstance(source, str) or not 0 < len(source) <= 200:
-            raise CheckpointError(f"{where} has a damaged ibnify recipe (no source model name)")
-        if not isinstance(data.get("plan"), dict):
-            raise CheckpointError(f"{where} has a damaged ibnify recipe (no plan)")
-        plan_data, old_kwargs = _split_plan_dict(data["plan"])
-        kwargs = data.get("model_kwargs", old_kwargs)
-        kwargs = check_model_kwargs({} if kwargs is None else kwargs, where)
-        if old_kwargs is not None and check_model_kwargs(old_kwargs, where) != kwargs:
-            raise CheckpointError(
-                f"{where} has a damaged ibnify recipe (two different model_kwargs)"
-            )
+def _rebuild(recipe: Recipe, where: str, base: nn.Module | None = None) -> nn.Module:
+    """The base model (built, or a copy of ``base``) with every plan replayed; recipe attached."""
+    model = build_base(recipe, where) if base is None else copy.deepcopy(base)
+    for plan in recipe.plans:
         try:
-            plan = ConversionPlan.from_dict(plan_data)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            apply_plan(model, plan, inplace=True)
+        except ConversionError as exc:
             raise CheckpointError(
-                f"{where} has a damaged ibnify recipe ({first_line(exc)[:160]})"
+                f"{where}: the recorded plans do not fit {recipe.source} built with model_kwargs "
+                f"{recipe.model_kwargs or '{}'} ({exc})"
             ) from exc
-        return cls(source, _with_kwargs(plan, kwargs), kwargs, fmt, version)
+    set_recipe(model, recipe)
+    return model
 
-    def build_base(self, where: str = "the checkpoint") -> nn.Module:
-        """Build the unconverted base model from ``source`` and ``model_kwargs``.
 
-        Raises:
-            CheckpointError: the source is not buildable by name, or the arguments do not fit.
-        """
-        try:
-            model, _ = build_recorded_model(self.source, self.model_kwargs, where)
-        except ModelNotFoundError as exc:
-            raise CheckpointError(
-                f"the model of {where}, {self.source[:80]!r}, cannot be built by name ({exc}); "
-                "pass the base model: ibnify.load(path, model=...)"
-            ) from exc
-        return model
+def _saved_recipe(
+    model: nn.Module, source: str | None, model_kwargs: dict[str, Any] | None
+) -> Recipe:
+    """The recipe ``save`` writes, checked so that ``load`` rebuilds exactly this model.
+
+    Raises:
+        CheckpointError: no recipe, no buildable source (with how to give one), refused
+            constructor arguments, or a rebuilt model whose tensors differ from ``model``'s.
+    """
+    recipe = get_recipe(model)
+    if recipe is None or not recipe.plans:
+        raise CheckpointError(
+            "the model carries no ibnify plan; convert it with ibnify.convert before saving"
+        )
+    chosen = source or recipe.source or _source_of_plan(recipe)
+    if chosen is None:
+        raise CheckpointError(
+            f"cannot save {recipe.label}: it was converted from a model instance, so ibnify "
+            f"cannot rebuild it by name; {_SOURCE_HINT}"
+        )
+    try:
+        chosen = resolve_name(chosen)
+    except ModelNotFoundError as exc:
+        raise CheckpointError(f"cannot save with source {chosen[:80]!r}: {exc}") from exc
+    kwargs = recipe.model_kwargs if model_kwargs is None else model_kwargs
+    kwargs = check_model_kwargs(kwargs, "ibnify.save")
+    recipe = replace(
+        recipe, source=chosen, model_kwargs=kwargs, format=FORMAT, ibnify_version=__version__
+    )
+    if Recipe.from_dict(recipe.to_dict(), "ibnify.save", check_model_kwargs) != recipe:
+        raise CheckpointError("ibnify.save: the recipe does not survive its JSON form")
+    example = {**kwargs, "num_classes": num_classes_of(model) or 10}
+    hint = f"give its constructor arguments, e.g. ibnify.save(model, path, model_kwargs={example})"
+    try:
+        rebuilt = _rebuild(recipe, "ibnify.save").state_dict()
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}; {hint}") from exc
+    state = model.state_dict()
+    if set(rebuilt) != set(state) or any(rebuilt[k].shape != state[k].shape for k in state):
+        raise CheckpointError(
+            f"cannot save: {chosen} built with model_kwargs {kwargs or '{}'} and converted by "
+            f"the recorded plans is not this model ({describe_key_mismatch(rebuilt, state)}); "
+            + hint
+        )
+    return recipe
+
+
+def _source_of_plan(recipe: Recipe) -> str | None:
+    """A hand-made plan's ``arch`` when it names a source (``tv:resnet18``), else None."""
+    arch = recipe.plans[0].arch
+    return arch if _SOURCE_FORM.match(arch) else None
 
 
 def save(
@@ -174,17 +145,21 @@ def save(
     path: str | os.PathLike[str],
     source: str | None = None,
     extra_metadata: dict[str, str] | None = None,
+    model_kwargs: dict[str, Any] | None = None,
 ) -> Path:
     """Write a converted model to ``path`` as safetensors with its recipe; atomic.
 
-    Args:
-        model: a model returned by ``ibnify.convert``.
-        path: output file (``.safetensors``).
-        source: ``source:name`` to rebuild the base model, when the plan does not record one.
-        extra_metadata: more string metadata to store beside the recipe.
-    """
+    Nothing is written that :func:`load` would refuse: the base model is rebuilt from the
+    recipe and every tensor name and shape compared first.
 
-    recipe = Recipe.of(model, source).to_dict()
+    Args:
+        model: a model returned by ``ibnify.convert`` (or ``ibnify.load``).
+        path: output file (``.safetensors``).
+        source: ``source:name`` of the base model, for a model converted from an instance.
+        extra_metadata: more string metadata to store beside the recipe.
+        model_kwargs: the base model's constructor arguments, when they are not recorded.
+    """
+    recipe = _saved_recipe(model, source, model_kwargs).to_dict()
     tensors: dict[str, torch.Tensor] = {}
     seen: set[tuple[int, int]] = set()
     for key, value in model.state_dict().items():
@@ -201,14 +176,17 @@ def save(
 def read_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Return the checked recipe stored in an ibnify checkpoint (without loading tensors).
 
-    The dict is :meth:`Recipe.to_dict` of the checked recipe: ``model_kwargs`` at the top
-    level only. Raises CheckpointError for a missing file, a file without a recipe, or a recipe
-    :meth:`Recipe.from_dict` refuses.
+    The dict is :meth:`Recipe.to_dict` of the checked recipe (format 2, whatever format the
+    file has) plus ``layout``/``stages``/``ratio``/``sites`` summed over its plans
+    (:meth:`Recipe.summary`). Raises CheckpointError for a missing file, a file without a
+    recipe, or a recipe :meth:`Recipe.from_dict` refuses.
     """
-    return _read(path).to_dict()
+    recipe = recipe_of_file(path)
+    return {**recipe.to_dict(), **recipe.summary()}
 
 
-def _read(path: str | os.PathLike[str]) -> Recipe:
+def recipe_of_file(path: str | os.PathLike[str]) -> Recipe:
+    """The checked :class:`Recipe` of an ibnify checkpoint; no tensor is read, nothing built."""
     file = Path(path)
     if not file.is_file():
         raise CheckpointError(f"checkpoint {str(file)!r} does not exist or is not a file")
@@ -231,7 +209,25 @@ def _read(path: str | os.PathLike[str]) -> Recipe:
         raise CheckpointError(
             f"{str(file)!r} has a damaged ibnify recipe (not JSON: {first_line(exc)[:120]})"
         ) from exc
-    return Recipe.from_dict(data, where=f"checkpoint {str(file)!r}")
+    return Recipe.from_dict(data, f"checkpoint {str(file)!r}", check_model_kwargs)
+
+
+def recipe_input_size(
+    model_or_path: nn.Module | str | os.PathLike[str],
+) -> tuple[int, int, int] | None:
+    """The (C, H, W) input size a model or checkpoint was converted for, or None.
+
+    For commands that default their ``--input-size`` to it (a model converted for 32-px
+    images is fed 32-px images). A file that is not an ibnify checkpoint gives None.
+    """
+    if isinstance(model_or_path, nn.Module):
+        recipe = get_recipe(model_or_path)
+    else:
+        try:
+            recipe = recipe_of_file(model_or_path)
+        except CheckpointError:
+            return None
+    return None if recipe is None else recipe.input_size
 
 
 def load(
@@ -240,19 +236,18 @@ def load(
     """Rebuild a converted model from an ibnify checkpoint alone.
 
     The recipe is checked (:meth:`Recipe.from_dict`) before anything is built, so a crafted
-    file cannot make the model library open another file or go online.
+    file cannot make the model library open another file or go online. Every recorded plan is
+    replayed in order, then the tensors load with ``strict=True``.
 
     Args:
         path: a file written by :func:`save`.
-        model: the unconverted base model, for models ibnify cannot build by name.
+        model: the unconverted base model, for models ibnify cannot build by name (a copy is
+            converted; ``model`` is left as it was).
         map_location: device for the tensors.
     """
-
-    recipe = _read(path)
+    recipe = recipe_of_file(path)
     where = f"checkpoint {str(path)!r}"
-    if model is None:
-        model = recipe.build_base(where)
-    converted = apply_plan(model, recipe.plan, inplace=True)
+    converted = _rebuild(recipe, where, model)
     try:
         state = load_file(str(path), device=map_location)
     except Exception as exc:

@@ -14,6 +14,7 @@ reach the network (``pretrained``, ``checkpoint_path``, ``weights``, ``pretraine
 from __future__ import annotations
 
 import difflib
+import inspect
 import math
 import re
 import socket
@@ -31,35 +32,59 @@ import torchvision
 from huggingface_hub import constants
 from torch import nn
 
+from ..core.tracing import default_input_size as _traced_input_size
 from ..errors import CheckpointError, ModelNotFoundError, WeightsError, first_line
 from .small import MODELS
 
 __all__ = [
     "MODEL_KWARGS",
     "SOURCES",
+    "WEIGHTS_ADVICE",
     "build_model",
     "build_recorded_model",
     "check_model_kwargs",
+    "default_input_size",
     "resolve_name",
 ]
 
 SOURCES = ("tv", "timm", "ibnify")
+# What a pretrained-weights failure suggests by default (``ibnify convert``'s option); commands
+# without ``--weights`` pass their own ``advice`` to :func:`build_model`.
+WEIGHTS_ADVICE = "pass a local file with --weights FILE instead"
+
+
+# torchvision's image model families that ibnify builds by name; video, optical flow and
+# quantized models take other inputs or hold no float BatchNorm to convert.
+_TV_IMAGE_MODULES = (
+    torchvision.models,
+    torchvision.models.segmentation,
+    torchvision.models.detection,
+)
 
 
 @cache
 def _torchvision_names() -> tuple[str, ...]:
+    """Every classification, segmentation and detection model ``get_model`` builds."""
+    names = (n for m in _TV_IMAGE_MODULES for n in torchvision.models.list_models(module=m))
+    return tuple(dict.fromkeys(names))
 
-    return tuple(torchvision.models.list_models(module=torchvision.models))
+
+@cache
+def _torchvision_wrapped_names() -> frozenset[str]:
+    """Segmentation and detection models: a backbone whose own weights would download."""
+    return frozenset(
+        name
+        for module in _TV_IMAGE_MODULES[1:]
+        for name in torchvision.models.list_models(module=module)
+    )
 
 
 def _local_names() -> tuple[str, ...]:
-
     return tuple(MODELS)
 
 
 @cache
 def _timm_names() -> tuple[str, ...]:
-
     return tuple(timm.list_models())
 
 
@@ -94,28 +119,67 @@ def resolve_name(name: str) -> str:
 
 
 def _unknown_message(original: str, bare: str, candidates: tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(bare, candidates, n=3, cutoff=0.6)
+    close = _close_names(bare, candidates)
     hint = f"; did you mean {', '.join(close)}?" if close else "; see `timm.list_models()`"
     return f"unknown model {original!r}{hint}"
 
 
-def build_model(name: str, pretrained: bool = False, **kwargs: Any) -> tuple[nn.Module, str]:
+def _normalised(name: str) -> str:
+    """Lowercase letters and digits only: ``mobilenetv3`` and ``mobilenet_v3_large`` align."""
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def _close_names(bare: str, candidates: tuple[str, ...], n: int = 3) -> list[str]:
+    """Names that differ from ``bare`` in spelling only, then names it starts, then close ones.
+
+    Matching runs on :func:`_normalised` names, so separators do not count; among the names
+    ``bare`` starts, those earlier in ``candidates`` torchvision's first, shorter first.
+    """
+    key = _normalised(bare)
+    if not key:
+        return []
+    by_key: dict[str, list[str]] = {}
+    for name in candidates:
+        by_key.setdefault(_normalised(name), []).append(name)
+    order = {name: index for index, name in enumerate(candidates)}
+    torchvision_first = set(_torchvision_names())
+    same = by_key.get(key, [])
+    started = sorted(
+        (name for k, names in by_key.items() if k != key and k.startswith(key) for name in names),
+        key=lambda name: (name not in torchvision_first, len(name), order[name]),
+    )
+    similar = [
+        name
+        for k in difflib.get_close_matches(key, list(by_key), n=n, cutoff=0.6)
+        for name in by_key[k]
+    ]
+    return list(dict.fromkeys([*same, *started, *similar]))[:n]
+
+
+def build_model(
+    name: str, pretrained: bool = False, *, advice: str | None = None, **kwargs: Any
+) -> tuple[nn.Module, str]:
     """Build a model by name; return ``(model, "source:name")``.
 
     ``kwargs`` go to the constructor (for example ``num_classes``). With ``pretrained`` the
-    library's own download is used; offline that fails with a WeightsError suggesting --weights.
+    library's own download is used; offline that fails with a WeightsError ending in ``advice``
+    (default :data:`WEIGHTS_ADVICE`, the advice of ``ibnify convert``).
     """
     source_id = resolve_name(name)
     source, _, bare = source_id.partition(":")
     if pretrained:
-        _check_weights_reachable(source, bare)
+        _check_weights_reachable(source, bare, advice or WEIGHTS_ADVICE)
     try:
         if source == "tv":
             weights = "DEFAULT" if pretrained else None
+            if bare in _torchvision_wrapped_names():  # the model's weights, or none at all
+                kwargs.setdefault("weights_backbone", None)
             model = torchvision.models.get_model(bare, weights=weights, **kwargs)
         elif source == "ibnify":
             if pretrained:
-                raise WeightsError(f"{source_id} has no pretrained weights; use --weights FILE")
+                raise WeightsError(
+                    f"{source_id} has no pretrained weights; {advice or WEIGHTS_ADVICE}"
+                )
             model = MODELS[bare](**kwargs)
         else:
             model = timm.create_model(bare, pretrained=pretrained, **kwargs)
@@ -123,10 +187,72 @@ def build_model(name: str, pretrained: bool = False, **kwargs: Any) -> tuple[nn.
         if pretrained and _looks_like_download_failure(exc):
             raise WeightsError(
                 f"could not download pretrained weights for {source_id} (no network?); "
-                "pass a local file with --weights FILE instead"
+                f"{advice or WEIGHTS_ADVICE}"
             ) from exc
         raise
     return model, source_id
+
+
+_FALLBACK_INPUT_SIZE = (3, 224, 224)
+
+
+def default_input_size(
+    name_or_model: str | nn.Module, model_kwargs: dict[str, Any] | None = None
+) -> tuple[int, int, int]:
+    """(C, H, W) the model takes by default, so ``tv:inception_v3`` gets 299 without being told.
+
+    A name reads torchvision's weights meta (the classification crop size) or timm's
+    ``pretrained_cfg["input_size"]`` without building anything (``ibnify:`` models are tiny and
+    are built); a module reads its own ``pretrained_cfg`` (timm, ``ibnify:``) or, for a
+    torchvision classifier, the crop size every builder of its class shares. Anything else
+    (detection, segmentation, an unknown class) gets 3×224×224, which their analysis needs only.
+
+    Raises:
+        ModelNotFoundError: a name that resolves to no model.
+    """
+    if isinstance(name_or_model, nn.Module):
+        traced = _traced_input_size(name_or_model)
+        if traced != _FALLBACK_INPUT_SIZE:  # the model's own pretrained_cfg, or 1-channel stem
+            return traced
+        size = _torchvision_class_sizes().get(type(name_or_model))
+        return (traced[0], size, size) if size else traced
+    kwargs = model_kwargs or {}
+    source, _, bare = resolve_name(name_or_model).partition(":")
+    if source == "tv":
+        size = _torchvision_crop_size(bare)
+        return (3, size, size) if size else _FALLBACK_INPUT_SIZE
+    if source == "ibnify":
+        return _traced_input_size(MODELS[bare](**kwargs))
+    cfg = timm.models.get_pretrained_cfg(bare)
+    size = tuple(getattr(cfg, "input_size", None) or _FALLBACK_INPUT_SIZE)
+    return (int(kwargs.get("in_chans", size[0])), int(size[1]), int(size[2]))
+
+
+def _torchvision_crop_size(bare: str) -> int | None:
+    """The smallest crop size among a torchvision model's weights: the size the architecture
+    built without weights takes (``vit_h_14``'s 518 belongs to weights that resize the model)."""
+    try:
+        weights = list(torchvision.models.get_model_weights(bare))
+    except (ValueError, KeyError):
+        return None
+    sizes = [
+        int(w.transforms.keywords["crop_size"])
+        for w in weights
+        if "crop_size" in (getattr(w.transforms, "keywords", None) or {})
+    ]
+    return min(sizes) if sizes else None
+
+
+@cache
+def _torchvision_class_sizes() -> dict[type, int]:
+    """Model class → crop size, for torchvision classes whose every builder agrees on one."""
+    sizes: dict[type, set[int]] = {}
+    for name in torchvision.models.list_models(module=torchvision.models):
+        cls = inspect.signature(torchvision.models.get_model_builder(name)).return_annotation
+        size = _torchvision_crop_size(name)
+        if isinstance(cls, type) and size:
+            sizes.setdefault(cls, set()).add(size)
+    return {cls: next(iter(found)) for cls, found in sizes.items() if len(found) == 1}
 
 
 def _weights_location(source: str, bare: str) -> tuple[str | None, bool]:
@@ -153,18 +279,17 @@ def _weights_location(source: str, bare: str) -> tuple[str | None, bool]:
     return cfg.url, False
 
 
-def _check_weights_reachable(source: str, bare: str) -> None:
+def _check_weights_reachable(source: str, bare: str, advice: str = "") -> None:
     """Fail at once, with one line, when pretrained weights are neither cached nor reachable.
 
     Without this the libraries print download progress and retry for a minute before failing.
     """
-
     url, cached = _weights_location(source, bare)
     if cached:
         return
     if url is None:
         raise WeightsError(
-            f"{source}:{bare} has no pretrained weights to download; pass --weights FILE"
+            f"{source}:{bare} has no pretrained weights to download; {advice or WEIGHTS_ADVICE}"
         )
     host = urlparse(url).hostname
     try:
@@ -172,12 +297,11 @@ def _check_weights_reachable(source: str, bare: str) -> None:
     except OSError:
         raise WeightsError(
             f"could not download pretrained weights for {source}:{bare} ({host} is not "
-            "reachable); pass a local file with --weights FILE instead"
+            f"reachable); {advice or WEIGHTS_ADVICE}"
         ) from None
 
 
 def _looks_like_download_failure(exc: BaseException) -> bool:
-
     chain: BaseException | None = exc
     while chain is not None:
         if isinstance(chain, urllib.error.URLError | ConnectionError | TimeoutError | OSError):

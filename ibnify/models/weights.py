@@ -153,6 +153,7 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], what: str = "
         tuple(expected[k].shape) != tuple(state[k].shape) for k in expected
     ):
         raise WeightsError(
-            f"{what} do not fit {type(model).__name__}: " + describe_key_mismatch(expected, state)
+            f"{what}: the tensors do not fit {type(model).__name__}: "
+            + describe_key_mismatch(expected, state)
         )
     model.load_state_dict(state, strict=True)

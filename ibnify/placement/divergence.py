@@ -16,10 +16,10 @@ the suggestion rule, whose names are re-exported here.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,19 +27,18 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from ..api import convert_named
+from ..api import is_checkpoint_spec, resolve_model
 from ..api import plan as make_plan
 from ..core.generic import require_batchnorm
 from ..core.graph import analyze
-from ..core.plans import ConversionPlan
+from ..core.modules import device_of, eval_mode
+from ..core.plans import ConversionPlan, as_input_size
 from ..core.surgery import get_plan
-from ..core.tracing import eval_mode
-from ..data.images import DataError, ImageData, Normalize
+from ..data.images import DataError, ImageData, Normalize, image_folder_data
 from ..data.shifts import CLEAN, apply_shift, parse_shifts
+from ..data.sources import as_image_data, resolve_data_source
 from ..errors import IbnifyError, InvalidOptionError
-from ..models.checkpoint import load, read_recipe
-from ..models.registry import build_model
-from ..models.weights import load_state_dict_file, load_weights
+from ..models.checkpoint import recipe_input_size
 from .divergence_report import (
     CONTENT_FACTOR,
     SUGGESTION_RULE,
@@ -51,9 +50,12 @@ from .divergence_report import (
 __all__ = [
     "CONTENT_FACTOR",
     "SUGGESTION_RULE",
+    "AnalyzeOptions",
+    "AnalyzeResult",
     "DivergenceReport",
     "SiteDivergence",
     "analyze_divergence",
+    "analyze_files",
     "check_same_classes",
     "gaussian_symmetric_kl",
     "load_model_or_checkpoint",
@@ -95,31 +97,29 @@ class ModelSource:
 def load_model_or_checkpoint(spec: str, weights: str | None = None) -> ModelSource:
     """A model name (``resnet50``, ``timm:…``, ``ibnify:…``) with optional weights, or a checkpoint.
 
-    A path to an existing file is read as an ibnify checkpoint (``ibnify.load``); anything else
-    is built by name and, with ``weights``, loaded strictly: the original model's keys, or IBN
-    keys of the default IBN-a layout (the IBN-Net authors' checkpoints, as ``ibnify convert``).
+    Resolved by :func:`ibnify.api.resolve_model`, as every command's MODEL: a path to an
+    existing file (or ``*.safetensors``) is an ibnify checkpoint; anything else is built by
+    name and, with ``weights``, loaded strictly: the original model's keys, or IBN keys of the
+    default IBN-a layout (the IBN-Net authors' checkpoints, as ``ibnify convert``).
 
     Raises:
         InvalidOptionError: ``weights`` given with a checkpoint.
         NoBatchNormError: the model holds no BatchNorm (nothing for IBN to split).
     """
-    path = Path(spec)
-    if path.is_file() or spec.endswith(".safetensors"):
-        if weights is not None:
-            raise InvalidOptionError("--weights applies to a model name, not to a checkpoint")
-        recipe = read_recipe(path)
-        model = load(path)
-        kwargs = dict(recipe.get("model_kwargs") or {})
-        result = ModelSource(model, recipe["source"], spec, checkpoint=spec, model_kwargs=kwargs)
+    if weights is not None and is_checkpoint_spec(spec):
+        raise InvalidOptionError("--weights applies to a model name, not to a checkpoint")
+    resolved = resolve_model(spec, weights)
+    if resolved.checkpoint is not None:
+        result = ModelSource(
+            resolved.model,
+            resolved.source,
+            spec,
+            checkpoint=spec,
+            model_kwargs=dict(resolved.model_kwargs),
+        )
     else:
-        model, source = build_model(spec)
-        state = load_state_dict_file(weights) if weights is not None else None
-        if state is not None and set(state) == set(model.state_dict()):
-            load_weights(model, state, what=f"weights {weights!r}")
-        elif state is not None:  # IBN keys, e.g. the IBN-Net authors' checkpoints
-            model = convert_named(spec, weights=weights)
-        result = ModelSource(model, source, spec, weights=weights)
-    require_batchnorm(model, result.source)
+        result = ModelSource(resolved.model, resolved.source, spec, weights=weights)
+    require_batchnorm(resolved.model, result.source)
     return result
 
 
@@ -208,7 +208,7 @@ def _collect(
     bar: Any,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Channel means at every norm site for ``data`` under each view (``clean`` or a shift)."""
-    device = next(model.parameters()).device
+    device = device_of(model)
     normalize = Normalize(data.mean, data.std).to(device)
     loader = DataLoader(data.dataset, batch_size=batch_size, shuffle=False)
     parts: dict[str, dict[str, list[torch.Tensor]]] = {v: {n: [] for n in names} for v in views}
@@ -240,8 +240,8 @@ def _site_labels(model: nn.Module, input_size: tuple[int, int, int]) -> tuple[di
 
 def analyze_divergence(
     model: nn.Module,
-    data_a: ImageData,
-    data_b: ImageData | None = None,
+    data_a: ImageData | str | os.PathLike[str],
+    data_b: ImageData | str | os.PathLike[str] | None = None,
     *,
     shifts: str | Sequence[str] | None = "all",
     images: int | None = 256,
@@ -254,9 +254,11 @@ def analyze_divergence(
 
     Args:
         model: a BatchNorm CNN (converted or not); put in eval mode for the run, then restored.
-        data_a: domain A, images in [0, 1] with the model's mean/std.
-        data_b: domain B; None makes B the shifted copy of A under each of ``shifts`` (the
-            appearance shifts of ``ibnify evaluate``) and averages the divergence over them.
+        data_a: domain A, images in [0, 1] with the model's mean/std; or an image folder
+            path (or ``"digits"``), read as ``ibnify analyze --data`` reads it.
+        data_b: domain B (ImageData or a folder path); None makes B the shifted copy of A under
+            each of ``shifts`` (the appearance shifts of ``ibnify evaluate``) and averages the
+            divergence over them.
         shifts: used only without ``data_b``.
         images: at most this many images per domain (a seeded random choice); None for all.
         seed: the subset, the content halves and the noise shift.
@@ -270,6 +272,10 @@ def analyze_divergence(
         raise InvalidOptionError("give a second domain or at least one shift")
     name = arch or type(model).__name__
     require_batchnorm(model, name)
+    size = recipe_input_size(model)  # a folder path is read at the size it was converted for
+    data_a = as_image_data(data_a, model, "test", seed=seed, input_size=size)
+    if data_b is not None:
+        data_b = as_image_data(data_b, model, "test", seed=seed, input_size=size)
     data_a = _subset(data_a, images, seed)
     data_b = _subset(data_b, images, seed) if data_b is not None else None
     if len(data_a) < 4 or (data_b is not None and len(data_b) < 4):
@@ -346,3 +352,88 @@ def _sites(
             )
         )
     return sites
+
+
+@dataclass(frozen=True)
+class AnalyzeOptions:
+    """What ``ibnify analyze`` is asked, as one record (its options map one to one).
+
+    Data: ``data`` (an image folder) or ``dataset`` (``"digits"``), whose B domain is the
+    shifted copy under ``shifts``; or two folders ``domain_a``/``domain_b``. ``input_size``
+    (C, H, W) is the size folders are read at (default: the checkpoint's recorded size, else
+    the model's own).
+    """
+
+    weights: str | None = None
+    data: str | None = None
+    dataset: str | None = None
+    shifts: str | None = None
+    domain_a: str | None = None
+    domain_b: str | None = None
+    images: int | None = 256
+    batch_size: int = 64
+    seed: int = 0
+    input_size: tuple[int, int, int] | None = None
+    progress: bool | None = None
+
+
+@dataclass(frozen=True)
+class AnalyzeResult:
+    """What :func:`analyze_files` returns: the report and how the model was given."""
+
+    report: DivergenceReport
+    source: ModelSource
+
+
+def _check_analyze_data(options: AnalyzeOptions) -> None:
+    """One way to name the data: ``data``/``dataset`` (shifted) or two domain folders."""
+    pair = options.domain_a is not None or options.domain_b is not None
+    if pair and (options.data is not None or options.dataset is not None):
+        raise InvalidOptionError("give --domain-a/--domain-b or --data/--dataset, not both")
+    if pair and (options.domain_a is None or options.domain_b is None):
+        raise InvalidOptionError("give both --domain-a DIR and --domain-b DIR")
+    if pair and options.shifts is not None:
+        raise InvalidOptionError("--shift applies to --data/--dataset (one domain, shifted)")
+    if not pair and options.shifts is not None:
+        parse_shifts(options.shifts)  # a bad --shift fails before anything loads
+
+
+def analyze_files(model: str, options: AnalyzeOptions | None = None) -> AnalyzeResult:
+    """What ``ibnify analyze`` does: load MODEL (a name, + weights, or an ibnify checkpoint) and
+    its data, then measure the feature divergence at every norm layer.
+
+    A model built without weights gets the same init every run (``options.seed``).
+
+    Raises:
+        InvalidOptionError: conflicting or incomplete data options, an unknown shift.
+        DataError: a missing or empty folder, or two domains with different class sets.
+    """
+    options = options or AnalyzeOptions()
+    _check_analyze_data(options)
+    torch.manual_seed(options.seed)
+    source = load_model_or_checkpoint(model, options.weights)
+    given = options.input_size
+    size = as_input_size(given) if given is not None else recipe_input_size(source.model)
+    if options.domain_a is not None:
+        first = image_folder_data(options.domain_a, source.model, input_size=size)
+        second = image_folder_data(options.domain_b, source.model, input_size=size)  # type: ignore[arg-type]
+        check_same_classes(first, second)
+    else:
+        first = resolve_data_source(
+            options.data, options.dataset, source.model, split="test", seed=options.seed,
+            input_size=size,
+        )  # fmt: skip
+        second = None
+    report = analyze_divergence(
+        source.model,
+        first,
+        second,
+        shifts=options.shifts or "all",
+        images=options.images,
+        batch_size=options.batch_size,
+        seed=options.seed,
+        progress=options.progress,
+        arch=source.source,
+    )
+    report.extras["model_args"] = source.convert_args()
+    return AnalyzeResult(report, source)

@@ -1,4 +1,4 @@
-"""What :func:`ibnify.analyze_divergence` returns: divergence per site and per stage, the
+"""What :func:`ibnify.analyze` returns: divergence per site and per stage, the
 suggested ``--stages`` (rule in :data:`SUGGESTION_RULE`), and its table, JSON and plot."""
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..constants import FINETUNE_DEFAULTS, OPTIMIZERS
+from ..core.ops import is_instance_norm
 from ..errors import InvalidOptionError
 
 logger = logging.getLogger(__name__)
@@ -47,19 +49,19 @@ class FinetuneConfig:
         channels_last: memory format; default on with CUDA only.
     """
 
-    epochs: int = 5
-    lr: float = 0.01
-    batch_size: int = 64
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    decay_norm_and_bias: bool = True
-    decay_in_affine: bool = True
-    warmup_epochs: float = 1.0
-    min_lr: float = 0.0
-    distill_temperature: float = 4.0
-    seed: int = 0
-    workers: int = 0
+    epochs: int = FINETUNE_DEFAULTS["epochs"]
+    lr: float = FINETUNE_DEFAULTS["lr"]
+    batch_size: int = FINETUNE_DEFAULTS["batch_size"]
+    optimizer: str = FINETUNE_DEFAULTS["optimizer"]
+    momentum: float = FINETUNE_DEFAULTS["momentum"]
+    weight_decay: float = FINETUNE_DEFAULTS["weight_decay"]
+    decay_norm_and_bias: bool = FINETUNE_DEFAULTS["decay_norm_and_bias"]
+    decay_in_affine: bool = FINETUNE_DEFAULTS["decay_in_affine"]
+    warmup_epochs: float = FINETUNE_DEFAULTS["warmup_epochs"]
+    min_lr: float = FINETUNE_DEFAULTS["min_lr"]
+    distill_temperature: float = FINETUNE_DEFAULTS["distill_temperature"]
+    seed: int = FINETUNE_DEFAULTS["seed"]
+    workers: int = FINETUNE_DEFAULTS["workers"]
     out_dir: str | None = None
     resume: bool = False
     stop_after: int | None = None
@@ -77,8 +79,10 @@ class FinetuneConfig:
             raise InvalidOptionError(f"lr must be a positive number, got {self.lr}")
         if self.batch_size < 1:
             raise InvalidOptionError(f"batch size must be at least 1, got {self.batch_size}")
-        if self.optimizer not in ("sgd", "adamw"):
-            raise InvalidOptionError(f"optimizer must be sgd or adamw, got {self.optimizer!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise InvalidOptionError(
+                f"optimizer must be {' or '.join(OPTIMIZERS)}, got {self.optimizer!r}"
+            )
         if self.weight_decay < 0 or self.warmup_epochs < 0 or self.min_lr < 0:
             raise InvalidOptionError("weight decay, warmup and min lr must not be negative")
         if self.distill_temperature <= 0:
@@ -89,19 +93,13 @@ class FinetuneConfig:
             raise InvalidOptionError("resume needs an output directory holding a checkpoint")
 
 
-def _is_instance_norm(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.instancenorm._InstanceNorm)
-
-
 def parameter_groups(model: nn.Module, config: FinetuneConfig) -> list[dict[str, Any]]:
     """Split parameters into decayed and not-decayed groups as the config says.
 
     Weight matrices and kernels (≥ 2-D) always decay. InstanceNorm affine parameters follow
     ``decay_in_affine``; other 1-D parameters (BN affine, biases) ``decay_norm_and_bias``.
     """
-    in_params = {
-        id(p) for m in model.modules() if _is_instance_norm(m) for p in m.parameters(False)
-    }
+    in_params = {id(p) for m in model.modules() if is_instance_norm(m) for p in m.parameters(False)}
     decay, no_decay = [], []
     for param in model.parameters():
         if not param.requires_grad:

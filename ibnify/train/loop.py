@@ -12,11 +12,9 @@ multi-process data parallel training when started by ``torchrun`` (gloo on CPU, 
 from __future__ import annotations
 
 import logging
-import os
 import random
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,20 +27,20 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
-from ..data.digits import digits_data
-from ..data.images import ImageData, Normalize, image_folder_data
-from ..data.sources import check_data_source, resolve_data_source
+from ..core.modules import modes_restored
+from ..core.ops import has_batchnorm
+from ..data.images import ImageData, Normalize
+from ..data.sources import as_image_data
 from ..errors import CheckpointError, InvalidOptionError
 from ..evaluation import accuracy
-from ..models.checkpoint import load, read_recipe
-from ..models.registry import build_model
-from ..models.weights import load_state_dict_file, load_weights
-from .config import FinetuneConfig, distillation_loss, lr_factor, make_optimizer, parameter_groups
+from ..models.checkpoint import recipe_input_size
+from ..models.heads import reset_classifier
+from .checks import check_fits
+from .config import FinetuneConfig, distillation_loss, lr_factor, make_optimizer
+from .progress import format_epoch, kept_on_interrupt
 from .runtime import Dist, Runtime, Schedule, init_distributed
 from .state import (
     CHECKPOINT_FILE,
-    METRICS_FILE,
-    MODEL_FILE,
     check_resumable,
     check_same_model,
     load_training_state,
@@ -50,19 +48,7 @@ from .state import (
     write_run_files,
 )
 
-__all__ = [
-    "CHECKPOINT_FILE",
-    "METRICS_FILE",
-    "MODEL_FILE",
-    "FinetuneConfig",
-    "FinetuneResult",
-    "distillation_loss",
-    "finetune",
-    "finetune_files",
-    "load_teacher",
-    "load_training_state",
-    "parameter_groups",
-]
+__all__ = ["FinetuneResult", "finetune"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,26 +61,6 @@ class FinetuneResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     completed: bool = True
     out_dir: Path | None = None
-
-
-def _as_image_data(data: ImageData | Dataset) -> ImageData:
-    if isinstance(data, ImageData):
-        return data
-    # A plain Dataset is taken as already normalised.
-    return ImageData(data, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), name="dataset")
-
-
-def _has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
-@contextmanager
-def _training_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def _prepare_out_dir(config: FinetuneConfig, force: bool) -> Path | None:
@@ -126,14 +92,18 @@ def finetune(
     val_data: ImageData | None = None,
     force: bool = False,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    num_classes: int | None = None,
     **overrides: Any,
 ) -> FinetuneResult:
     """Fine-tune ``model`` in place on ``train_data`` and return it with per-epoch metrics.
 
-    With ``teacher`` the loss is label-free distillation (labels are ignored, the teacher stays
-    frozen in eval mode) and the reported accuracy is agreement with the teacher's prediction;
-    otherwise it is cross-entropy on the labels. Under ``torchrun`` (``WORLD_SIZE`` > 1) each
-    process trains on its shard with DistributedDataParallel; only rank 0 writes files.
+    With ``teacher`` the loss is label-free distillation (labels are ignored, the teacher is
+    frozen in eval mode during the run and handed back with its modes and ``requires_grad``
+    flags as they were) and the reported accuracy is agreement with the teacher's prediction;
+    otherwise it is cross-entropy on the labels. A head that does not fit the data's classes,
+    or a teacher whose output does not fit the student's, is refused before training. Under
+    ``torchrun`` (``WORLD_SIZE`` > 1) each process trains on its shard with
+    DistributedDataParallel; only rank 0 writes files.
 
     Args:
         model: the network to train (usually from ``ibnify.convert`` or ``ibnify.load``).
@@ -144,10 +114,15 @@ def finetune(
         val_data: labelled data whose clean accuracy is logged after every epoch.
         force: start over in an ``out_dir`` that already holds a run.
         on_epoch: called on rank 0 with each epoch's metrics dict (the CLI prints them).
+        num_classes: first give ``model`` a fresh classifier head of this size (in place, like
+            the training; its plan records ``num_classes`` so the saved file loads back).
     """
     config = FinetuneConfig(**{**asdict(config or FinetuneConfig()), **overrides})
     config.validate()
-    data = _as_image_data(train_data)
+    size = recipe_input_size(model)  # a folder path is read at the size it was converted for
+    data = as_image_data(train_data, model, "train", seed=config.seed, input_size=size)
+    if val_data is not None:
+        val_data = as_image_data(val_data, model, "test", input_size=size)
     if teacher is None and not data.labelled:
         raise InvalidOptionError(
             "the training images have no labels (no class sub-folders); give a teacher for "
@@ -156,6 +131,8 @@ def finetune(
     if len(data) == 0:
         raise InvalidOptionError("the training data is empty")
     out_dir = _prepare_out_dir(config, force)
+    if num_classes is not None:
+        reset_classifier(model, num_classes)
 
     device_type = (
         torch.device(config.device).type
@@ -164,7 +141,8 @@ def finetune(
     )
     dist_info = init_distributed(device_type)
     try:
-        return _run(model, data, config, teacher, val_data, out_dir, dist_info, on_epoch)
+        with modes_restored(teacher, requires_grad=True):
+            return _run(model, data, config, teacher, val_data, out_dir, dist_info, on_epoch)
     finally:
         if dist_info.owns_group:
             dist.destroy_process_group()
@@ -199,18 +177,20 @@ def _run(
     on_epoch: Callable[[dict[str, Any]], None] | None,
 ) -> FinetuneResult:
     runtime = Runtime.create(config, dist_info)
+    runtime.place(model)
+    if teacher is not None:
+        runtime.place(teacher)
+    check_fits(model, data, teacher, runtime.device, val_data=val_data)
     _seed_everything(config.seed)
     small = config.batch_size < config.small_batch_warning
-    if small and dist_info.is_main and _has_batchnorm(model):
+    if small and dist_info.is_main and has_batchnorm(model):
         logger.warning(
             "batch size %d per process is small: the BN halves' statistics get noisy "
             "(the IBN-Net recipe uses 32+ per GPU); consider a larger batch or fewer processes",
             config.batch_size,
         )
-    runtime.place(model)
     if teacher is not None:
-        runtime.place(teacher).eval()
-        teacher.requires_grad_(False)
+        teacher.eval().requires_grad_(False)
     schedule = Schedule.create(len(data.dataset), config, dist_info.world_size)  # type: ignore[arg-type]
     optimizer = make_optimizer(model, config)
     min_ratio = config.min_lr / config.lr
@@ -233,12 +213,13 @@ def _run(
             model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
         )
     epochs_run = 0
-    with _training_mode(model):
+    with modes_restored(model), kept_on_interrupt(out_dir, start_epoch, config.epochs) as done:
         training.net.train()
         for epoch in range(start_epoch, config.epochs):
             loader = _epoch_loader(data.dataset, config, schedule, runtime, epoch)
             metrics = _train_epoch(training, loader, runtime, config, epoch)
             _finish_epoch(training, metrics, history, runtime, config, schedule, val_data, out_dir)
+            done.append(metrics["epoch"])
             if on_epoch is not None and dist_info.is_main:
                 on_epoch(metrics)
             if dist_info.enabled:
@@ -343,7 +324,6 @@ def _finish_epoch(
 
 def _sync_buffers(model: nn.Module) -> None:
     """Give every rank rank 0's buffers (BN running statistics drift apart per shard)."""
-
     for buffer in model.buffers():
         dist.broadcast(buffer, src=0)
 
@@ -433,76 +413,4 @@ def _step(
 
 
 def _log_epoch(metrics: dict[str, Any], config: FinetuneConfig) -> None:
-    text = (
-        f"epoch {metrics['epoch']}/{config.epochs}: loss {metrics['loss']:.4f} "
-        f"{metrics['metric']} {metrics['acc']:.4f} lr {metrics['lr']:.3g} "
-        f"{metrics['images_per_s']:.0f} img/s"
-    )
-    if "val_acc" in metrics:
-        text += f" val_acc {metrics['val_acc']:.4f}"
-    logger.info(text)
-
-
-def load_teacher(spec: str, recipe: dict[str, Any]) -> nn.Module:
-    """The original (unconverted) model for ``--distill-from``.
-
-    ``spec`` is an ibnify checkpoint, a plain weights file of the student's base architecture
-    (built from the student's recipe, loaded strictly), or a model name (built with the
-    library's pretrained weights).
-    """
-
-    path = Path(spec)
-    kwargs = dict(recipe.get("model_kwargs", {}))
-    if path.is_file():
-        try:
-            read_recipe(path)
-        except CheckpointError:
-            model, _ = build_model(recipe["source"], **kwargs)
-            load_weights(model, load_state_dict_file(path), what=f"teacher weights {spec!r}")
-            return model
-        return load(path)
-    if path.suffix in (".pth", ".pt", ".bin", ".safetensors") or os.sep in spec:
-        raise CheckpointError(f"teacher file {spec!r} does not exist")
-    model, _ = build_model(spec, pretrained=True, **kwargs)
-    return model
-
-
-def finetune_files(
-    checkpoint: str | os.PathLike[str],
-    config: FinetuneConfig,
-    *,
-    data: str | os.PathLike[str] | None = None,
-    dataset: str | None = None,
-    val_data: str | os.PathLike[str] | None = None,
-    distill_from: str | None = None,
-    force: bool = False,
-    on_epoch: Callable[[dict[str, Any]], None] | None = None,
-) -> FinetuneResult:
-    """What ``ibnify finetune`` does: load an ibnify checkpoint and its data, then fine-tune.
-
-    ``data`` is an ImageFolder directory (or, with ``distill_from``, any folder of images);
-    ``dataset="digits"`` uses the digits demo set (its test split validates by default).
-    The result lands in ``config.out_dir`` as ``model.safetensors`` (an ibnify checkpoint),
-    ``checkpoint.pt`` (training state for ``--resume``) and ``metrics.jsonl``.
-    """
-
-    check_data_source(data, dataset)
-    if not config.out_dir:
-        raise InvalidOptionError("give an output directory (--out DIR)")
-    recipe = read_recipe(checkpoint)
-    model = load(checkpoint)
-    train_data = resolve_data_source(data, dataset, model, split="train", seed=config.seed)
-    # The digits set validates on its test split by default; a folder only with --val-data.
-    validation = digits_data("test", seed=config.seed) if dataset is not None else None
-    if val_data is not None:
-        validation = image_folder_data(val_data, model, train=False)
-    teacher = load_teacher(distill_from, recipe) if distill_from else None
-    return finetune(
-        model,
-        train_data,
-        config,
-        teacher=teacher,
-        val_data=validation,
-        force=force,
-        on_epoch=on_epoch,
-    )
+    logger.info("%s", format_epoch(metrics))

@@ -15,6 +15,8 @@ from torch import nn
 
 from .config import FinetuneConfig
 
+__all__ = ["Dist", "Runtime", "Schedule", "init_distributed", "pick_device"]
+
 logger = logging.getLogger(__name__)
 
 

@@ -126,7 +126,6 @@ def check_resumable(
 
 def check_same_model(model: nn.Module, saved: dict[str, torch.Tensor], out_dir: Path) -> None:
     """Refuse to resume a run that was started from another model, with a key summary."""
-
     expected = model.state_dict()
     if set(expected) != set(saved) or any(
         tuple(expected[k].shape) != tuple(saved[k].shape) for k in expected

@@ -1,10 +1,13 @@
 """Write the golden plan files that pin the converter's behaviour across refactors.
 
     python tests/golden/make_golden.py            # rewrite every golden file (review the diff!)
+    python tests/golden/make_golden.py --plans    # rewrite only the seven plan files
 
 The plans are those of the zoo below, built with random weights; ``tests/test_golden.py`` checks
 that today's code writes the same bytes. ``zoo_sample_sites.json`` holds the converted sites of a
 40-model sample of ``benchmarks/zoo_results.jsonl`` (every 19th converted model).
+``v1/`` keeps the plan files as they were before reasons became records (sentences), for the
+test that the regenerated files carry the same sites and the same reason codes.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ GOLDEN_PLANS = {
     "cspresnet50_a": ("timm:cspresnet50", "a", None),
 }
 SAMPLE_FILE = HERE / "zoo_sample_sites.json"
+V1_DIR = HERE / "v1"
 SAMPLE_SIZE = 40
 
 
@@ -64,13 +68,15 @@ def sample_sites(model: str, size: int) -> list[str]:
     return [f"{site.name}:{site.kind}:{site.stage}:{site.in_channels}" for site in plan.sites]
 
 
-def main() -> None:
+def main(plans_only: bool = False) -> None:
     import torch
 
     torch.manual_seed(0)
     for name, (model, layout, size) in GOLDEN_PLANS.items():
         (HERE / f"plan_{name}.json").write_text(golden_plan_json(model, layout, size))
         print("wrote", name)
+    if plans_only:
+        return
     sample = {}
     for model, size in zoo_sample():
         sample[model] = {"input": size, "sites": sample_sites(model, size)}
@@ -79,4 +85,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(plans_only="--plans" in sys.argv[1:])
