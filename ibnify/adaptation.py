@@ -30,8 +30,8 @@ from .core.recipe import get_recipe, with_adaptation
 from .data.images import DataError, ImageData, Normalize
 from .data.sources import as_image_data
 from .errors import InvalidOptionError
-from .evaluation import RobustnessReport, evaluate, recorded_input_size
-from .models.checkpoint import load, save
+from .evaluation import RobustnessReport, evaluate
+from .models.checkpoint import load, recipe_input_size, save
 
 __all__ = [
     "AdaptOptions",
@@ -238,7 +238,7 @@ def adapt_file(
     """
     options = options or AdaptOptions()
     target_path = _check_output(checkpoint, output, force)
-    size = tuple(input_size) if input_size is not None else recorded_input_size(checkpoint)
+    size = tuple(input_size) if input_size is not None else recipe_input_size(checkpoint)
     model = load(checkpoint)
     target = as_image_data(data, model, "test", seed=options.seed, input_size=size)
     adapted = adapt(model, target, options.images, options.prior, batch_size=options.batch_size,

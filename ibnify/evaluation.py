@@ -23,22 +23,18 @@ from torch.utils.data import DataLoader
 
 from ._report import markdown_table, new_figure, save_png
 from .core.modules import device_of, modes_restored
-from .core.plans import as_input_size
-from .data.images import DataError, ImageData, Normalize
-from .data.shifts import CLEAN, SHIFT_DESCRIPTIONS, SHIFT_GROUPS, SHIFTS, apply_shift, parse_shifts
+from .data.domains import domain_specs, load_domains
+from .data.images import ImageData, Normalize
+from .data.shifts import CLEAN, SHIFT_DESCRIPTIONS, apply_shift, parse_shifts
 from .data.sources import as_image_data, check_data_source, resolve_data_source
 from .errors import InvalidOptionError
-from .models.checkpoint import load, read_recipe
+from .models.checkpoint import load, recipe_input_size
 
 __all__ = [
     "RobustnessReport",
     "accuracy",
-    "check_domain_classes",
     "evaluate",
     "evaluate_files",
-    "load_domains",
-    "parse_domain",
-    "recorded_input_size",
 ]
 
 
@@ -173,95 +169,6 @@ def _named_models(
     return {f"model{i}": m for i, m in enumerate(models)}
 
 
-def parse_domain(spec: str) -> tuple[str, str]:
-    """``"NAME=FOLDER"`` (the CLI's ``--domain``) → ``(name, folder)``; InvalidOptionError else."""
-    name, sep, folder = spec.partition("=")
-    name = name.strip()
-    if not sep or not name:
-        raise InvalidOptionError(f"--domain {spec!r}: write NAME=FOLDER, e.g. night=photos/night")
-    if not folder.strip():
-        raise InvalidOptionError(f"--domain {spec!r} names no folder; write {name}=FOLDER")
-    return name, folder.strip()
-
-
-def _domain_specs(
-    domains: Mapping[str, Any] | Sequence[str] | None,
-) -> dict[str, Any]:
-    """Domains as ``{name: folder or ImageData}``; names must be new and distinct."""
-    if domains is None:
-        return {}
-    if isinstance(domains, Mapping):
-        pairs = [(str(k), v) for k, v in domains.items()]
-    elif isinstance(domains, str):
-        pairs = [parse_domain(domains)]
-    else:
-        pairs = [parse_domain(item) for item in domains]
-    found: dict[str, Any] = {}
-    reserved = {CLEAN, "mean drop", *SHIFTS, *SHIFT_GROUPS}
-    for name, value in pairs:
-        if name in found:
-            raise InvalidOptionError(f"domain {name!r} is given twice; give each name once")
-        if name.lower() in reserved:
-            raise InvalidOptionError(
-                f"domain name {name!r} is taken by a shift or the clean row; choose another"
-            )
-        found[name] = value
-    return found
-
-
-def check_domain_classes(source: ImageData, target: ImageData, name: str) -> None:
-    """DataError when a domain's classes differ from the source data's (names, else counts)."""
-    source_classes = getattr(source.dataset, "classes", None)
-    target_classes = getattr(target.dataset, "classes", None)
-    if source_classes is not None and target_classes is not None:
-        if list(source_classes) == list(target_classes):
-            return
-        only_source = sorted(set(source_classes) - set(target_classes))[:3]
-        only_target = sorted(set(target_classes) - set(source_classes))[:3]
-        raise DataError(
-            f"domain {name!r} holds other classes than the source data (source only: "
-            f"{', '.join(only_source) or '-'}; {name} only: {', '.join(only_target) or '-'}); "
-            "give a folder with the same CLASS sub-folders"
-        )
-    counts = (source.num_classes, target.num_classes)
-    if None not in counts and counts[0] != counts[1]:
-        raise DataError(
-            f"domain {name!r} has {counts[1]} classes, the source data {counts[0]}; give a "
-            "folder with the same CLASS sub-folders"
-        )
-
-
-def load_domains(
-    domains: Mapping[str, Any] | Sequence[str] | None,
-    model: nn.Module,
-    source: ImageData | None = None,
-    input_size: Sequence[int] | None = None,
-) -> dict[str, ImageData]:
-    """Labelled target domains (``{name: folder or ImageData}`` or ``NAME=FOLDER`` strings).
-
-    Raises:
-        DataError: a folder without class sub-folders, without images, or with other classes
-            than ``source``.
-    """
-    loaded: dict[str, ImageData] = {}
-    for name, value in _domain_specs(domains).items():
-        try:
-            data = as_image_data(value, model, "test", input_size=input_size)
-        except DataError as exc:
-            raise DataError(f"domain {name!r}: {exc}") from exc
-        if not data.labelled:
-            raise DataError(
-                f"domain {name!r} has no class sub-folders; accuracy needs labels "
-                "(CLASS/IMAGE files; `ibnify adapt` takes unlabelled images)"
-            )
-        if len(data) == 0:
-            raise DataError(f"domain {name!r} holds no images")
-        if source is not None:
-            check_domain_classes(source, data, name)
-        loaded[name] = data
-    return loaded
-
-
 def _check_head(name: str, logits: torch.Tensor, num_classes: int | None) -> None:
     """InvalidOptionError when a model's class scores do not match the data's class count.
 
@@ -358,17 +265,6 @@ def evaluate(
     )  # fmt: skip
 
 
-def recorded_input_size(path: str | os.PathLike[str]) -> tuple[int, int, int] | None:
-    """The input size an ibnify checkpoint records (``convert --input-size``), or None."""
-    value = read_recipe(path).get("input_size")
-    if value is None:
-        return None
-    try:
-        return as_input_size(value)
-    except (InvalidOptionError, TypeError, ValueError):
-        return None
-
-
 def _column_names(paths: Sequence[Path]) -> list[str]:
     """File stems, with the parent folder where stems collide, numbered where still equal."""
     stems = [p.stem for p in paths]
@@ -403,13 +299,13 @@ def evaluate_files(
     if not checkpoints:
         raise InvalidOptionError("give at least one checkpoint")
     parse_shifts(shifts)  # fail on a bad --shift or --domain before loading anything
-    domain_specs = _domain_specs(domains)
+    named_domains = domain_specs(domains)
     paths = [Path(p) for p in checkpoints]
-    size = tuple(input_size) if input_size is not None else recorded_input_size(paths[0])
+    size = tuple(input_size) if input_size is not None else recipe_input_size(paths[0])
     models = {name: load(path) for name, path in zip(_column_names(paths), paths, strict=True)}
     first = next(iter(models.values()))
     eval_data = resolve_data_source(data, dataset, first, split="test", input_size=size)
     return evaluate(
         models, eval_data, shifts=shifts, batch_size=batch_size, seed=seed, workers=workers,
-        domains=domain_specs, input_size=size,
+        domains=named_domains, input_size=size,
     )  # fmt: skip

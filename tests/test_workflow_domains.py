@@ -276,3 +276,35 @@ def test_the_readme_target_domain_folder_is_deterministic(tmp_path) -> None:
         assert (tmp_path / "one" / path).read_bytes() == (tmp_path / "two" / path).read_bytes()
     with Image.open(tmp_path / "one" / one[0]) as image:
         assert image.size == (16, 16) and image.mode == "RGB"
+
+
+def test_cli_analyze_with_a_domain_equals_the_two_folder_run(files) -> None:
+    """`analyze --data A --domain night=B` measures A against B exactly as `--domain-a A
+    --domain-b B` does (same images, same seed), and names domain B by the domain's name."""
+    common = ["analyze", str(files["ibn"]), "--images", "16", "--json", "--quiet"]
+    with_domain = _json([*common, "--data", str(files["plain"]),
+                         "--domain", f"night={files['inverted']}"])  # fmt: skip
+    two_folders = _json([*common, "--domain-a", str(files["plain"]),
+                         "--domain-b", str(files["inverted"])])  # fmt: skip
+    assert with_domain["domain_b"] == "night" and two_folders["domain_b"] == "inverted"
+    assert with_domain["sites"] == two_folders["sites"]
+    assert with_domain["suggested_stages"] == two_folders["suggested_stages"]
+
+
+def test_cli_analyze_domain_bad_inputs_end_in_one_line(files, tmp_path) -> None:
+    ckpt, plain, inverted = str(files["ibn"]), str(files["plain"]), str(files["inverted"])
+    cases = {
+        "two domains": (["--data", plain, "--domain", f"a={inverted}", "--domain", f"b={plain}"],
+                        "give one --domain NAME=FOLDER"),
+        "domain and shift": (["--data", plain, "--domain", f"a={inverted}", "--shift", "blur"],
+                             "--shift applies without --domain"),
+        "no folder": (["--data", plain, "--domain", "a="], "names no folder"),
+        "other classes": (["--data", plain, "--domain",
+                           f"few={_digit_folder(tmp_path / 'few', 0, 60, True, classes=5)}"],
+                          "holds other classes than the source data (source only: 5, 6, 7"),
+    }  # fmt: skip
+    for name, (args, message) in cases.items():
+        result = CliRunner().invoke(cli, ["analyze", ckpt, *args])
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 1 and len(lines) == 1, (name, result.output)
+        assert lines[0].startswith("error: ") and message in lines[0], (name, lines[0])

@@ -20,6 +20,13 @@ __all__ = ["analyze_command", "search_command"]
     "shifts",
     help="Domain B = the data under these shifts (default all, averaged); see `evaluate`.",
 )
+@click.option(
+    "--domain",
+    "domains",
+    multiple=True,
+    metavar="NAME=FOLDER",
+    help="Domain B = this target folder (labels optional), domain A = --data/--dataset.",
+)
 @click.option("--domain-a", type=click.Path(file_okay=False), help="Image folder, domain A.")
 @click.option("--domain-b", type=click.Path(file_okay=False), help="Image folder, domain B.")
 @click.option(

@@ -34,6 +34,7 @@ from ..core.graph import analyze
 from ..core.modules import device_of, eval_mode
 from ..core.plans import ConversionPlan, as_input_size
 from ..core.surgery import get_plan
+from ..data.domains import check_same_classes, parse_domain
 from ..data.images import DataError, ImageData, Normalize, image_folder_data
 from ..data.shifts import CLEAN, apply_shift, parse_shifts
 from ..data.sources import as_image_data, resolve_data_source
@@ -56,7 +57,6 @@ __all__ = [
     "SiteDivergence",
     "analyze_divergence",
     "analyze_files",
-    "check_same_classes",
     "gaussian_symmetric_kl",
     "load_model_or_checkpoint",
     "suggest_stages",
@@ -121,22 +121,6 @@ def load_model_or_checkpoint(spec: str, weights: str | None = None) -> ModelSour
         result = ModelSource(resolved.model, resolved.source, spec, weights=weights)
     require_batchnorm(resolved.model, result.source)
     return result
-
-
-def check_same_classes(data_a: ImageData, data_b: ImageData, what: str = "domains") -> None:
-    """DataError when two labelled image folders hold different class sets."""
-    classes_a = getattr(data_a.dataset, "classes", None)
-    classes_b = getattr(data_b.dataset, "classes", None)
-    if classes_a is None and classes_b is None:
-        return
-    if classes_a != classes_b:
-        only_a = sorted(set(classes_a or ()) - set(classes_b or ()))[:3]
-        only_b = sorted(set(classes_b or ()) - set(classes_a or ()))[:3]
-        raise DataError(
-            f"the {what} hold different class sets ({data_a.name!r} only: "
-            f"{', '.join(only_a) or '-'}; {data_b.name!r} only: {', '.join(only_b) or '-'}); "
-            "give folders with the same CLASS sub-folders"
-        )
 
 
 def gaussian_symmetric_kl(
@@ -359,7 +343,8 @@ class AnalyzeOptions:
     """What ``ibnify analyze`` is asked, as one record (its options map one to one).
 
     Data: ``data`` (an image folder) or ``dataset`` (``"digits"``), whose B domain is the
-    shifted copy under ``shifts``; or two folders ``domain_a``/``domain_b``. ``input_size``
+    shifted copy under ``shifts``, or one target domain ``NAME=FOLDER`` in ``domains``
+    (as ``evaluate``/``search`` take it); or two folders ``domain_a``/``domain_b``. ``input_size``
     (C, H, W) is the size folders are read at (default: the checkpoint's recorded size, else
     the model's own).
     """
@@ -370,6 +355,7 @@ class AnalyzeOptions:
     shifts: str | None = None
     domain_a: str | None = None
     domain_b: str | None = None
+    domains: tuple[str, ...] = ()
     images: int | None = 256
     batch_size: int = 64
     seed: int = 0
@@ -388,6 +374,17 @@ class AnalyzeResult:
 def _check_analyze_data(options: AnalyzeOptions) -> None:
     """One way to name the data: ``data``/``dataset`` (shifted) or two domain folders."""
     pair = options.domain_a is not None or options.domain_b is not None
+    if options.domains:
+        if pair:
+            raise InvalidOptionError("give --domain or --domain-a/--domain-b, not both")
+        if len(options.domains) > 1:
+            raise InvalidOptionError(
+                "analyze compares two domains: give one --domain NAME=FOLDER (run it once per "
+                "target domain)"
+            )
+        if options.shifts is not None:
+            raise InvalidOptionError("--shift applies without --domain (one domain, shifted)")
+        parse_domain(options.domains[0])
     if pair and (options.data is not None or options.dataset is not None):
         raise InvalidOptionError("give --domain-a/--domain-b or --data/--dataset, not both")
     if pair and (options.domain_a is None or options.domain_b is None):
@@ -396,6 +393,26 @@ def _check_analyze_data(options: AnalyzeOptions) -> None:
         raise InvalidOptionError("--shift applies to --data/--dataset (one domain, shifted)")
     if not pair and options.shifts is not None:
         parse_shifts(options.shifts)  # a bad --shift fails before anything loads
+
+
+def _target_domain(
+    domains: tuple[str, ...],
+    model: nn.Module,
+    source: ImageData,
+    size: tuple[int, int, int] | None,
+) -> ImageData | None:
+    """Domain B from ``--domain NAME=FOLDER`` (labels optional), named NAME; None without one."""
+    if not domains:
+        return None
+    name, folder = parse_domain(domains[0])
+    try:
+        target = image_folder_data(folder, model, input_size=size)
+    except DataError as exc:
+        raise DataError(f"domain {name!r}: {exc}") from exc
+    target = ImageData(target.dataset, target.mean, target.std, target.num_classes,
+                       target.labelled, name)  # fmt: skip
+    check_same_classes(source, target)
+    return target
 
 
 def analyze_files(model: str, options: AnalyzeOptions | None = None) -> AnalyzeResult:
@@ -417,13 +434,13 @@ def analyze_files(model: str, options: AnalyzeOptions | None = None) -> AnalyzeR
     if options.domain_a is not None:
         first = image_folder_data(options.domain_a, source.model, input_size=size)
         second = image_folder_data(options.domain_b, source.model, input_size=size)  # type: ignore[arg-type]
-        check_same_classes(first, second)
+        check_same_classes(first, second, "domains")
     else:
         first = resolve_data_source(
             options.data, options.dataset, source.model, split="test", seed=options.seed,
             input_size=size,
         )  # fmt: skip
-        second = None
+        second = _target_domain(options.domains, source.model, first, size)
     report = analyze_divergence(
         source.model,
         first,

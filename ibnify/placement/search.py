@@ -27,16 +27,16 @@ from torch import nn
 from .._io import atomic_write_bytes
 from ..core.generic import require_batchnorm
 from ..data.digits import digits_data
+from ..data.domains import check_same_classes, load_domains, parse_domain
 from ..data.images import ImageData, image_folder_data
 from ..data.shifts import parse_shifts
 from ..data.sources import as_image_data, check_data_source
 from ..errors import InvalidOptionError
-from ..evaluation import load_domains, parse_domain, recorded_input_size
+from ..models.checkpoint import recipe_input_size
 from ..train.config import FinetuneConfig
 from .candidates import CONTROL, Candidate, choose_candidates, parse_candidates
 from .divergence import (
     ModelSource,
-    check_same_classes,
     load_model_or_checkpoint,
 )
 from .runs import Search, halving_rungs, run_all, run_halving
@@ -246,7 +246,7 @@ def search_files(
     source = load_model_or_checkpoint(model, options.weights)
     size = options.input_size
     if size is None and source.checkpoint is not None:
-        size = recorded_input_size(source.checkpoint)
+        size = recipe_input_size(source.checkpoint)
     if options.dataset is not None:
         train = digits_data("train", seed=options.seed)
         val = digits_data("test", seed=options.seed)
