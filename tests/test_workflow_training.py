@@ -199,6 +199,20 @@ def test_fully_frozen_resnet18_converts_with_no_trainable_tensor() -> None:
     assert len(sites) == 6  # IBN-a: bn1 of every block in layer1..layer3
 
 
+def test_ibn_b_in_after_the_addition_follows_its_blocks_frozen_state() -> None:
+    """IBN-b inserts a new IN after the residual addition: frozen in a frozen block (layer1
+    here), trainable in a trainable one."""
+    model = torchvision.models.resnet18(weights=None)
+    model.layer1.requires_grad_(False)
+    converted = ibnify.convert(model, layout="b", input_size=(3, 64, 64))
+    post_add = {
+        n: m for n, m in converted.named_modules()
+        if isinstance(m, torch.nn.InstanceNorm2d) and n.endswith(".IN")
+    }  # fmt: skip
+    trainable = {n: m.weight.requires_grad for n, m in post_add.items()}
+    assert trainable == {"layer1.1.IN": False, "layer2.1.IN": True}  # the paper's IBN-b sites
+
+
 def test_partly_frozen_resnet18_freezes_exactly_the_sites_in_the_frozen_layer() -> None:
     model = torchvision.models.resnet18(weights=None)
     model.layer1.requires_grad_(False)

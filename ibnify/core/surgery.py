@@ -124,6 +124,8 @@ def _insert_post_add_in(model: nn.Module, site: ConversionSite) -> None:
         device=reference.device,
         dtype=reference.dtype,
     )
+    # a block whose parameters are all frozen (a frozen backbone stage) gets a frozen IN too
+    norm.requires_grad_(any(p.requires_grad for p in block.parameters()))
     graph_module.add_submodule(child, norm)
     with graph.inserting_after(add):
         in_node = graph.call_module(child, (add,))
