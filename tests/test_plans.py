@@ -180,3 +180,13 @@ def test_every_reason_sentence_maps_back_to_its_record() -> None:
     assert Reason.from_dict("role 'main' unknown to the generic rule").value == "main"
     with pytest.raises(ValueError, match="unknown reason code 'gone'"):
         Reason.from_dict({"code": "gone", "at": None, "value": None})
+
+
+def test_a_site_with_a_one_pixel_feature_map_is_refused_at_plan_time() -> None:
+    """Stage 4 of resnet18 at 32×32 is 1×1: IN cannot normalise one pixel, so the plan says so
+    in one line instead of a model that fails at its first forward. Stages 1-3 still plan."""
+    model = torchvision.models.resnet18(weights=None)
+    with pytest.raises(InvalidOptionError, match=r"^layer4\.0\.bn1 \(stage 4\) sees a 1×1"):
+        ibnify.plan(model, stages=(4,), input_size=(3, 32, 32))
+    assert len(ibnify.plan(model, stages=(1, 2, 3), input_size=(3, 32, 32)).sites) == 6
+    assert len(ibnify.plan(model, stages=(4,), input_size=(3, 64, 64)).sites) == 2

@@ -225,6 +225,7 @@ def _assemble(
             converted += 1
         else:
             sites.append(site)
+    _check_spatial_size(request, sites)
     for site in selection.extra_sites:
         if submodule_or_none(model, site.name) is not None:
             skipped.append(SkippedNorm(site.name, site.stage, _CONVERTED))
@@ -254,6 +255,23 @@ def _assemble(
 
 
 _CONVERTED = Reason(ReasonCode.ALREADY_CONVERTED)
+
+
+def _check_spatial_size(request: LayoutRequest, sites: Sequence[ConversionSite]) -> None:
+    """InvalidOptionError for a site whose feature map is 1×1 at the planned input size.
+
+    Instance Normalization needs more than one spatial element (its statistics are per image
+    and channel over H×W); such a model would fail at its first forward, not here.
+    """
+    shapes = {norm.name: norm.output_shape for norm in request.analysis.norms}
+    for site in sites:
+        shape = shapes.get(site.name, ())
+        if len(shape) == 4 and shape[2] * shape[3] == 1:
+            raise InvalidOptionError(
+                f"{site.name} (stage {site.stage}) sees a 1×1 feature map at this input size, "
+                "and instance normalization needs more than one pixel; convert at a larger input "
+                f"size or leave stage {site.stage} out"
+            )
 
 
 def _is_converted(module: nn.Module, site: ConversionSite) -> bool:
