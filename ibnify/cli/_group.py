@@ -19,7 +19,14 @@ from .. import __version__
 from ..constants import BUILTIN_DATASETS
 from ..errors import IbnifyError, first_line
 
-__all__ = ["IbnifyGroup", "Interrupted", "cli", "invocation", "threads_option"]
+__all__ = [
+    "IbnifyGroup",
+    "Interrupted",
+    "cli",
+    "image_size_option",
+    "invocation",
+    "threads_option",
+]
 
 
 class IbnifyGroup(click.Group):
@@ -87,6 +94,18 @@ def invocation(ctx: click.Context) -> list[str]:
     obj = ctx.find_root().obj
     argv = obj.get("argv") if isinstance(obj, dict) else None
     return list(argv) if argv is not None else sys.argv[1:]
+
+
+def image_size_option(models: str = "model"):
+    """``--input-size`` for a command that reads images: the size the model sees, by default
+    the one its checkpoint records (``convert --input-size``)."""
+    first = "the first checkpoint's" if models == "models" else "the checkpoint's"
+    return click.option(
+        "--input-size",
+        callback=_parse_input_size,
+        help=f"Image size the {models} see{'' if models == 'models' else 's'}: 32 or 3,32,32 "
+        f"(default: {first}, else the model's own).",
+    )
 
 
 def threads_option(function):

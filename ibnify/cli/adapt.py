@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._group import _parse_input_size, cli, threads_option
+from ._group import cli, image_size_option, threads_option
 
 __all__ = ["adapt_command"]
 
@@ -35,12 +35,7 @@ __all__ = ["adapt_command"]
     "(1 = no change).",
 )
 @click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True)
-@click.option(
-    "--input-size",
-    callback=_parse_input_size,
-    help="Image size the model sees: 32 or 3,32,32 (default: the checkpoint's, else the "
-    "model's own).",
-)
+@image_size_option()
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the image choice.")
 @click.option("--force", is_flag=True, help="Overwrite the output file if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the before/after report as JSON.")

@@ -6,7 +6,13 @@ from typing import Any
 
 import click
 
-from ._group import _data_options, _one_data_source, _parse_input_size, cli, threads_option
+from ._group import (
+    _data_options,
+    _one_data_source,
+    cli,
+    image_size_option,
+    threads_option,
+)
 
 __all__ = ["analyze_command", "search_command"]
 
@@ -29,12 +35,7 @@ __all__ = ["analyze_command", "search_command"]
 )
 @click.option("--domain-a", type=click.Path(file_okay=False), help="Image folder, domain A.")
 @click.option("--domain-b", type=click.Path(file_okay=False), help="Image folder, domain B.")
-@click.option(
-    "--input-size",
-    callback=_parse_input_size,
-    help="Image size the model sees: 32 or 3,32,32 (default: the checkpoint's, else the "
-    "model's own).",
-)
+@image_size_option()
 @click.option(
     "--images",
     type=click.IntRange(min=4),
@@ -135,12 +136,7 @@ def analyze_command(
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-4, show_default=True)
 @click.option("--warmup-epochs", type=click.FloatRange(min=0), default=1.0, show_default=True)
 @click.option("--shift", "shifts", default="all", show_default=True, help="Shifts to evaluate.")
-@click.option(
-    "--input-size",
-    callback=_parse_input_size,
-    help="Image size the model sees: 32 or 3,32,32 (default: the checkpoint's, else the "
-    "model's own).",
-)
+@image_size_option()
 @click.option(
     "--budget-min",
     type=click.FloatRange(min=0, min_open=True),

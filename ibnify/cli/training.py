@@ -12,8 +12,8 @@ from ._group import (
     Interrupted,
     _data_options,
     _one_data_source,
-    _parse_input_size,
     cli,
+    image_size_option,
     invocation,
     threads_option,
 )
@@ -27,12 +27,7 @@ _DEFAULTS = FINETUNE_DEFAULTS
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @_data_options
 @click.option("--val-data", type=click.Path(file_okay=False), help="Labelled validation folder.")
-@click.option(
-    "--input-size",
-    callback=_parse_input_size,
-    help="Image size the model sees: 32 or 3,32,32 (default: the checkpoint's, else the "
-    "model's own).",
-)
+@image_size_option()
 @click.option(
     "--num-classes",
     type=click.IntRange(min=1),
@@ -184,12 +179,7 @@ def _interrupt_message(stop: Any) -> str:
     "brightness_up, brightness_down, contrast_up, contrast_down, rgb_plus_50, "
     "r_plus_50, gamma, blur, noise.",
 )
-@click.option(
-    "--input-size",
-    callback=_parse_input_size,
-    help="Image size the models see: 32 or 3,32,32 (default: the first checkpoint's, else "
-    "the model's own).",
-)
+@image_size_option("models")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG bar chart here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)

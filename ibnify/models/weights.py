@@ -22,7 +22,13 @@ from torch import nn
 
 from ..errors import WeightsError, first_line
 
-__all__ = ["clean_state_dict", "describe_key_mismatch", "load_state_dict_file", "load_weights"]
+__all__ = [
+    "clean_state_dict",
+    "describe_key_mismatch",
+    "load_state_dict_file",
+    "load_weights",
+    "state_fits",
+]
 
 _PREFIXES = ("module.", "_orig_mod.")
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "model_ema", "net", "weights")
@@ -146,12 +152,17 @@ def describe_key_mismatch(
     return "; ".join(parts) if parts else "keys and shapes match"
 
 
+def state_fits(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``state`` has exactly the keys of ``expected``, each with the same shape."""
+    return set(expected) == set(state) and all(
+        tuple(expected[k].shape) == tuple(state[k].shape) for k in expected
+    )
+
+
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], what: str = "weights") -> None:
     """Load ``state`` into ``model`` strictly; a mismatch raises WeightsError with a summary."""
     expected = model.state_dict()
-    if set(expected) != set(state) or any(
-        tuple(expected[k].shape) != tuple(state[k].shape) for k in expected
-    ):
+    if not state_fits(expected, state):
         raise WeightsError(
             f"{what}: the tensors do not fit {type(model).__name__}: "
             + describe_key_mismatch(expected, state)

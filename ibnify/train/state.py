@@ -21,7 +21,7 @@ from .._io import atomic_write_bytes
 from ..core.surgery import get_plan
 from ..errors import CheckpointError, InvalidOptionError, first_line
 from ..models.checkpoint import save
-from ..models.weights import describe_key_mismatch
+from ..models.weights import describe_key_mismatch, state_fits
 from .config import FinetuneConfig
 
 logger = logging.getLogger(__name__)
@@ -127,9 +127,7 @@ def check_resumable(
 def check_same_model(model: nn.Module, saved: dict[str, torch.Tensor], out_dir: Path) -> None:
     """Refuse to resume a run that was started from another model, with a key summary."""
     expected = model.state_dict()
-    if set(expected) != set(saved) or any(
-        tuple(expected[k].shape) != tuple(saved[k].shape) for k in expected
-    ):
+    if not state_fits(expected, saved):
         raise CheckpointError(
             f"cannot resume: the run in {str(out_dir)!r} was started from another model ("
             + describe_key_mismatch(expected, saved)
