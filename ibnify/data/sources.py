@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from ..constants import BUILTIN_DATASETS
 from ..errors import InvalidOptionError
-from .digits import digits_data
+from .digits import DIGITS_SIZE, digits_data
 from .images import DataError, ImageData, image_folder_data
 
 __all__ = ["BUILTIN_DATASETS", "as_image_data", "check_data_source", "resolve_data_source"]
@@ -42,14 +42,27 @@ def resolve_data_source(
 
     ``split`` is ``"train"`` (training augmentation, the digits train split) or ``"test"``
     (evaluation transform, the digits test split). ``input_size`` (C, H, W) sets the folder
-    transform's size (default: the model's); the digits set is always 3×16×16.
+    transform's size (default: the model's) and the digits images' side (default 16).
     """
     check_data_source(data, dataset)
     if dataset is not None:
-        return digits_data(split, seed=seed)
+        return digits_data(split, size=_square_side(input_size), seed=seed)
     return image_folder_data(  # type: ignore[arg-type]
         data, model, train=split == "train", input_size=input_size
     )
+
+
+def _square_side(input_size: Sequence[int] | None) -> int:
+    """The digits images' side for ``input_size`` (C, H, W): H, which must equal W."""
+    if input_size is None:
+        return DIGITS_SIZE
+    channels, height, width = (int(v) for v in input_size)
+    if channels != 3 or height != width:
+        raise InvalidOptionError(
+            f"the digits set is square RGB; input size {channels},{height},{width} does not fit "
+            "it (give a square size such as 32)"
+        )
+    return height
 
 
 def as_image_data(
@@ -74,7 +87,9 @@ def as_image_data(
         return data
     if isinstance(data, str | os.PathLike):
         if isinstance(data, str) and data in BUILTIN_DATASETS and not Path(data).exists():
-            return resolve_data_source(None, data, model, split=split, seed=seed)
+            return resolve_data_source(
+                None, data, model, split=split, seed=seed, input_size=input_size
+            )
         return resolve_data_source(data, None, model, split=split, input_size=input_size)
     if isinstance(data, Dataset):
         return ImageData(data, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), name="dataset")

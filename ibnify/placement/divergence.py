@@ -33,7 +33,7 @@ from ..core.generic import require_batchnorm
 from ..core.graph import analyze
 from ..core.modules import device_of, eval_mode
 from ..core.plans import ConversionPlan, as_input_size
-from ..core.surgery import get_plan
+from ..core.recipe import get_recipe
 from ..data.domains import check_same_classes, parse_domain
 from ..data.images import DataError, ImageData, Normalize, image_folder_data
 from ..data.shifts import CLEAN, apply_shift, parse_shifts
@@ -211,10 +211,12 @@ def _collect(
 
 
 def _site_labels(model: nn.Module, input_size: tuple[int, int, int]) -> tuple[dict[str, str], bool]:
-    """Norm name → its IBN role: the converted sites, else the default IBN-a plan's sites."""
-    existing = get_plan(model)
-    if existing is not None and existing.sites:
-        return {s.name: f"{s.kind} (converted)" for s in existing.sites}, True
+    """Norm name → its IBN role: the converted sites (of every plan applied), else the default
+    IBN-a plan's sites."""
+    recipe = get_recipe(model)
+    converted = [site for plan in (recipe.plans if recipe else ()) for site in plan.sites]
+    if converted:
+        return {s.name: f"{s.kind} (converted)" for s in converted}, True
     try:
         default: ConversionPlan = make_plan(model, input_size=input_size)
     except IbnifyError:

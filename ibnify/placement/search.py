@@ -26,11 +26,10 @@ from torch import nn
 
 from .._io import atomic_write_bytes
 from ..core.generic import require_batchnorm
-from ..data.digits import digits_data
 from ..data.domains import check_same_classes, load_domains, parse_domain
 from ..data.images import ImageData, image_folder_data
 from ..data.shifts import parse_shifts
-from ..data.sources import as_image_data, check_data_source
+from ..data.sources import as_image_data, check_data_source, resolve_data_source
 from ..errors import InvalidOptionError
 from ..models.checkpoint import recipe_input_size
 from ..train.config import FinetuneConfig
@@ -248,8 +247,11 @@ def search_files(
     if size is None and source.checkpoint is not None:
         size = recipe_input_size(source.checkpoint)
     if options.dataset is not None:
-        train = digits_data("train", seed=options.seed)
-        val = digits_data("test", seed=options.seed)
+        train, val = (
+            resolve_data_source(None, options.dataset, source.model, split=split,
+                                seed=options.seed, input_size=size)
+            for split in ("train", "test")
+        )  # fmt: skip
         data_args = f"--dataset {options.dataset}"
     else:
         train = image_folder_data(options.data, source.model, train=True, input_size=size)  # type: ignore[arg-type]

@@ -13,7 +13,6 @@ from torch import nn
 
 from ..api import resolve_model
 from ..core.plans import as_input_size
-from ..data.digits import digits_data
 from ..data.images import image_folder_data
 from ..data.sources import check_data_source, resolve_data_source
 from ..errors import CheckpointError, InvalidOptionError
@@ -93,7 +92,11 @@ def finetune_files(
         data, dataset, model, split="train", seed=config.seed, input_size=size
     )
     # The digits set validates on its test split by default; a folder only with --val-data.
-    validation = digits_data("test", seed=config.seed) if dataset is not None else None
+    validation = None
+    if dataset is not None:
+        validation = resolve_data_source(
+            None, dataset, model, split="test", seed=config.seed, input_size=size
+        )
     if val_data is not None:
         validation = image_folder_data(val_data, model, train=False, input_size=size)
     teacher = load_teacher(distill_from, recipe) if distill_from else None
