@@ -76,5 +76,6 @@ def test_cli_chain_convert_stack_finetune_evaluate_adapt_analyze_export_verify(t
     assert len(marked) == 6 + 3  # IBN-a's six bn1 sites and IBN-b's three, both plans marked
 
     onnx_file = tmp_path / "adapted.onnx"
-    _invoke(["export", adapted, "-o", onnx_file])
+    out = _invoke(["export", adapted, "-o", onnx_file])
+    assert "input batchx3x32x32" in out  # the recorded size, not 224
     assert "PASS" in _invoke(["verify", onnx_file, "--against", adapted])

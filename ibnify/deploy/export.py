@@ -243,7 +243,8 @@ class ExportOptions:
     """How :func:`export_onnx` exports: the options as one record (the CLI builds one).
 
     Attributes:
-        input_size: 224, (224, 224) or (3, 224, 224); default from the model's timm cfg, else 224.
+        input_size: 224, (224, 224) or (3, 224, 224); default: the size the recipe records, else
+            the model's timm cfg, else 224.
         opset: ONNX opset, 17 to 20 (:data:`ibnify.constants.ONNX_OPSETS`).
         dynamic_batch: export the batch axis as dynamic (``batch``).
         fold: fold each IBN's BN half into the preceding conv (see :func:`fold_bn_halves`).
@@ -302,7 +303,8 @@ def export_onnx(
             ``onnx.checker`` or the op checks.
     """
     chosen = _export_options(options, keywords).validate()
-    default = default_input_size(model)
+    recipe = get_recipe(model)  # the size the model was converted for, else its own default
+    default = recipe.input_size if recipe and recipe.input_size else default_input_size(model)
     size = default if chosen.input_size is None else as_input_size(chosen.input_size, default[0])
     if chosen.fold:
         export_model, fold_report = fold_bn_halves(model, form=chosen.fold_form, input_size=size)
