@@ -24,26 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 
-from placement_search import CANDIDATES, SOURCE, train_baseline  # noqa: E402
+from placement_search import CANDIDATES, SOURCE, search_schedule, train_baseline  # noqa: E402
 
 import ibnify  # noqa: E402
 from benchmarks._results import machine_line, update_section  # noqa: E402
 from ibnify.data.digits import digits_data  # noqa: E402
 from ibnify.demo import DemoConfig  # noqa: E402
-from ibnify.train.config import FinetuneConfig  # noqa: E402
-
-
-def schedule(config: DemoConfig) -> FinetuneConfig:
-    """The example's fine-tuning schedule (the demo's settings, seed + 1)."""
-    return FinetuneConfig(
-        epochs=config.finetune_epochs,
-        lr=config.finetune_lr,
-        batch_size=config.batch_size,
-        weight_decay=config.weight_decay,
-        seed=config.seed + 1,
-        quiet=True,
-        device="cpu",
-    )
 
 
 def timed_search(baseline: torch.nn.Module, config: DemoConfig, out: Path, halving: bool):
@@ -54,7 +40,7 @@ def timed_search(baseline: torch.nn.Module, config: DemoConfig, out: Path, halvi
         digits_data("train", seed=config.seed),
         digits_data("test", seed=config.seed),
         candidates=CANDIDATES,
-        config=schedule(config),
+        config=search_schedule(config, config.seed),
         out_dir=out,
         force=True,
         arch=SOURCE,

@@ -50,6 +50,19 @@ def train_baseline(config: DemoConfig) -> torch.nn.Module:
     return model
 
 
+def search_schedule(config: DemoConfig, seed: int) -> FinetuneConfig:
+    """Every candidate's fine-tuning schedule: the demo's settings, seeded with ``seed + 1``."""
+    return FinetuneConfig(
+        epochs=config.finetune_epochs,
+        lr=config.finetune_lr,
+        batch_size=config.batch_size,
+        weight_decay=config.weight_decay,
+        seed=seed + 1,
+        quiet=True,
+        device="cpu",
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="IBN placement from evidence, on digits")
     parser.add_argument("--out", default="ibnify-placement", help="output folder")
@@ -74,15 +87,7 @@ def main() -> None:
     print(divergence.summary())
 
     print("3. search: each candidate converted from the baseline, fine-tuned, evaluated")
-    schedule = FinetuneConfig(
-        epochs=config.finetune_epochs,
-        lr=config.finetune_lr,
-        batch_size=config.batch_size,
-        weight_decay=config.weight_decay,
-        seed=args.seed + 1,
-        quiet=True,
-        device="cpu",
-    )
+    schedule = search_schedule(config, args.seed)
     report = ibnify.search_placement(
         baseline,
         digits_data("train", seed=args.seed),

@@ -38,6 +38,8 @@ _EXPORTS = {
     "recipe_input_size": "models.checkpoint",
     "resolve_model": "api",
     "export_onnx": "deploy.export",
+    "ExportOptions": "deploy.export",
+    "Recipe": "core.recipe",
     "verify_onnx": "deploy.verify",
     "finetune": "train.loop",
     "evaluate": "evaluation",
