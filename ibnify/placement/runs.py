@@ -122,6 +122,15 @@ def halving_rungs(epochs: int, candidates: int, first: int = 1) -> list[int]:
     return sorted(r for r in rungs if r < epochs)
 
 
+def _reuse(report: SearchReport, done: dict[str, CandidateResult], candidate: Candidate) -> bool:
+    """Put a candidate recorded by an earlier run into ``report`` as reused; False if none."""
+    if candidate.name not in done:
+        return False
+    report.results.append(done[candidate.name])
+    report.reused.append(candidate.name)
+    return True
+
+
 def run_all(
     search: Search,
     queue: list[Candidate],
@@ -133,9 +142,7 @@ def run_all(
     started = time.perf_counter()
     total = len(queue)
     for index, candidate in enumerate(queue, start=1):
-        if candidate.name in done:
-            report.results.append(done[candidate.name])
-            report.reused.append(candidate.name)
+        if _reuse(report, done, candidate):
             search.say(f"candidate {index} of {total}: {candidate.name} (finished earlier, reused)")
             continue
         timings = [r.seconds for r in done.values()]
@@ -219,9 +226,7 @@ def _start_all(
     started = time.perf_counter()
     first_rung = (report.halving or [search.config.epochs])[0]
     for index, candidate in enumerate(queue, start=1):
-        if candidate.name in done:
-            report.results.append(done[candidate.name])
-            report.reused.append(candidate.name)
+        if _reuse(report, done, candidate):
             search.say(f"candidate {index} of {len(queue)}: {candidate.name} (reused)")
             continue
         per_epoch = [e.seconds / e.epochs for e in running if e.epochs]
