@@ -131,6 +131,16 @@ def _reuse(report: SearchReport, done: dict[str, CandidateResult], candidate: Ca
     return True
 
 
+def _record(
+    search: Search, report: SearchReport, done: dict[str, CandidateResult], result: CandidateResult
+) -> None:
+    """A finished candidate: into ``done``, the report and ``results.jsonl`` (for resume)."""
+    done[result.name] = result
+    report.results.append(result)
+    if search.out is not None:
+        write_results(search.out, report.settings, done)
+
+
 def run_all(
     search: Search,
     queue: list[Candidate],
@@ -153,10 +163,7 @@ def run_all(
             break
         search.say(f"candidate {index} of {total}: {candidate.name} ...")
         result = search.run(candidate)
-        done[candidate.name] = result
-        report.results.append(result)
-        if search.out is not None:
-            write_results(search.out, report.settings, done)
+        _record(search, report, done, result)
         search.say(
             f"candidate {index} of {total}: {candidate.name} done in {result.seconds:.1f} s: "
             f"clean {100 * result.clean:.1f}%, mean drop {100 * result.mean_drop:.1f} points"
@@ -292,10 +299,7 @@ def _finish(
     report: SearchReport,
 ) -> None:
     """Record a candidate that will train no further; remove its run folder."""
-    done[entry.candidate.name] = result
-    report.results.append(result)
-    if search.out is not None:
-        write_results(search.out, report.settings, done)
+    _record(search, report, done, result)
     shutil.rmtree(entry.folder, ignore_errors=True)
     where = "full schedule" if result.full else f"halving stops it after epoch {result.stopped_at}"
     value = 100 * result.objective(search.objective)
