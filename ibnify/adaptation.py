@@ -31,7 +31,7 @@ from .data.images import DataError, ImageData, Normalize
 from .data.sources import as_image_data
 from .errors import InvalidOptionError
 from .evaluation import RobustnessReport, evaluate
-from .models.checkpoint import load, recipe_input_size, save
+from .models.checkpoint import input_size_for, load, save
 
 __all__ = [
     "AdaptOptions",
@@ -238,7 +238,7 @@ def adapt_file(
     """
     options = options or AdaptOptions()
     target_path = _check_output(checkpoint, output, force)
-    size = tuple(input_size) if input_size is not None else recipe_input_size(checkpoint)
+    size = input_size_for(checkpoint, input_size)
     model = load(checkpoint)
     target = as_image_data(data, model, "test", seed=options.seed, input_size=size)
     adapted = adapt(model, target, options.images, options.prior, batch_size=options.batch_size,

@@ -28,7 +28,7 @@ from .data.images import ImageData, Normalize
 from .data.shifts import CLEAN, SHIFT_DESCRIPTIONS, apply_shift, parse_shifts
 from .data.sources import as_image_data, check_data_source, resolve_data_source
 from .errors import InvalidOptionError
-from .models.checkpoint import load, recipe_input_size
+from .models.checkpoint import input_size_for, load
 
 __all__ = [
     "RobustnessReport",
@@ -301,7 +301,7 @@ def evaluate_files(
     parse_shifts(shifts)  # fail on a bad --shift or --domain before loading anything
     named_domains = domain_specs(domains)
     paths = [Path(p) for p in checkpoints]
-    size = tuple(input_size) if input_size is not None else recipe_input_size(paths[0])
+    size = input_size_for(paths[0], input_size)
     models = {name: load(path) for name, path in zip(_column_names(paths), paths, strict=True)}
     first = next(iter(models.values()))
     eval_data = resolve_data_source(data, dataset, first, split="test", input_size=size)

@@ -18,6 +18,7 @@ import copy
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from torch import nn
 
 from .. import __version__
 from .._io import atomic_write_bytes
+from ..core.plans import as_input_size
 from ..core.recipe import FORMAT, FORMATS, Recipe, get_recipe, set_recipe
 from ..core.surgery import apply_plan
 from ..errors import CheckpointError, ConversionError, ModelNotFoundError, WeightsError, first_line
@@ -41,6 +43,7 @@ __all__ = [
     "FORMAT",
     "FORMATS",
     "Recipe",
+    "input_size_for",
     "load",
     "read_recipe",
     "recipe_input_size",
@@ -228,6 +231,15 @@ def recipe_input_size(
         except CheckpointError:
             return None
     return None if recipe is None else recipe.input_size
+
+
+def input_size_for(
+    model_or_path: nn.Module | str | os.PathLike[str],
+    given: int | Sequence[int] | None = None,
+) -> tuple[int, int, int] | None:
+    """The (C, H, W) a command reads images at: ``given`` (as ``--input-size`` parses), else the
+    size the model or checkpoint records, else None (the model's own default)."""
+    return as_input_size(given) if given is not None else recipe_input_size(model_or_path)
 
 
 def load(

@@ -32,14 +32,14 @@ from ..api import plan as make_plan
 from ..core.generic import require_batchnorm
 from ..core.graph import analyze
 from ..core.modules import device_of, eval_mode
-from ..core.plans import ConversionPlan, as_input_size
+from ..core.plans import ConversionPlan
 from ..core.recipe import get_recipe
 from ..data.domains import check_same_classes, parse_domain
 from ..data.images import DataError, ImageData, Normalize, image_folder_data
 from ..data.shifts import CLEAN, apply_shift, parse_shifts
 from ..data.sources import as_image_data, resolve_data_source
 from ..errors import IbnifyError, InvalidOptionError
-from ..models.checkpoint import recipe_input_size
+from ..models.checkpoint import input_size_for, recipe_input_size
 from .divergence_report import (
     CONTENT_FACTOR,
     SUGGESTION_RULE,
@@ -431,8 +431,7 @@ def analyze_files(model: str, options: AnalyzeOptions | None = None) -> AnalyzeR
     _check_analyze_data(options)
     torch.manual_seed(options.seed)
     source = load_model_or_checkpoint(model, options.weights)
-    given = options.input_size
-    size = as_input_size(given) if given is not None else recipe_input_size(source.model)
+    size = input_size_for(source.model, options.input_size)
     if options.domain_a is not None:
         first = image_folder_data(options.domain_a, source.model, input_size=size)
         second = image_folder_data(options.domain_b, source.model, input_size=size)  # type: ignore[arg-type]

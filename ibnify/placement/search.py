@@ -31,7 +31,7 @@ from ..data.images import ImageData, image_folder_data
 from ..data.shifts import parse_shifts
 from ..data.sources import as_image_data, check_data_source, resolve_data_source
 from ..errors import InvalidOptionError
-from ..models.checkpoint import recipe_input_size
+from ..models.checkpoint import input_size_for
 from ..train.config import FinetuneConfig
 from .candidates import CONTROL, Candidate, choose_candidates, parse_candidates
 from .divergence import (
@@ -243,9 +243,7 @@ def search_files(
     _check_search_options(options)
     torch.manual_seed(options.seed)  # a model built without weights gets the same init every run
     source = load_model_or_checkpoint(model, options.weights)
-    size = options.input_size
-    if size is None and source.checkpoint is not None:
-        size = recipe_input_size(source.checkpoint)
+    size = input_size_for(source.model, options.input_size)
     if options.dataset is not None:
         train, val = (
             resolve_data_source(None, options.dataset, source.model, split=split,

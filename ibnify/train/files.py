@@ -12,11 +12,10 @@ import torch
 from torch import nn
 
 from ..api import resolve_model
-from ..core.plans import as_input_size
 from ..data.images import image_folder_data
 from ..data.sources import check_data_source, resolve_data_source
 from ..errors import CheckpointError, InvalidOptionError
-from ..models.checkpoint import load, read_recipe, recipe_input_size
+from ..models.checkpoint import input_size_for, load, read_recipe
 from ..models.heads import reset_classifier
 from ..models.registry import build_model
 from ..models.weights import load_state_dict_file, load_weights
@@ -87,7 +86,7 @@ def finetune_files(
     model = load(checkpoint)
     if num_classes is not None:
         reset_classifier(model, num_classes)
-    size = as_input_size(input_size) if input_size is not None else recipe_input_size(model)
+    size = input_size_for(model, input_size)
     train_data = resolve_data_source(
         data, dataset, model, split="train", seed=config.seed, input_size=size
     )
