@@ -44,6 +44,9 @@ from .state import (
     check_resumable,
     check_same_model,
     load_training_state,
+    resume_options,
+    rng_kept,
+    run_state,
     set_rng_state,
     write_run_files,
 )
@@ -292,34 +295,32 @@ def _finish_epoch(
     val_data: ImageData | None,
     out_dir: Path | None,
 ) -> None:
-    """Sync buffers, validate, record the metrics, log them and write the epoch's files."""
+    """Sync buffers, validate, record the metrics, log them and write the epoch's files.
+
+    All of it runs inside :func:`rng_kept`: the next epoch draws from the RNG states training
+    left, the very ones ``checkpoint.pt`` records, whatever validation or saving consumed.
+    """
+    # Long only by the parts of a run it reads; each argument is one of them.
     if runtime.dist.enabled:
         _sync_buffers(training.model)
-    if val_data is not None:
-        metrics["val_acc"] = accuracy(
-            training.model, val_data, batch_size=256, device=runtime.device
-        )
-        training.net.train()
-    history.append(metrics)
-    if not runtime.dist.is_main:
-        return
-    _log_epoch(metrics, config)
-    if out_dir is not None:
-        run_info = {
-            "world_size": runtime.dist.world_size,
-            "steps_per_epoch": schedule.steps_per_epoch,
-        }
-        write_run_files(
-            out_dir,
-            training.model,
-            training.optimizer,
-            training.scheduler,
-            runtime.scaler,
-            metrics["epoch"],
-            history,
-            config,
-            run_info,
-        )
+    with rng_kept() as rng:
+        if val_data is not None:
+            metrics["val_acc"] = accuracy(
+                training.model, val_data, batch_size=256, device=runtime.device
+            )
+            training.net.train()
+        history.append(metrics)
+        if not runtime.dist.is_main:
+            return
+        _log_epoch(metrics, config)
+        if out_dir is not None:
+            run_info = {
+                "world_size": runtime.dist.world_size,
+                "steps_per_epoch": schedule.steps_per_epoch,
+            }
+            options = resume_options(config, run_info)
+            state = run_state(training, runtime.scaler, metrics["epoch"], history, options, rng)
+            write_run_files(out_dir, training.model, state)
 
 
 def _sync_buffers(model: nn.Module) -> None:

@@ -10,6 +10,8 @@ import json
 import logging
 import os
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,20 @@ from .config import FinetuneConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CHECKPOINT_FILE", "METRICS_FILE", "MODEL_FILE", "load_training_state"]
+__all__ = [
+    "CHECKPOINT_FILE",
+    "METRICS_FILE",
+    "MODEL_FILE",
+    "check_resumable",
+    "check_same_model",
+    "load_training_state",
+    "resume_options",
+    "rng_kept",
+    "rng_state",
+    "run_state",
+    "set_rng_state",
+    "write_run_files",
+]
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -71,6 +86,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore every RNG state that :func:`rng_state` recorded."""
     torch.set_rng_state(state["torch"])
     np_state = state["numpy"]
     np.random.set_state(
@@ -88,6 +104,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextmanager
+def rng_kept() -> Iterator[dict[str, Any]]:
+    """Yield every RNG state as it is now and put it back on exit.
+
+    What runs inside (validation, writing the run's files: saving a model rebuilds it, which
+    draws initial weights) then leaves the run's random streams where training left them, so
+    the state saved after an epoch is the one the next epoch starts from, straight or resumed.
+    """
+    state = rng_state()
+    try:
+        yield state
+    finally:
+        set_rng_state(state)
+
+
 def load_training_state(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a training checkpoint safely (``weights_only=True``: tensors and plain data only)."""
     file = Path(path)
@@ -100,14 +131,37 @@ def load_training_state(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(
             f"training checkpoint {str(file)!r} is corrupt or unsafe ({first[:160]})"
         ) from exc
-    if not isinstance(state, dict) or state.get("format") != _FORMAT:
+    if not isinstance(state, dict) or state.get("format") != _FORMAT or not _well_formed(state):
         raise CheckpointError(f"{str(file)!r} is not an ibnify training checkpoint")
     return state
+
+
+# The entries every training state holds, with their types (the scaler's is optional).
+_STATE_TYPES = {
+    "epoch": int,
+    "model": dict,
+    "optimizer": dict,
+    "scheduler": dict,
+    "rng": dict,
+    "history": list,
+    "config": dict,
+}
+
+
+def _well_formed(state: dict[str, Any]) -> bool:
+    """Every entry present with its type, the model's entries plain tensors."""
+    if any(not isinstance(state.get(key), kind) for key, kind in _STATE_TYPES.items()):
+        return False
+    if isinstance(state["epoch"], bool) or state["epoch"] < 0:
+        return False
+    model = state["model"]
+    return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items())
 
 
 def check_resumable(
     state: dict[str, Any], config: FinetuneConfig, world_size: int, steps_per_epoch: int
 ) -> None:
+    """Refuse to resume with options that shape the trajectory differently (one line)."""
     saved = state.get("config", {})
     different = [
         f"{key} {saved.get(key)!r} → {getattr(config, key)!r}"
@@ -135,37 +189,42 @@ def check_same_model(model: nn.Module, saved: dict[str, torch.Tensor], out_dir: 
         )
 
 
-def write_run_files(
-    out_dir: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    epochs_done: int,
-    history: list[dict[str, Any]],
-    config: FinetuneConfig,
-    run_info: dict[str, int],
-) -> None:
-    """Write the training state, the metrics lines and (for converted models) the model."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    saved_config = {key: getattr(config, key) for key in _RESUME_KEYS}
-    saved_config.update(run_info)
+def run_state(
+    training: Any, scaler: torch.amp.GradScaler, epoch: int, history: list[dict[str, Any]],
+    options: dict[str, Any], rng: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    """What ``checkpoint.pt`` holds after ``epoch``: model, optimizer, scheduler, scaler, the
+    RNG states the next epoch starts from, the metrics so far and the options that shape them.
+
+    ``training`` has ``model``, ``optimizer`` and ``scheduler`` (the loop's record of a run).
+    """
     state = {
         "format": _FORMAT,
-        "epoch": epochs_done,
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": rng_state(),
+        "epoch": epoch,
+        "model": {k: v.detach().cpu() for k, v in training.model.state_dict().items()},
+        "optimizer": training.optimizer.state_dict(),
+        "scheduler": training.scheduler.state_dict(),
+        "rng": rng,
         "history": history,
-        "config": saved_config,
+        "config": options,
     }
     if scaler.is_enabled():
         state["scaler"] = scaler.state_dict()
+    return state
+
+
+def resume_options(config: FinetuneConfig, run_info: dict[str, int]) -> dict[str, Any]:
+    """The options a resume must match (see ``_RESUME_KEYS``) plus processes and steps."""
+    return {**{key: getattr(config, key) for key in _RESUME_KEYS}, **run_info}
+
+
+def write_run_files(out_dir: Path, model: nn.Module, state: dict[str, Any]) -> None:
+    """Write the training state, the metrics lines and (for converted models) the model."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write_bytes(out_dir / CHECKPOINT_FILE, buffer.getvalue())
-    metrics = "".join(json.dumps(line) + "\n" for line in history)
+    metrics = "".join(json.dumps(line) + "\n" for line in state["history"])
     atomic_write_bytes(out_dir / METRICS_FILE, metrics.encode())
     if get_plan(model) is not None:
         save(model, out_dir / MODEL_FILE)
