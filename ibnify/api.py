@@ -23,6 +23,7 @@ from torch import nn
 from .core.generic import require_batchnorm
 from .core.graph import analyze
 from .core.layouts import make_plan
+from .core.modules import class_path, unwrap
 from .core.plans import ConversionPlan, PlanOptions, stages_text
 from .core.recipe import Recipe, get_recipe, set_recipe
 from .core.surgery import apply_plan
@@ -171,7 +172,7 @@ def _as_model(
         return resolved.model, None if resolved.checkpoint else resolved.source, True
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module or a model name, got {type(model).__name__}")
-    return model, None, False
+    return unwrap(model)[0], None, False
 
 
 def _options(
@@ -273,15 +274,23 @@ def convert(
     new layers (see ``IBN.from_batchnorm``). A model converted before (it carries a recipe) is
     converted further and the new plan appended, so ``convert(convert(m), stages=(4,))`` saves
     and loads. For a module, ``arch="tv:resnet50"`` names the base model it was built as (its
-    recipe's source, so ``ibnify.save`` can write it). Other arguments are as for :func:`plan`.
+    recipe's source, so ``ibnify.save`` can write it); a module of a class no registry knows is
+    recorded by its class name, and ``ibnify.load(path, base=MyNet())`` rebuilds it. A model
+    wrapped by ``torch.compile``, ``DataParallel`` or ``DistributedDataParallel`` is converted
+    unwrapped and returned unwrapped: wrap the converted model again. Other arguments are as
+    for :func:`plan`.
     """
     module, source, owned = _as_model(model, model_kwargs)
     chosen = _recorded_size(
         _options(options, layout, stages, ratio, input_size), get_recipe(module)
     )
     conversion = plan(module, arch=arch or source, model_kwargs=model_kwargs, options=chosen)
+    base_class = class_path(module)
     converted = apply_plan(module, conversion, inplace=inplace or owned)
     _finish(converted, source or _source_of_arch(arch), model_kwargs, chosen.input_size, None)
+    recipe = get_recipe(converted)
+    if recipe is not None and recipe.source is None and recipe.base_class is None:
+        set_recipe(converted, replace(recipe, base_class=base_class))
     return converted
 
 

@@ -108,15 +108,22 @@ def test_converting_twice_says_what_happened() -> None:
     )
 
 
-def test_model_converted_from_an_instance_is_refused_or_saved_with_its_source(tmp_path) -> None:
+def test_model_converted_from_an_instance_saves_its_class_or_its_source(tmp_path) -> None:
     converted = ibnify.convert(digits_resnet(**TINY))
+    x = torch.randn(2, 3, 16, 16)
+    by_class = ibnify.save(converted, tmp_path / "by_class.safetensors")
+    assert ibnify.read_recipe(by_class)["source"] is None
+    assert ibnify.read_recipe(by_class)["base_class"] == "ibnify.models.small.DigitsResNet"
     with pytest.raises(CheckpointError) as raised:
-        ibnify.save(converted, tmp_path / "x.safetensors")
+        ibnify.load(by_class)
     assert str(raised.value) == (
-        "cannot save DigitsResNet: it was converted from a model instance, so ibnify cannot "
-        "rebuild it by name; name its base model: ibnify.save(model, path, "
-        "source='tv:resnet50'), or convert it with ibnify.convert(model, arch='tv:resnet50')"
+        f"cannot rebuild checkpoint {str(by_class)!r}: it was converted from an instance of "
+        "ibnify.models.small.DigitsResNet, which ibnify cannot build by name; give the "
+        "unconverted model in Python: ibnify.load(path, base=DigitsResNet(...))"
     )
+    loaded = ibnify.load(by_class, base=digits_resnet(**TINY))
+    assert torch.equal(_outputs(loaded, x), _outputs(converted, x))
+    by_class.unlink()
     with pytest.raises(CheckpointError, match=r"16 channels, the plan expects 4\); give its"):
         ibnify.save(converted, tmp_path / "x.safetensors", source=DIGITS)  # width 16 != 4
     assert list(tmp_path.iterdir()) == []

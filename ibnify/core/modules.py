@@ -14,7 +14,14 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-__all__ = ["device_of", "eval_mode", "modes_restored", "submodule_or_none"]
+__all__ = [
+    "class_path",
+    "device_of",
+    "eval_mode",
+    "modes_restored",
+    "submodule_or_none",
+    "unwrap",
+]
 
 
 def device_of(model: nn.Module, default: torch.device | str = "cpu") -> torch.device:
@@ -62,3 +69,31 @@ def submodule_or_none(model: nn.Module, name: str) -> nn.Module | None:
         return model.get_submodule(name)
     except AttributeError:
         return None
+
+
+_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+
+
+def unwrap(model: nn.Module) -> tuple[nn.Module, str | None]:
+    """The model inside ``torch.compile``, ``DataParallel`` or ``DistributedDataParallel``
+    wrappers (nested ones too), and the outermost wrapper's name (None for a plain model).
+
+    Conversion works on the module a user built: a compiled wrapper's graph would be stale after
+    surgery and a parallel wrapper's keys carry ``module.``. Wrap the converted model again.
+    """
+    wrapper = None
+    while True:
+        if isinstance(model, _WRAPPERS):
+            inner, name = model.module, type(model).__name__
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
+            inner, name = model._orig_mod, "torch.compile"
+        else:
+            return model, wrapper
+        wrapper = wrapper or name
+        model = inner
+
+
+def class_path(model: nn.Module) -> str:
+    """``module.QualName`` of ``model``'s class: how a recipe names a base no registry builds."""
+    kind = type(model)
+    return f"{kind.__module__}.{kind.__qualname__}"

@@ -15,6 +15,7 @@ format 1 that ibnify 0.1.0 wrote, and checks constructor arguments with the call
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -49,8 +50,10 @@ KwargsCheck = Callable[[Any, str], dict[str, Any]]
 class Recipe:
     """What rebuilds a converted model, and what it was made for.
 
-    ``source`` names the base model (``tv:resnet50``; None when converted from an instance, and
-    then ``save`` needs one), ``model_kwargs`` its constructor arguments, ``plans`` every
+    ``source`` names the base model (``tv:resnet50``; None when converted from an instance of a
+    class no registry knows), ``base_class`` that instance's class (``mypkg.nets.MyNet``: a name
+    for messages, never imported; loading such a file needs the base model given in Python),
+    ``model_kwargs`` its constructor arguments, ``plans`` every
     conversion applied in order, ``input_size`` the (C, H, W) it was converted for,
     ``num_classes`` its classifier's outputs, ``head`` the classifier reset at conversion
     (``{"name", "from_classes", "num_classes"}``), ``adaptations`` records such as
@@ -59,6 +62,7 @@ class Recipe:
 
     source: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    base_class: str | None = None
     plans: tuple[ConversionPlan, ...] = ()
     input_size: tuple[int, int, int] | None = None
     num_classes: int | None = None
@@ -83,6 +87,11 @@ class Recipe:
     def label(self) -> str:
         """How messages name the model: its source, else the first plan's label."""
         return self.source or (self.plans[0].arch if self.plans else "the model")
+
+    @property
+    def base_class_name(self) -> str:
+        """The short class name of the base instance (``MyNet``), for messages and checks."""
+        return (self.base_class or self.label).rsplit(".", 1)[-1]
 
     def with_plan(self, plan: ConversionPlan) -> Recipe:
         """This recipe with ``plan`` appended (``model_kwargs`` kept out of the plan)."""
@@ -115,7 +124,7 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready record (format 2) that :meth:`from_dict` restores exactly."""
-        return {
+        record = {
             "format": FORMAT,
             "ibnify_version": self.ibnify_version,
             "source": self.source,
@@ -126,6 +135,9 @@ class Recipe:
             "head": None if self.head is None else dict(self.head),
             "adaptations": [dict(a) for a in self.adaptations],
         }
+        if self.base_class is not None:  # only files of models converted from an instance
+            record["base_class"] = self.base_class
+        return record
 
     @classmethod
     def from_dict(
@@ -153,9 +165,7 @@ class Recipe:
                 f"{where} has recipe format {shown}, written by ibnify {version}; this ibnify "
                 f"reads {', '.join(FORMATS)} only (upgrade ibnify to load it)"
             )
-        source = data.get("source")
-        if not isinstance(source, str) or not 0 < len(source) <= 200:
-            raise CheckpointError(f"{where} has a damaged ibnify recipe (no source model name)")
+        source, base_class = _read_source(data, where)
         damaged = f"{where} has a damaged ibnify recipe"
         raw_plans = [data.get("plan")] if fmt == LEGACY_FORMAT else data.get("plans")
         if not isinstance(raw_plans, list) or not 0 < len(raw_plans) <= _MAX_PLANS:
@@ -167,6 +177,7 @@ class Recipe:
             return cls(
                 source=source,
                 model_kwargs=kwargs,
+                base_class=base_class,
                 plans=plans,
                 input_size=_read_size(data.get("input_size")),
                 num_classes=_read_count(data.get("num_classes")),
@@ -177,6 +188,26 @@ class Recipe:
             )
         except (ValueError, TypeError) as exc:
             raise CheckpointError(f"{damaged} ({first_line(exc)[:160]})") from exc
+
+
+_CLASS_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_<>][A-Za-z0-9_<>]*)*$")
+
+
+def _read_source(data: dict[str, Any], where: str) -> tuple[str | None, str | None]:
+    """The recorded ``source`` and ``base_class``: a buildable name, or (format 2) no name and
+    the class of the instance it was converted from."""
+    source, base_class = data.get("source"), data.get("base_class")
+    if base_class is not None and (
+        not isinstance(base_class, str)
+        or not 0 < len(base_class) <= 200
+        or not _CLASS_NAME.match(base_class)
+    ):
+        raise CheckpointError(f"{where} has a damaged ibnify recipe (base_class is not a name)")
+    if source is None and base_class is not None and data.get("format") == FORMAT:
+        return None, base_class
+    if not isinstance(source, str) or not 0 < len(source) <= 200:
+        raise CheckpointError(f"{where} has a damaged ibnify recipe (no source model name)")
+    return source, base_class
 
 
 def _check_form(kwargs: Any, where: str) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from torch import nn
 
 from .. import __version__
 from .._io import atomic_write_bytes
+from ..core.modules import unwrap
 from ..core.plans import as_input_size
 from ..core.recipe import FORMAT, FORMATS, Recipe, get_recipe, set_recipe
 from ..core.surgery import apply_plan
@@ -43,8 +44,11 @@ __all__ = [
     "FORMAT",
     "FORMATS",
     "Recipe",
+    "base_hint",
+    "build_base",
     "input_size_for",
     "load",
+    "needs_base",
     "read_recipe",
     "recipe_input_size",
     "recipe_of_file",
@@ -59,12 +63,29 @@ _SOURCE_HINT = (
 )
 
 
+def needs_base(recipe: Recipe) -> bool:
+    """Whether ``recipe``'s base model can only come from the caller (a class no registry knows)."""
+    return recipe.source is None and recipe.base_class is not None
+
+
+def base_hint(recipe: Recipe) -> str:
+    """How to load a model converted from an instance of a class no registry knows."""
+    return (
+        f"it was converted from an instance of {recipe.base_class}, which ibnify cannot build "
+        f"by name; give the unconverted model in Python: ibnify.load(path, "
+        f"base={recipe.base_class_name}(...))"
+    )
+
+
 def build_base(recipe: Recipe, where: str) -> nn.Module:
     """Build the unconverted base model of ``recipe`` from its source and constructor arguments.
 
     Raises:
-        CheckpointError: the source is not buildable by name, or the arguments do not fit.
+        CheckpointError: the source is not buildable by name (or the file needs a base model
+            given in Python), or the arguments do not fit.
     """
+    if needs_base(recipe):
+        raise CheckpointError(f"cannot rebuild {where}: {base_hint(recipe)}")
     try:
         model, _ = build_recorded_model(str(recipe.source), recipe.model_kwargs, where)
     except ModelNotFoundError as exc:
@@ -75,16 +96,40 @@ def build_base(recipe: Recipe, where: str) -> nn.Module:
     return model
 
 
+def _check_base(recipe: Recipe, base: nn.Module, where: str) -> nn.Module:
+    """``base`` unwrapped, refused when the file names another class than the one given."""
+    base = unwrap(base)[0]
+    if get_recipe(base) is not None and get_recipe(base).plans:  # type: ignore[union-attr]
+        raise CheckpointError(
+            f"{where}: base must be the unconverted model, but the given "
+            f"{type(base).__name__} is already converted"
+        )
+    recorded = recipe.base_class
+    if recorded is not None and type(base).__qualname__ != recorded.rsplit(".", 1)[-1]:
+        raise CheckpointError(
+            f"{where} was converted from a {recipe.base_class_name} ({recorded}), "
+            f"but base is a {type(base).__name__}"
+        )
+    return base
+
+
 def _rebuild(recipe: Recipe, where: str, base: nn.Module | None = None) -> nn.Module:
     """The base model (built, or a copy of ``base``) with every plan replayed; recipe attached."""
-    model = build_base(recipe, where) if base is None else copy.deepcopy(base)
+    if base is None:
+        model = build_base(recipe, where)
+    else:
+        model = copy.deepcopy(_check_base(recipe, base, where))
     for plan in recipe.plans:
         try:
             apply_plan(model, plan, inplace=True)
         except ConversionError as exc:
+            built = (
+                f"the given {type(base).__name__}"
+                if base is not None
+                else f"{recipe.source} built with model_kwargs {recipe.model_kwargs or '{}'}"
+            )
             raise CheckpointError(
-                f"{where}: the recorded plans do not fit {recipe.source} built with model_kwargs "
-                f"{recipe.model_kwargs or '{}'} ({exc})"
+                f"{where}: the recorded plans do not fit {built} ({exc})"
             ) from exc
     set_recipe(model, recipe)
     return model
@@ -105,6 +150,9 @@ def _saved_recipe(
             "the model carries no ibnify plan; convert it with ibnify.convert before saving"
         )
     chosen = source or recipe.source or _source_of_plan(recipe)
+    if chosen is None and recipe.base_class is not None and model_kwargs is None:
+        # a class no registry knows: the file records the class; load needs the base model
+        return replace(recipe, format=FORMAT, ibnify_version=__version__)
     if chosen is None:
         raise CheckpointError(
             f"cannot save {recipe.label}: it was converted from a model instance, so ibnify "
@@ -158,10 +206,13 @@ def save(
     Args:
         model: a model returned by ``ibnify.convert`` (or ``ibnify.load``).
         path: output file (``.safetensors``).
-        source: ``source:name`` of the base model, for a model converted from an instance.
+        source: ``source:name`` of the base model, for a model converted from an instance of a
+            registry's class; without it, an instance of a class no registry knows is saved
+            with its class name and loads with ``ibnify.load(path, base=MyNet())``.
         extra_metadata: more string metadata to store beside the recipe.
         model_kwargs: the base model's constructor arguments, when they are not recorded.
     """
+    model = unwrap(model)[0]
     recipe = _saved_recipe(model, source, model_kwargs).to_dict()
     tensors: dict[str, torch.Tensor] = {}
     seen: set[tuple[int, int]] = set()
@@ -243,7 +294,11 @@ def input_size_for(
 
 
 def load(
-    path: str | os.PathLike[str], model: nn.Module | None = None, map_location: str = "cpu"
+    path: str | os.PathLike[str],
+    base: nn.Module | None = None,
+    map_location: str = "cpu",
+    *,
+    model: nn.Module | None = None,
 ) -> nn.Module:
     """Rebuild a converted model from an ibnify checkpoint alone.
 
@@ -253,13 +308,21 @@ def load(
 
     Args:
         path: a file written by :func:`save`.
-        model: the unconverted base model, for models ibnify cannot build by name (a copy is
-            converted; ``model`` is left as it was).
+        base: the unconverted base model, built as it was before conversion: required for a
+            model converted from an instance of a class no registry knows (the file names the
+            class), optional otherwise. A copy is converted; ``base`` is left as it was.
         map_location: device for the tensors.
+        model: the former name of ``base``.
+
+    Raises:
+        CheckpointError: a missing or damaged file, a file that needs ``base`` and got none
+            (naming the class), a ``base`` of another class, or tensors that do not fit.
     """
+    if model is not None and base is not None:
+        raise TypeError("give base (the unconverted model) once, not base and model")
     recipe = recipe_of_file(path)
     where = f"checkpoint {str(path)!r}"
-    converted = _rebuild(recipe, where, model)
+    converted = _rebuild(recipe, where, base if base is not None else model)
     try:
         state = load_file(str(path), device=map_location)
     except Exception as exc:
