@@ -1,5 +1,6 @@
 """What is checked before any training step: the head fits the data, the teacher fits the
-student, the model runs on the data's image size (one line each instead of a traceback)."""
+student, the model runs on the data's image size, and a run that writes files can save its
+model (one line each instead of a traceback, and nothing written)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ import torch
 from torch import nn
 
 from ..core.modules import modes_restored
+from ..core.recipe import get_recipe
 from ..data.images import ImageData, Normalize
-from ..errors import InvalidOptionError, first_line
+from ..errors import CheckpointError, InvalidOptionError, first_line
+from ..models.checkpoint import _saved_recipe
+from ..models.heads import num_classes_of
 
-__all__ = ["check_fits"]
+__all__ = ["check_fits", "check_savable"]
 
 
 def _shape_text(shape: torch.Size | tuple[int, ...]) -> str:
@@ -80,3 +84,33 @@ def check_fits(
             f"the teacher gives {teacher_classes} classes and the student {classes}; distil "
             "from the model the student was converted from (the same classes)"
         )
+
+
+def check_savable(model: nn.Module, out_dir: str) -> None:
+    """Refuse, before training, a converted model that ``ibnify.save`` would refuse: a run with
+    an output folder saves it after every epoch, and would otherwise fail after the first one.
+
+    A model of a class no registry knows saves with its class name (it loads back with
+    ``ibnify.load(path, base=MyNet(...))``); a model built by name must still be what its recipe
+    rebuilds, so a head replaced by hand is refused with the ``num_classes`` advice.
+    """
+    recipe = get_recipe(model)
+    if recipe is None or not recipe.plans:
+        return  # not converted: the run writes its training state only
+    where = f"finetune(..., out_dir={out_dir!r}) saves the model after every epoch"
+    classes = num_classes_of(model)
+    recorded = recipe.num_classes
+    if recipe.source is not None and None not in (recorded, classes) and classes != recorded:
+        raise InvalidOptionError(
+            f"{where}, but its head has {classes} classes and its recipe {recorded} (a head "
+            f"replaced by hand is not recorded); give the model a fresh head with "
+            f"finetune(..., num_classes={classes}) instead"
+        )
+    try:
+        # The checks of ibnify.save without the writing (it rebuilds the model from its recipe).
+        _saved_recipe(model, None, None)
+    except CheckpointError as exc:
+        raise InvalidOptionError(
+            f"{where}, but it cannot be saved: {exc}; or fine-tune without out_dir and save it "
+            "yourself"
+        ) from exc

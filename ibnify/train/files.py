@@ -15,13 +15,12 @@ from ..api import resolve_model
 from ..data.images import image_folder_data
 from ..data.sources import check_data_source, resolve_data_source
 from ..errors import CheckpointError, InvalidOptionError
-from ..models.checkpoint import input_size_for, load, read_recipe
-from ..models.heads import reset_classifier
+from ..models.checkpoint import input_size_for, load, needs_base, read_recipe, recipe_of_file
 from ..models.registry import build_model
 from ..models.weights import load_state_dict_file, load_weights
 from .checks import check_fits
 from .config import FinetuneConfig
-from .loop import FinetuneResult, finetune
+from .loop import FinetuneResult, finetune, fresh_head
 
 __all__ = ["TEACHER_ADVICE", "finetune_files", "load_teacher"]
 
@@ -54,6 +53,20 @@ def load_teacher(spec: str, recipe: dict[str, Any]) -> nn.Module:
     return resolve_model(spec, pretrained=True, model_kwargs=kwargs, advice=TEACHER_ADVICE).model
 
 
+def _load_student(checkpoint: str | os.PathLike[str]) -> nn.Module:
+    """The checkpoint's model; one made from a class no registry knows is refused with the
+    Python call that fine-tunes it (the command cannot build its base model)."""
+    recipe = recipe_of_file(checkpoint)
+    if needs_base(recipe):
+        raise CheckpointError(
+            f"{str(checkpoint)!r} holds a {recipe.base_class_name} ({recipe.base_class}), a "
+            "class ibnify cannot build by name, so ibnify finetune cannot load it; fine-tune "
+            f"it in Python: ibnify.finetune(ibnify.load(path, base={recipe.base_class_name}"
+            "(...)), data, out_dir=...)"
+        )
+    return load(checkpoint)
+
+
 def finetune_files(
     checkpoint: str | os.PathLike[str],
     config: FinetuneConfig,
@@ -82,10 +95,10 @@ def finetune_files(
     check_data_source(data, dataset)
     if not config.out_dir:
         raise InvalidOptionError("give an output directory (--out DIR)")
+    model = _load_student(checkpoint)
     recipe = read_recipe(checkpoint)
-    model = load(checkpoint)
     if num_classes is not None:
-        reset_classifier(model, num_classes)
+        fresh_head(model, num_classes, config.seed)
     size = input_size_for(model, input_size)
     train_data = resolve_data_source(
         data, dataset, model, split="train", seed=config.seed, input_size=size

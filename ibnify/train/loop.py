@@ -35,7 +35,7 @@ from ..errors import CheckpointError, InvalidOptionError
 from ..evaluation import accuracy
 from ..models.checkpoint import recipe_input_size
 from ..models.heads import reset_classifier
-from .checks import check_fits
+from .checks import check_fits, check_savable
 from .config import FinetuneConfig, distillation_loss, lr_factor, make_optimizer
 from .progress import format_epoch, kept_on_interrupt
 from .runtime import Dist, Runtime, Schedule, init_distributed
@@ -51,7 +51,7 @@ from .state import (
     write_run_files,
 )
 
-__all__ = ["FinetuneResult", "finetune"]
+__all__ = ["FinetuneResult", "finetune", "fresh_head"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,14 @@ class FinetuneResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     completed: bool = True
     out_dir: Path | None = None
+
+
+def fresh_head(model: nn.Module, num_classes: int, seed: int) -> None:
+    """Give ``model`` a fresh ``num_classes`` head IN PLACE, initialised from ``seed``: a run
+    is a function of its options, not of the state the caller left the global RNG in."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        reset_classifier(model, num_classes)
 
 
 def _prepare_out_dir(config: FinetuneConfig, force: bool) -> Path | None:
@@ -135,7 +143,9 @@ def finetune(
         raise InvalidOptionError("the training data is empty")
     out_dir = _prepare_out_dir(config, force)
     if num_classes is not None:
-        reset_classifier(model, num_classes)
+        fresh_head(model, num_classes, config.seed)
+    if out_dir is not None:
+        check_savable(model, str(out_dir))
 
     device_type = (
         torch.device(config.device).type
