@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "adapt": "adaptation",
+    "OnlineAdapter": "adaptation",
     "convert": "api",
     "convert_named": "api",
     "load_weights": "models.weights",

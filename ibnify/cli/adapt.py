@@ -1,4 +1,5 @@
-"""``ibnify adapt``: the BN statistics of a checkpoint re-estimated on target images (AdaBN)."""
+"""``ibnify adapt``: a checkpoint adapted to unlabelled target images, by AdaBN (``--method bn``,
+the BN statistics) or entropy minimisation (``--method entropy``, the BN and/or IN affine)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,12 @@ import click
 
 from ._group import cli, image_size_option, threads_option
 
-__all__ = ["adapt_command"]
+__all__ = ["METHOD_CHOICES", "NORMS_CHOICES", "adapt_command"]
+
+# Spelled out so that --help does not load torch; a test checks them against the library's.
+METHOD_CHOICES = ("bn", "entropy")
+NORMS_CHOICES = ("bn", "in", "both")
+_NORMS_TEXT = {"bn": "the BN", "in": "the IN", "both": "the BN and IN"}
 
 
 @cli.command("adapt")
@@ -22,6 +28,22 @@ __all__ = ["adapt_command"]
     "-o", "--output", required=True, type=click.Path(dir_okay=False), help="New .safetensors."
 )
 @click.option(
+    "--method",
+    type=click.Choice(METHOD_CHOICES),
+    default="bn",
+    show_default=True,
+    help="bn: re-estimate the BN statistics (AdaBN). entropy: the norms' affine parameters "
+    "minimise the prediction entropy (TENT-style, reliable samples only), then bn.",
+)
+@click.option(
+    "--norms",
+    type=click.Choice(NORMS_CHOICES),
+    help="entropy: whose affine learns (default: both where the model has IN, else bn).",
+)
+@click.option("--epochs", type=int, help="entropy: passes over the target images (default 1).")
+@click.option("--steps", type=int, help="entropy: at most this many updates in all.")
+@click.option("--lr", type=float, help="entropy: SGD learning rate (default 0.005).")
+@click.option(
     "--images",
     type=click.IntRange(min=1),
     help="Use at most N target images (a seeded random choice; default all).",
@@ -35,41 +57,56 @@ __all__ = ["adapt_command"]
     "(1 = no change).",
 )
 @click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True)
+@click.option(
+    "--source",
+    metavar="DATA",
+    help="Labelled source data (a CLASS-folder tree, or digits): its clean accuracy before and "
+    "after goes in the table, so an adaptation that destroys it shows.",
+)
 @image_size_option()
-@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the image choice.")
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seeds the image choice and order."
+)
 @click.option("--force", is_flag=True, help="Overwrite the output file if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the before/after report as JSON.")
 @threads_option
-def adapt_command(
-    checkpoint: str,
-    data: str,
-    output: str,
-    images: int | None,
-    prior: str,
-    batch_size: int,
-    input_size: tuple[int, int, int] | None,
-    seed: int,
-    force: bool,
-    as_json: bool,
-) -> None:
-    """Re-estimate the BatchNorm statistics of CHECKPOINT on unlabelled target images (AdaBN)
-    and write the adapted model to a new file; the source checkpoint is left untouched.
+def adapt_command(checkpoint: str, data: str, output: str, images: int | None, prior: str,
+                  batch_size: int, input_size: tuple[int, int, int] | None, seed: int,
+                  force: bool, as_json: bool, **entropy: object) -> None:  # fmt: skip
+    """Adapt CHECKPOINT to unlabelled target images and write the adapted model to a new file;
+    the source checkpoint is left untouched.
     """
     import json
 
-    from ..adaptation import AdaptOptions, adapt_file, check_prior
+    from ..adaptation import AdaptOptions, adapt_file, adaptations, check_prior
 
-    options = AdaptOptions(images, check_prior(prior), batch_size, seed)
-    result = adapt_file(checkpoint, data, output, options, input_size=input_size, force=force)
+    source = entropy.pop("source")
+    options = AdaptOptions(images, check_prior(prior), batch_size, seed, **entropy)  # type: ignore[arg-type]
+    result = adapt_file(
+        checkpoint, data, output, options, input_size=input_size, force=force, source=source
+    )
+    record = adaptations(result.model)[-1]
     if as_json:
         report = result.report.to_dict() if result.report is not None else None
         summary = {"images": result.images, "prior": options.prior, "output": str(result.path)}
-        click.echo(json.dumps({**summary, "report": report}, indent=2))
+        click.echo(json.dumps({**summary, "adaptation": record, "report": report}, indent=2))
         return
-    click.echo(
-        f"adapted the BN statistics on {result.images} images of {data} (prior {options.prior:g})"
-    )
+    click.echo(_summary(record, result.images, data, options.prior))
     if result.report is not None:
-        click.echo("accuracy % on the target data, before and after:")
+        where = "source and target" if source is not None else "target"
+        click.echo(f"accuracy % on the {where} data, before and after:")
         click.echo(result.report.table())
     click.echo(f"wrote {result.path}")
+
+
+def _summary(record: dict, images: int, data: str, prior: float) -> str:
+    """The first line: what was adapted, on how many images."""
+    if record["kind"] != "entropy":
+        return f"adapted the BN statistics on {images} images of {data} (prior {prior:g})"
+    epochs = record["epochs"]
+    return (
+        f"adapted {_NORMS_TEXT[record['norms']]} affine by entropy minimisation on {images} "
+        f"images of {data} ({epochs} epoch{'s' if epochs != 1 else ''}, {record['updates']} "
+        f"updates, {record['kept']} of {record['seen']} samples under the entropy margin), then "
+        f"the BN statistics (prior {prior:g})"
+    )
