@@ -36,7 +36,7 @@ from .models.registry import build_model
 from .train.config import FinetuneConfig
 from .train.loop import finetune
 
-__all__ = ["DemoConfig", "DemoResult", "demo_outputs", "run_demo"]
+__all__ = ["DemoConfig", "DemoResult", "demo_outputs", "platform", "platform_line", "run_demo"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,10 +92,33 @@ class DemoResult:
                 )
         if self.onnx:
             lines.append(self.onnx["line"])
+        platform = report.extras.get("demo", {}).get("platform")
+        if platform:
+            lines.append(platform_line(platform))
         for label, path in self.files.items():
             lines.append(f"wrote {label}: {path}")
         lines.append(f"demo finished in {self.seconds:.0f} s")
         return "\n".join(lines)
+
+
+def platform() -> dict[str, Any]:
+    """What a seeded run's last digits depend on: torch's version and build, the CPU kernels
+    ATen dispatches to (``ATEN_CPU_CAPABILITY`` lowers it), and the thread count."""
+    return {
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def platform_line(record: dict[str, Any]) -> str:
+    """The line the demo prints under its table: what produced these figures."""
+    threads = record.get("threads")
+    return (
+        f"ran with torch {record.get('torch')}, CPU capability {record.get('cpu_capability')}, "
+        f"{threads} thread{'s' if threads != 1 else ''}; another CPU or torch build prints "
+        "other figures (see the README for their spread)"
+    )
 
 
 def demo_outputs(out_dir: str | Path, export: bool = True) -> dict[str, Path]:
@@ -204,6 +227,7 @@ def _run(
         "finetune_epochs": config.finetune_epochs,
         "stages": list(config.stages),
         "ratio": config.ratio,
+        "platform": platform(),
     }
     say("4. evaluated on the test split, clean and under each appearance shift")
 

@@ -8,6 +8,8 @@ converted unwrapped.
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,3 +157,15 @@ def test_wrapped_models_convert_unwrapped(wrap: str, tmp_path) -> None:
     assert ibnify.plan(wrapped, input_size=SIZE).sites == ibnify.plan(base, input_size=SIZE).sites
     path = ibnify.save(nn.DataParallel(converted), tmp_path / "w.safetensors")
     assert not any(k.startswith("module.") for k in load_file(str(path)))
+
+
+def test_the_readme_block_for_your_own_class_runs(tmp_path, monkeypatch) -> None:
+    """README.md's "your own model class" block, run with this module's MyNet."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "base=MyNet()" in b)
+    monkeypatch.chdir(tmp_path)
+    namespace = {"ibnify": ibnify, "MyNet": MyNet}
+    exec(compile(block, "README own class", "exec"), namespace)
+    x = torch.randn(2, *SIZE)
+    assert torch.equal(_out(namespace["same"], x), _out(namespace["ibn"], x))
+    assert ibnify.read_recipe(tmp_path / "mine.safetensors")["base_class"] == f"{__name__}.MyNet"

@@ -54,7 +54,12 @@ def test_checkpoint_written_by_0_1_0_loads_and_computes_the_same() -> None:
     assert stored["format"] == "ibnify.checkpoint/1" and "plans" not in stored
     reference = load_file(str(DATA / "checkpoint_format1_reference.safetensors"))
     model = ibnify.load(path)
-    assert torch.equal(_outputs(model, reference["input"]), reference["output"])
+    # The reference was computed on another machine: its CPU kernels round float32 sums
+    # differently (1.2e-7 apart seen on AVX-512 vs AVX2), so the comparison has a tolerance,
+    # far below what a wrong transfer or a wrong plan changes (outputs of order 1).
+    output = _outputs(model, reference["input"])
+    torch.testing.assert_close(output, reference["output"], rtol=1e-5, atol=1e-5)
+    assert reference["output"].std() > 0.1  # the check is not vacuous
     recipe = get_recipe(model)
     assert recipe.source == DIGITS and recipe.model_kwargs == {"width": 4, "image_size": 8}
     assert [(p.layout, p.stages) for p in recipe.plans] == [("resnet-a", (1, 2))]
