@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,15 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 from torch.utils.data import TensorDataset
 
 import ibnify
+import ibnify.train.files as files
+import ibnify.train.loop as loop
 from ibnify.cli import cli
 from ibnify.data.images import ImageData
 from ibnify.models.registry import build_model
 from ibnify.train.config import FinetuneConfig, distillation_loss, parameter_groups
 from ibnify.train.config import lr_factor as _lr_factor
-from ibnify.train.loop import finetune
+from ibnify.train.loop import FinetuneResult, finetune
 from ibnify.train.state import CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE, load_training_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -251,7 +255,6 @@ def test_cli_finetune_digits_then_refuses_to_overwrite(tmp_path: Path) -> None:
 
 
 def test_cli_finetune_image_folder_and_label_free_folder(tmp_path: Path) -> None:
-    from PIL import Image
 
     torch.manual_seed(0)
     folder = tmp_path / "images"
@@ -301,3 +304,301 @@ def test_small_per_process_batch_warns(caplog: pytest.LogCaptureFixture) -> None
     with caplog.at_level("WARNING", logger="ibnify.train"):
         finetune(tiny_converted(), tiny_data(n=32), epochs=1, batch_size=16, quiet=True)
     assert not caplog.records
+
+
+# --- issue 21 section 5: every option reaches the library; losses by their formulas ---------
+
+_BASE = ["finetune", "ck.safetensors", "--data", "images", "--out", "run"]
+_METRICS = {
+    **{"epoch": 1, "epochs": 1, "loss": 0.5, "metric": "accuracy", "acc": 0.25, "lr": 0.1},
+    "seconds": 1.5,
+}
+
+
+def _config(field: str):
+    return lambda seen: getattr(seen["config"], field)
+
+
+def _arg(name: str):
+    return lambda seen: seen[name]
+
+
+# Every option of ``ibnify finetune``: (argv replacing or added to _BASE, what the library got,
+# the value it must get). The value differs from what the baseline invocation passes.
+_OPTION_TABLE = {
+    "checkpoint": ([], _arg("checkpoint"), "ck.safetensors"),
+    "data": (["--data", "other"], _arg("data"), "other"),
+    "dataset": (["--dataset", "digits"], _arg("dataset"), "digits"),
+    "val_data": (["--val-data", "val"], _arg("val_data"), "val"),
+    "input_size": (["--input-size", "24"], _arg("input_size"), (3, 24, 24)),
+    "num_classes": (["--num-classes", "7"], _arg("num_classes"), 7),
+    "epochs": (["--epochs", "7"], _config("epochs"), 7),
+    "lr": (["--lr", "0.123"], _config("lr"), 0.123),
+    "batch_size": (["--batch-size", "9"], _config("batch_size"), 9),
+    "optimizer": (["--optimizer", "adamw"], _config("optimizer"), "adamw"),
+    "weight_decay": (["--weight-decay", "0.25"], _config("weight_decay"), 0.25),
+    "decay_norm_and_bias": (["--no-decay-norm"], _config("decay_norm_and_bias"), False),
+    "decay_in_affine": (["--no-decay-in"], _config("decay_in_affine"), False),
+    "warmup_epochs": (["--warmup-epochs", "0.5"], _config("warmup_epochs"), 0.5),
+    "out_dir": (["--out", "elsewhere"], _config("out_dir"), "elsewhere"),
+    "resume": (["--resume"], _config("resume"), True),
+    "force": (["--force"], _arg("force"), True),
+    "seed": (["--seed", "11"], _config("seed"), 11),
+    "distill_from": (["--distill-from", "teacher.pth"], _arg("distill_from"), "teacher.pth"),
+    "distill_temperature": (["--temperature", "2.5"], _config("distill_temperature"), 2.5),
+    "workers": (["--workers", "3"], _config("workers"), 3),
+    "stop_after": (["--stop-after", "2"], _config("stop_after"), 2),
+    "quiet": (["--quiet"], lambda seen: (seen["config"].quiet, seen["output"]), (True, "")),
+    "as_json": (["--json"], _arg("output"), json.dumps(_METRICS)),
+    "threads": (["--threads", "2"], _arg("threads"), 2),
+}
+
+
+def _invoke_finetune(monkeypatch: pytest.MonkeyPatch, args: list[str]) -> dict:
+    """Run ``ibnify finetune`` with ``finetune_files`` replaced by a recorder."""
+    seen: dict = {}
+
+    def recorder(checkpoint, config, **kwargs):
+        seen.update(kwargs, checkpoint=checkpoint, config=config, threads=torch.get_num_threads())
+        kwargs["on_epoch"](dict(_METRICS))
+        return FinetuneResult(torch.nn.Identity())
+
+    monkeypatch.setattr(files, "finetune_files", recorder)
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    seen["output"] = result.output.split("finished: wrote")[0].strip()
+    return seen
+
+
+def _with(option_args: list[str]) -> list[str]:
+    args = list(_BASE)
+    if option_args[:1] == ["--dataset"]:
+        del args[2:4]  # --data and --dataset exclude each other
+    return args + option_args
+
+
+def test_the_option_table_covers_every_finetune_option() -> None:
+    from ibnify.cli.training import finetune_command
+
+    assert {p.name for p in finetune_command.params} == set(_OPTION_TABLE)
+
+
+@pytest.mark.parametrize("name", sorted(_OPTION_TABLE))
+def test_every_finetune_option_reaches_the_library(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    option_args, read, expected = _OPTION_TABLE[name]
+    baseline = _invoke_finetune(monkeypatch, _BASE)
+    seen = _invoke_finetune(monkeypatch, _with(option_args))
+    assert read(seen) == expected
+    if option_args:
+        assert read(baseline) != expected  # the option changed what the library got
+
+
+def test_finetune_files_hands_every_argument_to_finetune(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The layer below the CLI: data, validation, input size, head, teacher, force, on_epoch."""
+    for split, count in (("train", 3), ("val", 2)):
+        for label in ("a", "b"):
+            (tmp_path / split / label).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (30, 30), (10 * i, 90, 200)).save(
+                    tmp_path / split / label / f"{i}.png"
+                )
+    torch.manual_seed(0)
+    model, source = build_model("ibnify:digits_resnet", **TINY)
+    ckpt = tmp_path / "ibn.safetensors"
+    ibnify.save(ibnify.convert(model, stages=(1,), arch=source, model_kwargs=TINY), ckpt)
+    torch.save(model.state_dict(), tmp_path / "teacher.pth")
+    seen: dict = {}
+
+    def recorder(student, train_data, config, **kwargs):
+        seen.update(kwargs, student=student, train=train_data, config=config)
+
+    monkeypatch.setattr(files, "finetune", recorder)
+    config = FinetuneConfig(out_dir=str(tmp_path / "run"), seed=4)
+
+    def on_epoch(metrics: dict) -> None:
+        return None
+
+    files.finetune_files(ckpt, config, data=tmp_path / "train", val_data=tmp_path / "val",
+                         force=True, on_epoch=on_epoch, num_classes=2,
+                         input_size=(3, 12, 12))  # fmt: skip
+    assert seen["config"] is config and seen["force"] is True and seen["on_epoch"] is on_epoch
+    assert seen["student"].fc.out_features == 2 and seen["teacher"] is None
+    assert len(seen["train"]) == 6 and seen["train"].num_classes == 2
+    assert seen["train"].dataset[0][0].shape == (3, 12, 12)
+    assert len(seen["val_data"]) == 4 and seen["val_data"].dataset[0][0].shape == (3, 12, 12)
+    # A teacher (the student's classes: no --num-classes), at the recorded input size (8).
+    files.finetune_files(ckpt, config, data=tmp_path / "train",
+                         distill_from=str(tmp_path / "teacher.pth"))  # fmt: skip
+    assert seen["force"] is False and seen["val_data"] is None
+    assert seen["train"].dataset[0][0].shape == (3, 8, 8)
+    teacher_state = seen["teacher"].state_dict()
+    assert all(torch.equal(teacher_state[k], v) for k, v in model.state_dict().items())
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch, name: str, store: list) -> None:
+    """Wrap ``ibnify.train.loop.<name>`` so that each call's result lands in ``store``."""
+    real = getattr(loop, name)
+
+    def spy(*args, **kwargs):
+        store.append((args, kwargs, result := real(*args, **kwargs)))
+        return result
+
+    monkeypatch.setattr(loop, name, spy)
+
+
+def test_every_config_field_reaches_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One run with non-default values; each field is read where it acts."""
+    optimizers: list = []
+    loaders: list = []
+    losses: list = []
+    steps: list = []
+    for name, store in (("make_optimizer", optimizers), ("_epoch_loader", loaders),
+                        ("distillation_loss", losses), ("_step", steps)):  # fmt: skip
+        _spy(monkeypatch, name, store)
+    config = FinetuneConfig(
+        epochs=3, lr=0.2, batch_size=12, optimizer="sgd", momentum=0.7, weight_decay=0.03,
+        warmup_epochs=1, min_lr=0.01, distill_temperature=2.5, seed=6, workers=0,
+        stop_after=2, quiet=True, device="cpu", channels_last=True, amp=False,
+    )  # fmt: skip
+    teacher = tiny_converted(seed=1)
+    result = finetune(tiny_converted(), tiny_data(n=48), config, teacher=teacher)
+    optimizer = optimizers[0][2]
+    checks = {
+        "epochs": result.history[0]["epochs"] == 3,
+        "stop_after": len(result.history) == 2 and not result.completed,
+        "lr": optimizer.param_groups[0]["initial_lr"] == 0.2,
+        "momentum": optimizer.defaults["momentum"] == 0.7,
+        "optimizer": type(optimizer) is torch.optim.SGD,
+        "weight_decay": optimizer.param_groups[0]["weight_decay"] == 0.03,
+        # 4 steps per epoch: warmup ends with epoch 1 at the peak; cosine reaches min_lr at 3.
+        "warmup_epochs": result.history[0]["lr"] == pytest.approx(0.2),
+        "min_lr": result.history[1]["lr"] == pytest.approx(0.01 + 0.19 * 0.5),
+        "batch_size": [loader.batch_size for _, _, loader in loaders] == [12, 12],
+        "workers": all(loader.num_workers == 0 for _, _, loader in loaders),
+        "seed": [loader.sampler.generator.initial_seed() for *_, loader in loaders] == [6000, 6001],
+        "distill_temperature": {args[2] for args, _, _ in losses} == {2.5},
+        "channels_last": steps[0][0][3].is_contiguous(memory_format=torch.channels_last),
+        "device": steps[0][0][3].device.type == "cpu",
+    }
+    assert {name for name, ok in checks.items() if not ok} == set()
+    assert len(losses) == len(steps) == 8
+
+
+def test_distillation_loss_equals_its_formula_on_a_hand_computed_case() -> None:
+    """T² · mean over rows of KL(softmax(t/T) ‖ softmax(s/T)), with numbers worked by hand."""
+    student = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    teacher = torch.tensor([[math.log(3.0), 0.0], [1.0, 0.0]])
+    # T = 1, row 1: p_t = (3/4, 1/4), p_s = (1/2, 1/2); row 2: identical logits, KL 0.
+    row1 = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    assert float(distillation_loss(student, teacher, 1.0)) == pytest.approx(row1 / 2, abs=1e-7)
+    # T = 2: p_t = (√3, 1) / (√3 + 1), p_s = (1/2, 1/2); times T² = 4.
+    high = math.sqrt(3.0) / (math.sqrt(3.0) + 1.0)
+    row1 = high * math.log(high / 0.5) + (1 - high) * math.log((1 - high) / 0.5)
+    assert float(distillation_loss(student, teacher, 2.0)) == pytest.approx(4 * row1 / 2, abs=1e-7)
+
+
+class _Linear(torch.nn.Module):
+    """Logits = W · flatten(x) + b, with fixed non-trivial values: no BN, no randomness."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3 * 2 * 2, 3)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.linspace(-1, 1, 36).view(3, 12) * scale)
+            self.fc.bias.copy_(torch.tensor([0.3, -0.2, 0.1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
+
+
+def _hand_logits(model: torch.nn.Module, images: torch.Tensor) -> list[list[float]]:
+    weight, bias = model.fc.weight.tolist(), model.fc.bias.tolist()
+    rows = [((image - 0.5) / 0.25).flatten().tolist() for image in images]
+    pairs = list(zip(weight, bias, strict=True))
+    return [
+        [sum(w * x for w, x in zip(ws, row, strict=True)) + b for ws, b in pairs] for row in rows
+    ]
+
+
+def _log_softmax(row: list[float], temperature: float = 1.0) -> list[float]:
+    scaled = [v / temperature for v in row]
+    total = math.log(sum(math.exp(v) for v in scaled))
+    return [v - total for v in scaled]
+
+
+def test_the_loop_records_cross_entropy_and_accuracy_by_their_formulas() -> None:
+    """One step over 4 images: the epoch's loss is the mean of −log softmax(logits)[label] of
+    the model before the step, its accuracy the share of argmax == label."""
+    generator = torch.Generator().manual_seed(2)
+    images = torch.rand(4, 3, 2, 2, generator=generator)
+    labels = torch.tensor([0, 2, 1, 2])
+    data = ImageData(TensorDataset(images, labels), (0.5,) * 3, (0.25,) * 3, 3, True, "hand")
+    model = _Linear(scale=1.0)
+    logits = _hand_logits(model, images)
+    loss = sum(-_log_softmax(row)[y] for row, y in zip(logits, labels.tolist(), strict=True)) / 4
+    correct = sum(
+        max(range(3), key=row.__getitem__) == y
+        for row, y in zip(logits, labels.tolist(), strict=True)
+    )
+    result = finetune(
+        model, data, epochs=1, batch_size=4, lr=0.1, quiet=True, small_batch_warning=0
+    )
+    assert result.history[0]["loss"] == pytest.approx(loss, abs=1e-6)
+    assert result.history[0]["acc"] == correct / 4 and 0 < correct < 4
+
+
+def test_the_loop_records_the_distillation_loss_at_the_configured_temperature() -> None:
+    generator = torch.Generator().manual_seed(3)
+    images = torch.rand(4, 3, 2, 2, generator=generator)
+    data = ImageData(TensorDataset(images, torch.full((4,), -1)), (0.5,) * 3, (0.25,) * 3,
+                     None, False, "hand")  # fmt: skip
+    student, teacher = _Linear(scale=1.0), _Linear(scale=-0.5)
+    kl = 0.0
+    for s_row, t_row in zip(
+        _hand_logits(student, images), _hand_logits(teacher, images), strict=True
+    ):
+        log_s, log_t = _log_softmax(s_row, 3.0), _log_softmax(t_row, 3.0)
+        kl += sum(math.exp(t) * (t - s) for s, t in zip(log_s, log_t, strict=True))
+    result = finetune(student, data, teacher=teacher, epochs=1, batch_size=4, lr=0.1,
+                      quiet=True, distill_temperature=3.0, small_batch_warning=0)  # fmt: skip
+    assert result.history[0]["loss"] == pytest.approx(9.0 * kl / 4, abs=1e-6)
+    assert result.history[0]["metric"] == "teacher_agreement"
+
+
+def test_finetune_hands_the_student_back_in_the_modes_it_came_in() -> None:
+    """Every submodule's own flag, also when the run raises; requires_grad untouched."""
+    model = tiny_converted()
+    model.train()
+    model.layer1.eval()  # a block the caller froze in eval mode
+    model.conv1.weight.requires_grad_(False)
+    before = [m.training for m in model.modules()], [p.requires_grad for p in model.parameters()]
+    finetune(model, tiny_data(n=32), epochs=1, batch_size=16, quiet=True)
+    assert (
+        [m.training for m in model.modules()],
+        [p.requires_grad for p in model.parameters()],
+    ) == before
+
+    def boom(metrics: dict) -> None:
+        raise RuntimeError("stop")
+
+    model.eval()
+    with pytest.raises(RuntimeError, match="stop"):
+        finetune(model, tiny_data(n=32), epochs=1, batch_size=16, quiet=True, on_epoch=boom,
+                 val_data=tiny_data(n=16))  # fmt: skip
+    assert not any(m.training for m in model.modules())
+
+
+def test_a_fresh_head_is_drawn_from_the_run_seed_not_the_callers_rng() -> None:
+    heads = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        model = tiny_converted()
+        torch.manual_seed(global_seed + 10)
+        finetune(model, tiny_data(n=16), epochs=1, batch_size=16, quiet=True, num_classes=10,
+                 lr=1e-9, seed=7)  # fmt: skip
+        heads.append(model.fc.weight.detach().clone())
+    assert torch.equal(heads[0], heads[1])
