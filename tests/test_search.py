@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 from click.testing import CliRunner
@@ -24,7 +25,7 @@ from ibnify.errors import InvalidOptionError
 from ibnify.models.small import digits_resnet
 from ibnify.placement.candidates import Candidate, parse_candidates
 from ibnify.placement.search import search_placement
-from ibnify.placement.search_state import RESULTS_FILE
+from ibnify.placement.study import STUDY_FILE
 from ibnify.train.config import FinetuneConfig
 from tests.cli_process import check_bad_inputs
 from tests.helpers import bad_class_folders
@@ -107,15 +108,22 @@ def test_search_is_deterministic_and_resumes(setup, tmp_path, monkeypatch) -> No
     assert calls == [] and again.reused == names
     assert again.table() == first.table()
 
-    results = tmp_path / "one" / RESULTS_FILE
-    lines = results.read_text().splitlines()
-    assert len(lines) == 1 + 4 and "settings" in json.loads(lines[0])
-    kept = [line for line in lines if json.loads(line).get("result", {}).get("name") != "a:1-2"]
-    results.write_text("\n".join(kept) + "\n")
-    resumed = _search(setup, tmp_path / "one")
-    assert len(calls) == 1 and resumed.reused == ["control", "a:1", "b"]
-    assert [r.accuracy for r in resumed.results] == [r.accuracy for r in first.results]
-    assert len(results.read_text().splitlines()) == 5
+    # the study keeps one finished trial per candidate; a wider list runs only the new one
+    journal = tmp_path / "one" / STUDY_FILE
+    trials = _study(journal).get_trials()
+    assert [t.user_attrs["candidate"] for t in trials] == names
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    wider = _search(setup, tmp_path / "one", candidates=CANDIDATES + ";a:1@0.25")
+    assert calls == ["DigitsResNet"] and wider.reused == names
+    assert [r.name for r in wider.results] == [*names, "a:1@0.25"]
+    assert [r.accuracy for r in wider.results][:4] == [r.accuracy for r in first.results]
+    assert len(_study(journal).get_trials()) == 5
+
+
+def _study(journal: Path) -> optuna.Study:
+    backend = optuna.storages.journal.JournalFileBackend(str(journal))
+    return optuna.load_study(study_name="ibnify-search",
+                             storage=optuna.storages.JournalStorage(backend))  # fmt: skip
 
 
 def test_other_settings_in_the_same_out_are_refused(setup, tmp_path) -> None:
@@ -137,7 +145,8 @@ def test_budget_stops_adding_candidates(setup, tmp_path) -> None:
     assert report.not_run == ["a:1", "a:1-2", "b"]
     assert report.stopped.startswith("budget: stopped before candidate 2 of 4 (a:1)")
     assert report.winner is None
-    assert len((tmp_path / RESULTS_FILE).read_text().splitlines()) == 2
+    states = [t.state.name for t in _study(tmp_path / STUDY_FILE).get_trials()]
+    assert states == ["COMPLETE", "WAITING", "WAITING", "WAITING"]  # kept for a rerun
 
 
 def test_cli_search_prints_ranking_and_reproduce_command(setup, tmp_path) -> None:
@@ -158,10 +167,13 @@ def test_cli_search_prints_ranking_and_reproduce_command(setup, tmp_path) -> Non
     assert len(table) == 1 + 3
     winner = json.loads((out / "report.json").read_text())["winner"]
     layout = "--layout b" if winner == "b" else "--layout a --stages 1"
-    assert (
-        f"reproduce: ibnify convert {SOURCE} --weights {checkpoint} {layout} -o ibn.safetensors"
-        f" && ibnify finetune ibn.safetensors --dataset digits --epochs 1 --lr 0.05"
-    ) in result.output
+    line = next(x for x in result.output.splitlines() if x.startswith("reproduce: "))
+    assert line.startswith(
+        f"reproduce: ibnify convert {SOURCE} --weights {checkpoint} --input-size 3,16,16 {layout} "
+        "-o ibn.safetensors && ibnify finetune ibn.safetensors --dataset digits --epochs 1 "
+        "--lr 0.05 --batch-size 64 --optimizer sgd --weight-decay 0.0001 --warmup-epochs 1 "
+        "--seed 0 "
+    )
     assert ibnify.load(out / "best.safetensors").layer1[0].conv1.out_channels == 4
 
 

@@ -23,7 +23,6 @@ from ibnify.data.digits import digits_data, load_digits_images
 from ibnify.data.images import DataError
 from ibnify.errors import InvalidOptionError
 from ibnify.models.small import digits_resnet
-from ibnify.placement.runs import halving_rungs
 from ibnify.placement.search import search_placement
 from ibnify.placement.search_report import CandidateResult, SearchReport
 from ibnify.train.config import FinetuneConfig
@@ -129,38 +128,6 @@ def test_evaluate_domain_bad_inputs_end_in_one_error_line(files, tmp_path) -> No
 
     check_bad_inputs({}, cases, argv)
     assert sorted(tmp_path.rglob("*")) == before
-
-
-def test_halving_reproduces_the_full_runs_winner_bit_for_bit(trained, tmp_path) -> None:
-    assert halving_rungs(2, 4) == [1] and halving_rungs(8, 5) == [1, 2, 4]
-    assert halving_rungs(8, 5, first=2) == [2, 4] and halving_rungs(5, 5, first=2) == [2]
-    assert halving_rungs(1, 5) == [] and halving_rungs(8, 1) == []
-    # warmup 0.5 epochs: the first rung may follow epoch 1
-    config = FinetuneConfig(epochs=2, lr=0.05, seed=3, warmup_epochs=0.5, quiet=True, device="cpu")
-    options = {"candidates": "a:1;a:1-2;a:1-3;b", "config": config, "arch": SOURCE,
-               "model_kwargs": KWARGS, "shifts": "brightness_down,contrast_down"}  # fmt: skip
-    train, val = digits_data("train"), digits_data("test")
-    full = search_placement(trained, train, val, out_dir=tmp_path / "full", halving=False,
-                            **options)  # fmt: skip
-    halved = search_placement(trained, train, val, out_dir=tmp_path / "halved", **options)
-    assert full.halving == [] and halved.halving == [1]  # on by default with 4 candidates
-    stopped = [r.name for r in halved.results if not r.full]
-    assert len(stopped) == 2 and all(r.stopped_at == 1 for r in halved.results if not r.full)
-    assert halved.winner is not None and halved.winner.name == full.winner.name
-    assert (tmp_path / "halved" / "best.safetensors").read_bytes() == (
-        tmp_path / "full" / "best.safetensors"
-    ).read_bytes()
-    for result in halved.results:  # every survivor's numbers are the full run's
-        if result.full:
-            twin = next(r for r in full.results if r.name == result.name)
-            assert result.accuracy == twin.accuracy
-    notes = [
-        line for line in halved.table().splitlines() if "halving: stopped after epoch 1" in line
-    ]
-    assert len(notes) == 2
-    assert not (tmp_path / "halved" / "runs").exists() or not any(
-        (tmp_path / "halved" / "runs").iterdir()
-    )
 
 
 def _result(name: str, clean: float, shifted: float) -> CandidateResult:

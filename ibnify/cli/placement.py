@@ -125,10 +125,55 @@ def analyze_command(
     "half stops, the rest go on (default: on with more than 3 candidates).",
 )
 @click.option(
+    "--pruner",
+    type=click.Choice(["none", "halving", "hyperband"]),
+    help="Stop weak candidates early: successive halving, Hyperband, or none (default: "
+    "--halving's choice).",
+)
+@click.option(
     "--candidates",
     default="auto",
     show_default=True,
     help='auto, or layouts separated by ";": a:STAGES[@RATIO] or b, e.g. "a:1;a:1-2;a:1-2@0.25;b".',
+)
+@click.option(
+    "--space",
+    help='A space to sample instead of --candidates: "a:1-3@0.125..0.75;b" (prefix ends, a '
+    "ratio range or list; see docs/search.md); give --trials.",
+)
+@click.option("--trials", type=click.IntRange(min=1), help="Candidates to sample from --space.")
+@click.option(
+    "--analyze-first/--no-analyze-first",
+    default=True,
+    show_default=True,
+    help="With --space, the first trial is the stages `analyze` suggests.",
+)
+@click.option(
+    "--storage",
+    metavar="URL",
+    help="The study's storage: sqlite:///FILE, postgresql://..., or a journal file on shared "
+    "disk (default: --out/study.journal).",
+)
+@click.option("--study", default="ibnify-search", show_default=True, help="The study's name.")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes on this machine.",
+)
+@click.option("--devices", metavar="LIST", help="Devices for the workers in turn: cuda:0,cuda:1.")
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    help="CPU threads for torch per worker (default: cores // workers; torch's own choice "
+    "with one worker).",
+)
+@click.option(
+    "--join",
+    is_flag=True,
+    help="Add workers to a study started elsewhere (same options, --storage); exit when no "
+    "trial is left.",
 )
 @click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True)
@@ -147,13 +192,15 @@ def analyze_command(
     "out_dir",
     required=True,
     type=click.Path(file_okay=False),
-    help="results.jsonl, candidates/, best.safetensors, pareto.png, report.json.",
+    help="study.journal (the study, unless --storage), candidates/, best.safetensors, "
+    "pareto.png, report.json.",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--force", is_flag=True, help="Discard the results recorded in --out.")
+@click.option(
+    "--force", is_flag=True, help="Start the study over (discard its finished candidates)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--progress", is_flag=True, help="Show the fine-tuning progress bars.")
-@threads_option
 def search_command(model: str, as_json: bool, **options: Any) -> None:
     """Convert, fine-tune and evaluate candidate IBN layouts of MODEL (a model name or an
     unconverted ibnify checkpoint) plus an identically fine-tuned control; rank them.
@@ -164,6 +211,10 @@ def search_command(model: str, as_json: bool, **options: Any) -> None:
     echo = None if as_json else lambda line: click.echo(line, err=True)
     result = search_files(model, SearchOptions(**options), echo=echo)
     report = result.report
+    if options["join"]:
+        click.echo(f"joined study {options['study']}: no trial is left; the starting command "
+                   "writes the report")  # fmt: skip
+        return
     if as_json:
         click.echo(report.to_json())
         return

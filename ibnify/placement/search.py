@@ -4,11 +4,12 @@ Every candidate layout (IBN-a on some stages at some ratio, or IBN-b) is convert
 base weights, fine-tuned with the same seed and schedule (:func:`ibnify.finetune`) and evaluated
 clean and under the appearance shifts of :mod:`ibnify.evaluation`. A control — the unconverted
 model fine-tuned identically — separates the effect of the IN halves from that of the extra
-training. Finished candidates are recorded in ``OUT/results.jsonl`` and never rerun, so a search
-can be interrupted and resumed, or widened later with more candidates.
+training. The search is one Optuna study (:mod:`ibnify.placement.study`): finished candidates
+stay in its storage (``OUT/study.journal`` by default) and are never rerun, so a search can be
+interrupted and resumed, widened with more candidates, or shared by workers on many machines.
 
 This module runs the search; :mod:`ibnify.search_report` holds the results, their ranking and
-output (table, JSON, Pareto plot, reproduce command), whose names are re-exported here.
+output (table, JSON, Pareto plot, reproduce command).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from __future__ import annotations
 import copy
 import math
 import os
+import shutil
+import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,7 @@ from torch import nn
 
 from .._io import atomic_write_bytes
 from ..core.generic import require_batchnorm
+from ..core.graph import analyze
 from ..data.domains import check_same_classes, load_domains, parse_domain
 from ..data.images import ImageData, image_folder_data
 from ..data.shifts import parse_shifts
@@ -34,18 +38,25 @@ from ..errors import InvalidOptionError
 from ..models.checkpoint import input_size_for
 from ..train.config import FinetuneConfig
 from .candidates import CONTROL, Candidate, choose_candidates, parse_candidates
-from .divergence import (
-    ModelSource,
-    load_model_or_checkpoint,
+from .divergence import ModelSource, analyze_divergence, load_model_or_checkpoint
+from .runs import Search
+from .search_report import OBJECTIVES, SearchReport
+from .search_state import budget_stop, search_settings
+from .space import SpaceItem, candidate_params, parse_space, resolve_space
+from .study import (
+    STUDY_FILE,
+    SearchInterrupted,
+    StudyOptions,
+    StudyRun,
+    make_pruner,
+    open_storage,
+    open_study,
+    run_study,
+    study_results,
+    waiting_candidates,
 )
-from .runs import Search, halving_rungs, run_all, run_halving
-from .search_report import (
-    OBJECTIVES,
-    SearchReport,
-)
-from .search_state import RESULTS_FILE, read_results, search_settings
 
-__all__ = ["SearchOptions", "SearchResult", "search_files", "search_placement"]
+__all__ = ["SearchOptions", "SearchResult", "StudyOptions", "search_files", "search_placement"]
 
 
 def search_placement(
@@ -67,6 +78,7 @@ def search_placement(
     max_clean_drop: float | None = 1.0,
     halving: bool | None = None,
     input_size: Sequence[int] | None = None,
+    study: StudyOptions | None = None,
 ) -> SearchReport:
     """Try candidate IBN layouts on ``model`` and rank them by accuracy under shift or on the
     user's target domains.
@@ -82,9 +94,10 @@ def search_placement(
         shifts: shifts to evaluate under (default all).
         budget_min: stop starting candidates once elapsed time plus the estimated time of the
             next one (mean of the runs so far) would exceed this many minutes.
-        out_dir: where ``results.jsonl``, ``candidates/*.safetensors``, ``best.safetensors``,
-            ``report.json`` and ``pareto.png`` go; finished candidates recorded there are reused.
-        force: discard the results recorded in ``out_dir``.
+        out_dir: where ``study.journal`` (the study, unless ``study.storage`` says otherwise),
+            ``candidates/*.safetensors``, ``best.safetensors``, ``report.json`` and
+            ``pareto.png`` go; candidates the study finished earlier are reused.
+        force: start the study over (its finished candidates are discarded).
         arch, model_kwargs: recorded in the candidates' checkpoints so ``ibnify.load`` can
             rebuild them (``source:name`` and constructor arguments of the base model).
         echo: called with one progress line per step.
@@ -93,13 +106,18 @@ def search_placement(
         objective: ``"shifts"``, ``"domains"`` or ``"both"`` (default: domains when given).
         max_clean_drop: a candidate more than this many points of clean accuracy below the
             control cannot win (None: no limit).
-        halving: successive halving (default: on with more than 3 candidates): all train the
-            first part of the schedule, the worse half by the objective stops, the rest go on;
-            the survivors' schedule is the full run's, step for step.
+        halving: successive halving (default: on with more than 3 candidates; ``study.pruner``
+            chooses Hyperband): a candidate whose objective at a rung (on fixed image subsets)
+            is in the worse half of those measured there stops; a candidate that goes on trains
+            exactly as without pruning, so the winner's checkpoint is the same file.
         input_size: (C, H, W) folders are read at (default: the model's).
+        study: storage, study name, workers, devices, join, pruner, space
+            (:class:`StudyOptions`).
     """
     # Long by its reason: the checks come first, so that bad input fails before any training.
     say = echo or (lambda _line: None)
+    options = study or StudyOptions()
+    options.validate()
     config = copy.deepcopy(config or FinetuneConfig(quiet=True))
     config.out_dir, config.resume, config.stop_after = None, False, None
     config.validate()
@@ -112,27 +130,117 @@ def search_placement(
         raise InvalidOptionError("search needs labelled training and validation data")
     targets = load_domains(domains, model, val, input_size)
     rule = _objective(objective, targets, max_clean_drop)
-    chosen = choose_candidates(candidates, model, val, shift_names, config.seed)
+    if options.workers > 1 and out_dir is None and options.storage is None:
+        raise InvalidOptionError("several workers need an output folder or a storage")
+    items, chosen, seed_params = _candidates(model, val, shift_names, config.seed, candidates,
+                                             options)  # fmt: skip
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+        if force:
+            shutil.rmtree(out / "runs", ignore_errors=True)
     search = Search(model, train, val, config, shift_names, out, arch, model_kwargs, say,
                      targets, *rule)  # fmt: skip
-    use_halving = len(chosen) > 3 if halving is None else halving
+    count = len(chosen) if items is None else options.trials or 0
+    pruner_name = options.pruner or _pruner_name(halving, count)
     first = math.floor(config.warmup_epochs) + 1  # a rung inside the warmup ranks by noise
-    rungs = halving_rungs(config.epochs, len(chosen), first) if use_halving else []
-    settings = search_settings(search, rungs)
-    done = read_results(out, settings, force) if out is not None else {}
-    report = SearchReport(
-        [], shift_names, settings, objective=rule[0], max_clean_drop=max_clean_drop,
-        domains=list(targets), halving=rungs,
-    )  # fmt: skip
-    if rungs:
-        run_halving(search, [CONTROL, *chosen], done, report, budget_min)
-    else:
-        run_all(search, [CONTROL, *chosen], done, report, budget_min)
-    if out is not None:
-        _write_outputs(out, report)
+    pruner, described, rungs = make_pruner(pruner_name, first, config.epochs)
+    settings = search_settings(search, described)
+    if options.space is not None:
+        settings["space"] = options.space.strip().lower()
+    run = StudyRun(search, [CONTROL, *chosen], options, settings, rungs, pruner, items,
+                   seed_params, budget_min)  # fmt: skip
+    the_study = open_study(run, open_storage(options.storage, out), force)
+    before = set(study_results(the_study))
+    try:
+        run_study(the_study, run)
+    except KeyboardInterrupt as exc:
+        raise SearchInterrupted(_interrupted_line(the_study, out, options)) from exc
+    report = _report(the_study, run, shift_names, list(targets), max_clean_drop, before)
+    if out is not None and not options.join:
+        _write_outputs(out, report, options)
+    return report
+
+
+def _pruner_name(halving: bool | None, count: int) -> str:
+    """``halving``: on with more than 3 candidates unless said otherwise."""
+    on = count > 3 if halving is None else halving
+    return "halving" if on else "none"
+
+
+def _candidates(
+    model: nn.Module,
+    val: ImageData,
+    shifts: list[str],
+    seed: int,
+    candidates: str | Sequence[Candidate],
+    options: StudyOptions,
+) -> tuple[list[SpaceItem] | None, list[Candidate], dict[str, Any] | None]:
+    """(space items, listed candidates, the seed trial's parameters), every layout planned
+    before any training. A worker that joins takes the list from the study."""
+    if options.space is None:
+        listed = [] if options.join else choose_candidates(candidates, model, val, shifts, seed)
+        return None, listed, None
+    size = tuple(val.dataset[0][0].shape)
+    stages = analyze(model, size, fallback=True).num_stages  # type: ignore[arg-type]
+    items = resolve_space(parse_space(options.space), stages)
+    extremes = []
+    for item in items:
+        if item.layout == "b":
+            extremes.append(Candidate("b"))
+            continue
+        assert item.depths is not None
+        ratios = item.ratio_range or item.ratios or (None,)
+        extremes += [Candidate("a", tuple(range(1, item.depths[1] + 1)), r) for r in ratios]
+    choose_candidates(extremes, model, val, shifts, seed)
+    seed_params = None
+    if options.analyze_first and not options.join:
+        report = analyze_divergence(model, val, shifts=shifts, images=128, seed=seed)
+        if report.suggested_stages:
+            seed_params = candidate_params(items, Candidate("a", report.suggested_stages))
+    return items, [], seed_params
+
+
+def _interrupted_line(study: Any, out: Path | None, options: StudyOptions) -> str:
+    """What Ctrl-C kept and how to continue."""
+    done = len(study_results(study))
+    where = options.storage or (str(out / STUDY_FILE) if out is not None else None)
+    if where is None:
+        return f"interrupted after {done} finished candidates; nothing was kept (no output folder)"
+    return (
+        f"interrupted: {done} finished candidates are kept in {where}; rerun the same command "
+        "to resume (a stopped candidate continues from its last finished epoch)"
+    )
+
+
+def _report(
+    study: Any,
+    run: StudyRun,
+    shifts: list[str],
+    domains: list[str],
+    max_clean_drop: float | None,
+    before: set[str],
+) -> SearchReport:
+    """The report of the study's finished candidates; the budget line when it stopped one."""
+    results = study_results(study)
+    report = SearchReport(list(results.values()), shifts, run.settings,
+                          objective=run.search.objective, max_clean_drop=max_clean_drop,
+                          domains=domains, halving=run.rungs)  # fmt: skip
+    report.reused = [name for name in results if name in before]
+    waiting = waiting_candidates(study)
+    if waiting and run.budget_hit and run.budget_min is not None:
+        recorded = list(study.user_attrs.get("queue", []))
+        names = recorded + [n for n in waiting if n not in recorded]
+        queue = [
+            CONTROL if n == CONTROL.name else parse_candidates(n)[0]
+            for n in names
+            if n in results or n in waiting
+        ]
+        index = 1 + next(i for i, c in enumerate(queue) if c.name in waiting)
+        timings = [r.seconds for r in results.values()]
+        estimate = sum(timings) / max(len(timings), 1)
+        budget_stop(report, queue, (index, time.perf_counter() - run.started, estimate),
+                    run.budget_min)  # fmt: skip
     return report
 
 
@@ -154,9 +262,10 @@ def _objective(
     return chosen, max_clean_drop
 
 
-def _write_outputs(out: Path, report: SearchReport) -> None:
+def _write_outputs(out: Path, report: SearchReport, options: StudyOptions) -> None:
     """report.json, pareto.png and best.safetensors (a copy of the winner's checkpoint)."""
-    report.files["results"] = out / RESULTS_FILE
+    if options.storage is None:
+        report.files["study"] = out / STUDY_FILE
     winner = report.winner
     if winner is not None and winner.checkpoint and Path(winner.checkpoint).is_file():
         best = out / "best.safetensors"
@@ -199,6 +308,24 @@ class SearchOptions:
     force: bool = False
     progress: bool = False
     input_size: tuple[int, int, int] | None = None
+    storage: str | None = None
+    study: str = "ibnify-search"
+    workers: int = 1
+    devices: str | None = None
+    threads: int | None = None
+    join: bool = False
+    pruner: str | None = None
+    space: str | None = None
+    trials: int | None = None
+    analyze_first: bool = True
+
+    def study_options(self) -> StudyOptions:
+        """How the search runs as a study (storage, workers, pruner, space)."""
+        devices = tuple(d.strip() for d in (self.devices or "").split(",") if d.strip())
+        return StudyOptions(storage=self.storage, study=self.study, workers=self.workers,
+                            devices=devices, threads=self.threads, join=self.join,
+                            pruner=self.pruner, space=self.space, trials=self.trials,
+                            analyze_first=self.analyze_first)  # fmt: skip
 
     def finetune_config(self) -> FinetuneConfig:
         """The schedule every candidate and the control are fine-tuned with."""
@@ -215,10 +342,23 @@ class SearchResult:
     report: SearchReport
     source: ModelSource
     data_args: str
+    input_size: tuple[int, int, int] | None = None
+    seed: int = 0
+    threads: int | None = field(default=None)
 
     def reproduce_command(self) -> str | None:
-        """The ``ibnify convert`` + ``ibnify finetune`` commands that rebuild the winner."""
-        return self.report.reproduce_command(self.source.convert_args(), self.data_args)
+        """The ``ibnify convert`` + ``ibnify finetune`` commands that rebuild the winner: every
+        option that shaped it (model, weights, classes, input size, the init seed of a model
+        built without weights, data, schedule, seed)."""
+        model_args = self.source.convert_args()
+        if self.input_size is not None:
+            model_args += " --input-size " + ",".join(map(str, self.input_size))
+        if self.source.weights is None and self.source.checkpoint is None:
+            model_args += f" --seed {self.seed}"  # the random init the search started from
+        data_args = self.data_args
+        if self.threads is not None:
+            data_args += f" --threads {self.threads}"
+        return self.report.reproduce_command(model_args, data_args)
 
 
 def _check_search_options(options: SearchOptions) -> None:
@@ -233,6 +373,10 @@ def _check_search_options(options: SearchOptions) -> None:
     if len(set(names)) != len(names):
         raise InvalidOptionError("a --domain name is given twice; give each name once")
     _objective(options.objective, dict.fromkeys(names), options.max_clean_drop)  # type: ignore[arg-type]
+    study = options.study_options()
+    study.validate()
+    if study.space is not None:
+        parse_space(study.space)
 
 
 def search_files(
@@ -261,6 +405,7 @@ def search_files(
         out_dir=options.out_dir, force=options.force, arch=source.source,
         model_kwargs=source.model_kwargs or None, echo=echo, domains=list(options.domains),
         objective=options.objective, max_clean_drop=options.max_clean_drop,
-        halving=options.halving, input_size=size,
+        halving=options.halving, input_size=size, study=options.study_options(),
     )  # fmt: skip
-    return SearchResult(report, source, data_args)
+    size = tuple(train.dataset[0][0].shape)  # type: ignore[assignment]
+    return SearchResult(report, source, data_args, size, options.seed, options.threads)  # type: ignore[arg-type]
