@@ -451,7 +451,7 @@ def _spy(monkeypatch: pytest.MonkeyPatch, name: str, store: list) -> None:
 
 
 def test_every_config_field_reaches_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One run with non-default values; each field is read where it acts."""
+    """One run with a non-default value in every field; each is read where it acts."""
     optimizers: list = []
     loaders: list = []
     losses: list = []
@@ -460,32 +460,44 @@ def test_every_config_field_reaches_the_loop(monkeypatch: pytest.MonkeyPatch) ->
                         ("distillation_loss", losses), ("_step", steps)):  # fmt: skip
         _spy(monkeypatch, name, store)
     config = FinetuneConfig(
-        epochs=3, lr=0.2, batch_size=12, optimizer="sgd", momentum=0.7, weight_decay=0.03,
-        warmup_epochs=1, min_lr=0.01, distill_temperature=2.5, seed=6, workers=0,
-        stop_after=2, quiet=True, device="cpu", channels_last=True, amp=False,
+        epochs=4, lr=0.2, batch_size=12, optimizer="sgd", momentum=0.7, weight_decay=0.03,
+        decay_norm_and_bias=False, decay_in_affine=False, warmup_epochs=2, min_lr=0.01,
+        distill_temperature=2.5, seed=6, workers=1, stop_after=3, quiet=True, device="cpu",
+        channels_last=True, amp=False,
     )  # fmt: skip
-    teacher = tiny_converted(seed=1)
-    result = finetune(tiny_converted(), tiny_data(n=48), config, teacher=teacher)
+    model = tiny_converted()
+    result = finetune(model, tiny_data(n=48), config, teacher=tiny_converted(seed=1))
     optimizer = optimizers[0][2]
+    no_decay = {
+        id(p) for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]
+    }
     checks = {
-        "epochs": result.history[0]["epochs"] == 3,
-        "stop_after": len(result.history) == 2 and not result.completed,
+        "epochs": result.history[0]["epochs"] == 4,
+        "stop_after": len(result.history) == 3 and not result.completed,
         "lr": optimizer.param_groups[0]["initial_lr"] == 0.2,
         "momentum": optimizer.defaults["momentum"] == 0.7,
-        "optimizer": type(optimizer) is torch.optim.SGD,
         "weight_decay": optimizer.param_groups[0]["weight_decay"] == 0.03,
-        # 4 steps per epoch: warmup ends with epoch 1 at the peak; cosine reaches min_lr at 3.
-        "warmup_epochs": result.history[0]["lr"] == pytest.approx(0.2),
-        "min_lr": result.history[1]["lr"] == pytest.approx(0.01 + 0.19 * 0.5),
-        "batch_size": [loader.batch_size for _, _, loader in loaders] == [12, 12],
-        "workers": all(loader.num_workers == 0 for _, _, loader in loaders),
-        "seed": [loader.sampler.generator.initial_seed() for *_, loader in loaders] == [6000, 6001],
+        "decay_in_affine": id(model.layer1[0].bn1.IN.weight) in no_decay,
+        "decay_norm_and_bias": id(model.layer1[0].bn2.weight) in no_decay,
+        # 4 steps per epoch, 8 of warmup: half the peak after epoch 1 ((4 + 1) / 8), the peak
+        # after epoch 2, then halfway down the cosine to min_lr after epoch 3.
+        "warmup_epochs": result.history[0]["lr"] == pytest.approx(0.2 * 5 / 8)
+        and result.history[1]["lr"] == pytest.approx(0.2),
+        "min_lr": result.history[2]["lr"] == pytest.approx(0.01 + 0.19 * 0.5),
+        "batch_size": [loader.batch_size for _, _, loader in loaders] == [12] * 3,
+        "workers": all(loader.num_workers == 1 for _, _, loader in loaders),
+        "seed": [loader.sampler.generator.initial_seed() for *_, loader in loaders]
+        == [6000, 6001, 6002],
         "distill_temperature": {args[2] for args, _, _ in losses} == {2.5},
         "channels_last": steps[0][0][3].is_contiguous(memory_format=torch.channels_last),
         "device": steps[0][0][3].device.type == "cpu",
     }
     assert {name for name, ok in checks.items() if not ok} == set()
-    assert len(losses) == len(steps) == 8
+    assert len(losses) == len(steps) == 12
+    adamw = finetune(tiny_converted(), tiny_data(n=16), epochs=1, batch_size=16, quiet=True,
+                     optimizer="adamw")  # fmt: skip
+    assert adamw.completed and type(optimizers[-1][2]) is torch.optim.AdamW
+    assert type(optimizer) is torch.optim.SGD
 
 
 def test_distillation_loss_equals_its_formula_on_a_hand_computed_case() -> None:
