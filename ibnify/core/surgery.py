@@ -132,9 +132,20 @@ def _insert_post_add_in(model: nn.Module, site: ConversionSite) -> None:
     _read_after(add, in_node)
     graph.lint()
     graph_module.recompile()
-    graph_module.train(block.training)
+    _keep_modes(graph_module, block)
     parent_name, block_child = _split_name(block_name)
     setattr(_get(model, parent_name), block_child, graph_module)
+
+
+def _keep_modes(graph_module: fx.GraphModule, block: nn.Module) -> None:
+    """Give every module of the rewritten block the train/eval flag it had in ``block``.
+
+    ``graph_module.train(block.training)`` would put a deliberately frozen (eval) BN inside a
+    training block back in train mode; containers fx rebuilt and the new IN follow the block.
+    """
+    own = dict(block.named_modules())
+    for name, module in graph_module.named_modules():
+        module.training = own[name].training if name in own else block.training
 
 
 def _read_after(add: fx.Node, in_node: fx.Node) -> None:

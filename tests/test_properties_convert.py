@@ -1,0 +1,249 @@
+"""Weight transfer, per layer kind and layout, on values where a dropped or mis-sliced tensor shows.
+
+Every BatchNorm here has random affine and statistics, a non-default ``eps`` and ``momentum`` and
+a non-zero ``num_batches_tracked``: a conversion that leaves any of them at its default, takes
+the wrong slice, or swaps two of them gives another number. Outputs are compared with the
+per-half formula written out here (float32, tolerance 1e-5).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from timm.layers import BatchNormAct2d, FrozenBatchNormAct2d
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+import ibnify
+from ibnify.core.layers import IBN, IBNAct, InstanceNormAct2d, instance_norm_from_batchnorm
+
+__all__: list[str] = []
+
+EPS, MOMENTUM, TRACKED = 1e-2, 0.03, 11
+SMALL = (3, 64, 64)
+
+
+def _fill(bn: nn.Module, seed: int) -> nn.Module:
+    """Random gamma, beta, mean, var (all distinct) and ``TRACKED`` batches, in place."""
+    g = torch.Generator().manual_seed(seed)
+    channels = bn.running_mean.numel()
+    with torch.no_grad():
+        bn.weight.copy_(0.5 + torch.rand(channels, generator=g))
+        bn.bias.copy_(torch.rand(channels, generator=g) - 0.5)
+        bn.running_mean.copy_(torch.rand(channels, generator=g) - 0.5)
+        bn.running_var.copy_(0.3 + 2 * torch.rand(channels, generator=g))
+        if getattr(bn, "num_batches_tracked", None) is not None:
+            bn.num_batches_tracked.fill_(TRACKED)
+    return bn
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    """A BN of ``kind`` with eps ``EPS`` (and momentum ``MOMENTUM`` where it has one)."""
+    if kind == "batchnorm":
+        bn: nn.Module = nn.BatchNorm2d(channels, eps=EPS, momentum=MOMENTUM)
+    elif kind == "sync":
+        bn = nn.SyncBatchNorm(channels, eps=EPS, momentum=MOMENTUM)
+    elif kind == "frozen":
+        bn = FrozenBatchNorm2d(channels, eps=EPS)
+    elif kind == "timm_act":
+        bn = BatchNormAct2d(
+            channels, eps=EPS, momentum=MOMENTUM, act_layer=nn.LeakyReLU, drop_layer=nn.Dropout
+        )
+        bn.act.negative_slope = 0.3
+        bn.drop.p = 0.25
+    else:  # timm_frozen_act
+        bn = FrozenBatchNormAct2d(channels, eps=EPS, act_layer=nn.LeakyReLU)
+        bn.act.negative_slope = 0.3
+    return _fill(bn, seed=len(kind) + channels)
+
+
+KINDS = ["batchnorm", "sync", "frozen", "timm_act", "timm_frozen_act"]
+# (channels, ratio, order, IN channels as slice, BN channels as slice): uneven halves both ways.
+SPLITS = [
+    (10, 0.3, "in_first", slice(0, 3), slice(3, 10)),
+    (10, 0.4, "bn_first", slice(6, 10), slice(0, 6)),
+]
+
+
+def _tail(bn: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """The activation a timm norm+act layer applies after normalising (eval: no dropout)."""
+    return F.leaky_relu(y, 0.3) if hasattr(bn, "act") else y
+
+
+def _expected_eval(x: torch.Tensor, bn: nn.Module, ins: slice, bns: slice) -> torch.Tensor:
+    """IN with the BN's gamma/beta on ``ins``, the BN's eval formula on ``bns``, then its tail."""
+    out = torch.empty_like(x)
+    out[:, ins] = F.instance_norm(x[:, ins], weight=bn.weight[ins], bias=bn.bias[ins], eps=EPS)
+    scale = bn.weight[bns] / torch.sqrt(bn.running_var[bns] + EPS)
+    shift = bn.bias[bns] - bn.running_mean[bns] * scale
+    out[:, bns] = x[:, bns] * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    return _tail(bn, out)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("channels", "ratio", "order", "ins", "bns"), SPLITS)
+def test_every_tensor_and_hyper_parameter_reaches_its_half(
+    kind: str, channels: int, ratio: float, order: str, ins: slice, bns: slice
+) -> None:
+    bn = _norm(kind, channels).eval()
+    before = copy.deepcopy(bn.state_dict())
+    cls = IBNAct if kind.startswith("timm") else IBN
+    ibn = cls.from_batchnorm(bn, ratio=ratio, order=order)  # type: ignore[arg-type]
+    assert type(ibn) is cls
+    frozen = kind in ("frozen", "timm_frozen_act")
+    assert type(ibn.BN) is {
+        "batchnorm": nn.BatchNorm2d, "sync": nn.SyncBatchNorm, "timm_act": nn.BatchNorm2d,
+    }.get(kind, FrozenBatchNorm2d)  # fmt: skip
+    assert (ibn.in_slice(), ibn.bn_slice()) == (ins, bns)
+    exact = {"atol": 0, "rtol": 0}
+    torch.testing.assert_close(ibn.IN.weight.detach(), bn.weight.detach()[ins], **exact)
+    torch.testing.assert_close(ibn.IN.bias.detach(), bn.bias.detach()[ins], **exact)
+    torch.testing.assert_close(ibn.BN.weight.detach(), bn.weight.detach()[bns], **exact)
+    torch.testing.assert_close(ibn.BN.bias.detach(), bn.bias.detach()[bns], **exact)
+    torch.testing.assert_close(ibn.BN.running_mean, bn.running_mean[bns], **exact)
+    torch.testing.assert_close(ibn.BN.running_var, bn.running_var[bns], **exact)
+    assert ibn.IN.eps == EPS and ibn.BN.eps == EPS
+    assert ibn.IN.affine and not ibn.IN.track_running_stats
+    if not frozen:
+        assert int(ibn.BN.num_batches_tracked) == TRACKED
+        assert ibn.BN.momentum == MOMENTUM
+        assert ibn.BN.affine and ibn.BN.track_running_stats
+    if kind.startswith("timm"):
+        assert type(ibn.act) is nn.LeakyReLU and ibn.act.negative_slope == 0.3
+        assert ibn.act is not bn.act, "the activation is copied, not shared"
+    if kind == "timm_act":
+        assert type(ibn.drop) is nn.Dropout and ibn.drop.p == 0.25
+    assert not ibn.training and not ibn.IN.training and not ibn.BN.training
+    x = torch.randn(3, channels, 5, 6, generator=torch.Generator().manual_seed(1)) * 2 + 0.7
+    with torch.no_grad():
+        torch.testing.assert_close(ibn(x), _expected_eval(x, bn, ins, bns), atol=1e-5, rtol=1e-5)
+    after = bn.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "the source BN is untouched"
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_train_mode_and_frozen_parameters_follow_the_batchnorm(training: bool) -> None:
+    bn = _norm("batchnorm", 10).train(training)
+    bn.weight.requires_grad_(False)
+    ibn = IBN.from_batchnorm(bn, ratio=0.3)
+    assert [m.training for m in (ibn, ibn.IN, ibn.BN)] == [training] * 3
+    grads = {name: p.requires_grad for name, p in ibn.named_parameters()}
+    assert grads == {"IN.weight": False, "IN.bias": True, "BN.weight": False, "BN.bias": True}
+
+
+def test_train_mode_bn_half_updates_its_statistics_with_the_copied_momentum() -> None:
+    """In train mode the BN half moves its running mean by ``momentum`` of the batch mean."""
+    bn = _norm("batchnorm", 10).train()
+    ibn = IBN.from_batchnorm(bn, ratio=0.3)
+    x = torch.randn(4, 10, 3, 3, generator=torch.Generator().manual_seed(2)) + 1.5
+    ibn(x)
+    batch_mean = x[:, 3:].mean(dim=(0, 2, 3))
+    expected = (1 - MOMENTUM) * bn.running_mean[3:] + MOMENTUM * batch_mean
+    torch.testing.assert_close(ibn.BN.running_mean, expected, atol=1e-6, rtol=1e-6)
+    assert int(ibn.BN.num_batches_tracked) == TRACKED + 1
+
+
+@pytest.mark.parametrize("kind", ["batchnorm", "timm_act"])
+def test_ibn_b_stem_instance_norm_takes_gamma_beta_eps_and_keeps_the_act(kind: str) -> None:
+    bn = _norm(kind, 6).eval()
+    norm = instance_norm_from_batchnorm(bn)
+    assert type(norm) is (InstanceNormAct2d if kind == "timm_act" else nn.InstanceNorm2d)
+    torch.testing.assert_close(norm.weight.detach(), bn.weight.detach(), atol=0, rtol=0)
+    torch.testing.assert_close(norm.bias.detach(), bn.bias.detach(), atol=0, rtol=0)
+    assert norm.eps == EPS and norm.affine and not norm.track_running_stats
+    assert not norm.training
+    x = torch.randn(2, 6, 4, 5, generator=torch.Generator().manual_seed(3)) * 3
+    expected = _tail(bn, F.instance_norm(x, weight=bn.weight, bias=bn.bias, eps=EPS))
+    with torch.no_grad():
+        torch.testing.assert_close(norm(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def _randomized(model: nn.Module, seed: int = 0) -> nn.Module:
+    for index, module in enumerate(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        _fill(module, seed + index)
+        module.eps, module.momentum = EPS, MOMENTUM
+    return model
+
+
+def test_resnet_ibn_b_moves_the_stem_and_adds_fresh_post_addition_ins() -> None:
+    original = _randomized(torchvision.models.resnet18()).eval()
+    converted = ibnify.convert(original, layout="b", input_size=SMALL)
+    stem = converted.bn1
+    assert type(stem) is nn.InstanceNorm2d and stem.eps == EPS
+    torch.testing.assert_close(stem.weight.detach(), original.bn1.weight.detach(), atol=0, rtol=0)
+    torch.testing.assert_close(stem.bias.detach(), original.bn1.bias.detach(), atol=0, rtol=0)
+    # the reference's post-addition IN is a fresh affine InstanceNorm2d (gamma 1, beta 0)
+    for name, channels in (("layer1.1.IN", 64), ("layer2.1.IN", 128)):
+        post = converted.get_submodule(name)
+        assert type(post) is nn.InstanceNorm2d and post.num_features == channels
+        assert torch.equal(post.weight.detach(), torch.ones(channels))
+        assert torch.equal(post.bias.detach(), torch.zeros(channels))
+    # every other BN is copied unchanged, eps and momentum included
+    for name, module in original.named_modules():
+        if isinstance(module, nn.BatchNorm2d) and name != "bn1":
+            new = converted.get_submodule(name)
+            assert (new.eps, new.momentum) == (EPS, MOMENTUM)
+            pairs = zip(module.state_dict().values(), new.state_dict().values(), strict=True)
+            assert all(torch.equal(a, b) for a, b in pairs)
+
+
+def test_densenet_reversed_order_sites_take_the_leading_channels_for_bn() -> None:
+    original = _randomized(torchvision.models.densenet121()).eval()
+    converted = ibnify.convert(original, input_size=SMALL)
+    sites = ibnify.get_plan(converted).sites
+    assert len(sites) == 14
+    for site in sites[:3]:
+        bn, ibn = original.get_submodule(site.name), converted.get_submodule(site.name)
+        c = bn.num_features
+        bns, ins = slice(0, int(c * 0.6)), slice(int(c * 0.6), c)
+        assert (ibn.bn_slice(), ibn.in_slice()) == (bns, ins)
+        for half, part, names in (
+            (ibn.BN, bns, ("weight", "bias", "running_mean", "running_var")),
+            (ibn.IN, ins, ("weight", "bias")),
+        ):
+            for tensor in names:
+                assert torch.equal(getattr(half, tensor).detach(),
+                                   getattr(bn, tensor).detach()[part])  # fmt: skip
+        assert int(ibn.BN.num_batches_tracked) == TRACKED
+        assert (ibn.BN.eps, ibn.BN.momentum, ibn.IN.eps) == (EPS, MOMENTUM, EPS)
+
+
+def _modes(model: nn.Module) -> dict[str, bool]:
+    return {name: module.training for name, module in model.named_modules()}
+
+
+@pytest.mark.parametrize("layout", ["a", "b"])
+def test_convert_and_plan_keep_each_submodules_mode_and_leave_the_model_alone(layout: str) -> None:
+    """A frozen stage (eval) inside a training model: each module keeps its own flag."""
+    model = _randomized(torchvision.models.resnet18()).train()
+    model.layer1.eval()
+    model.layer2[1].bn1.eval()
+    model.layer3[0].bn1.weight.requires_grad_(False)
+    modes = _modes(model)
+    grads = {name: p.requires_grad for name, p in model.named_parameters()}
+    state = copy.deepcopy(model.state_dict())
+    ibnify.plan(model, layout=layout, input_size=SMALL)
+    converted = ibnify.convert(model, layout=layout, input_size=SMALL)
+    assert _modes(model) == modes
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == grads
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert all(isinstance(m, nn.BatchNorm2d) for m in (model.bn1, model.layer1[0].bn1))
+    after = _modes(converted)
+    for name, training in modes.items():
+        if name in after:
+            assert after[name] == training, name
+    sites = ibnify.get_plan(converted).sites
+    for site in sites:
+        was = modes.get(site.name, modes[site.name.rpartition(".")[0]])  # a new IN: its block's
+        new = converted.get_submodule(site.name)
+        assert all(m.training == was for m in new.modules()), site.name
+    if layout == "a":
+        ibn = converted.layer3[0].bn1
+        assert not ibn.IN.weight.requires_grad and not ibn.BN.weight.requires_grad
+        assert ibn.IN.bias.requires_grad and ibn.BN.bias.requires_grad
+    else:  # the post-addition IN of the frozen layer1 block is in eval mode, layer2's trains
+        assert not converted.layer1[1].IN.training and converted.layer2[1].IN.training

@@ -1,0 +1,318 @@
+"""Formulas against hand-computed cases, and CLI options that must reach the library.
+
+Each shift on a tiny tensor with values that do and do not clip; drop and mean drop on a report
+written by hand; the fold of a BN half (non-default eps, conv bias) into its conv; verify's
+error figures and its pass criterion exactly at the boundary; and for plan, convert, export,
+verify, bench and evaluate, every option given a non-default value and seen by the library.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import ibnify.api
+import ibnify.deploy.bench
+import ibnify.deploy.export
+import ibnify.deploy.verify
+import ibnify.evaluation
+import ibnify.models.checkpoint
+from ibnify.cli import cli
+from ibnify.core.layers import IBN
+from ibnify.data.shifts import SHIFTS, apply_shift
+from ibnify.deploy.fold import FoldedIBN, fold_bn_halves
+from ibnify.deploy.verify import VerificationReport, _comparison
+from ibnify.evaluation import RobustnessReport
+
+__all__: list[str] = []
+
+# One image, 3 channels of 2×2: values near 0, mid and near 1 so that clipping shows.
+X = torch.tensor([[[[0.1, 0.9], [0.5, 0.3]], [[0.95, 0.2], [0.6, 0.05]], [[0.0, 1.0], [0.4, 0.7]]]])
+MEAN = X.mean()  # the per-image mean over C, H, W: 5.7 / 12 = 0.475
+O50 = 50 / 255
+
+
+def _by_hand(name: str) -> torch.Tensor:
+    """Each shift written out element by element from its documented formula."""
+    out = X.clone()
+    for index, v in np.ndenumerate(X.numpy()):
+        v, m = float(v), float(MEAN)
+        channel = index[1]
+        out[index] = {
+            "brightness_up": min(v * 1.4, 1.0),
+            "brightness_down": v * 0.5,
+            "contrast_up": min(max(m + 1.5 * (v - m), 0.0), 1.0),
+            "contrast_down": m + 0.5 * (v - m),
+            "rgb_plus_50": min(v + O50, 1.0),
+            "r_plus_50": min(v + O50, 1.0) if channel == 0 else v,
+            "gamma": v**2,
+        }[name]
+    return out
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["brightness_up", "brightness_down", "contrast_up", "contrast_down", "rgb_plus_50",
+     "r_plus_50", "gamma"],
+)  # fmt: skip
+def test_pixel_shift_equals_its_formula_by_hand(name: str) -> None:
+    torch.testing.assert_close(apply_shift(name, X), _by_hand(name), atol=1e-6, rtol=0)
+
+
+def test_blur_is_a_normalised_5x5_gaussian_of_sigma_1_with_reflected_borders() -> None:
+    image = torch.arange(36, dtype=torch.float32).reshape(1, 1, 6, 6) % 7 / 7
+    image = image.expand(1, 3, 6, 6).contiguous()
+    weights = [math.exp(-(d**2) / 2) for d in (-2, -1, 0, 1, 2)]
+    weights = [w / sum(weights) for w in weights]
+    padded = np.pad(image[0, 0].numpy().astype(np.float64), 2, mode="reflect")
+    expected = np.zeros((6, 6))
+    for i in range(6):
+        for j in range(6):
+            expected[i, j] = sum(
+                weights[a] * weights[b] * padded[i + a, j + b] for a in range(5) for b in range(5)
+            )
+    got = apply_shift("blur", image)
+    for channel in range(3):
+        np.testing.assert_allclose(got[0, channel].numpy(), expected, atol=1e-6)
+
+
+def test_noise_is_seeded_gaussian_of_std_0_08_clipped() -> None:
+    seed, batch_index = 3, 5
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + batch_index)
+    expected = (X + torch.randn(X.shape, generator=generator) * 0.08).clamp(0.0, 1.0)
+    got = apply_shift("noise", X, seed=seed, batch_index=batch_index)
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    assert set(SHIFTS) == {
+        "brightness_up", "brightness_down", "contrast_up", "contrast_down", "rgb_plus_50",
+        "r_plus_50", "gamma", "blur", "noise",
+    }, "a new shift needs its hand-computed case here"  # fmt: skip
+
+
+def test_drop_and_mean_drops_by_hand() -> None:
+    report = RobustnessReport(
+        models=["ibn", "base"],
+        shifts=["clean", "blur", "noise", "gamma"],
+        accuracy={
+            "ibn": {
+                "clean": 0.9,
+                "blur": 0.6,
+                "noise": 0.75,
+                "gamma": 0.95,
+                "art": 0.3,
+                "web": 0.8,
+            },
+            "base": {"clean": 0.8, "blur": 0.2, "noise": 0.8, "gamma": 0.5, "art": 0.1, "web": 0.7},
+        },
+        domains=["art", "web"],
+    )
+    assert report.drop("ibn", "blur") == pytest.approx(0.3)
+    assert report.drop("ibn", "gamma") == pytest.approx(-0.05)  # better than clean: negative
+    assert report.mean_drop("ibn") == pytest.approx((0.3 + 0.15 - 0.05) / 3)
+    assert report.mean_drop("base") == pytest.approx((0.6 + 0.0 + 0.3) / 3)
+    assert report.mean_domain_drop("ibn") == pytest.approx((0.6 + 0.1) / 2)
+    assert report.mean_domain_drop("base") == pytest.approx((0.7 + 0.1) / 2)
+    data = report.to_dict()
+    assert data["drop"]["ibn"] == pytest.approx({"blur": 0.3, "noise": 0.15, "gamma": -0.05})
+    assert data["domain_drop"]["base"] == pytest.approx({"art": 0.7, "web": 0.1})
+    rows = {line.split("|")[1].strip(): line for line in report.table().splitlines()[2:]}
+    assert "95.0 (+5.0)" in rows["gamma"] and "20.0 (-60.0)" in rows["blur"]
+    assert [c.strip() for c in rows["mean drop"].split("|")[2:4]] == ["-13.3", "-30.0"]
+    assert [c.strip() for c in rows["mean domain drop"].split("|")[2:4]] == ["-35.0", "-40.0"]
+
+
+class _ConvIBN(nn.Module):
+    def __init__(self, order: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 10, 3, padding=1, bias=True)
+        self.norm = IBN(10, ratio=0.4, order=order, eps=0.05)  # type: ignore[arg-type]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x))
+
+
+@pytest.mark.parametrize("order", ["in_first", "bn_first"])
+def test_fold_scales_the_bn_channels_of_the_conv_by_the_formula(order: str) -> None:
+    torch.manual_seed(4)
+    model = _ConvIBN(order).train()
+    bn = model.norm.BN
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.2, 2.0)
+    weight, bias = model.conv.weight.detach().clone(), model.conv.bias.detach().clone()
+    folded, report = fold_bn_halves(model, split_conv=False)
+    assert report.folded == [("norm", "conv")] and model.training
+    assert torch.equal(model.conv.weight, weight), "the caller's conv is untouched"
+    assert isinstance(folded.norm, FoldedIBN) and not folded.training
+    bns, ins = model.norm.bn_slice(), model.norm.in_slice()
+    scale = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + 0.05)
+    new_w, new_b = folded.conv.weight.double(), folded.conv.bias.double()
+    torch.testing.assert_close(new_w[bns], weight[bns].double() * scale.view(-1, 1, 1, 1),
+                               atol=1e-6, rtol=1e-6)  # fmt: skip
+    expected_bias = (bias[bns].double() - bn.running_mean.double()) * scale + bn.bias.double()
+    torch.testing.assert_close(new_b[bns], expected_bias, atol=1e-6, rtol=1e-6)
+    assert torch.equal(folded.conv.weight[ins], weight[ins])
+    assert torch.equal(folded.conv.bias[ins], bias[ins])
+    x = torch.randn(2, 3, 7, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model.eval()(x), atol=1e-5, rtol=1e-5)
+
+
+def _row(got: list[float], want: list[float], atol: float, rtol: float):
+    return _comparison(
+        "c", "out", np.array(got, np.float32), np.array(want, np.float32), atol, rtol
+    )
+
+
+def test_verify_pass_criterion_holds_at_the_boundary_and_not_a_step_beyond() -> None:
+    # allowed = atol + rtol * |want| = 0.5 + 0.25 * 2 = 1.0 for want 2; 0.5 for want 0
+    exact = _row([3.0, 0.25], [2.0, 0.0], atol=0.5, rtol=0.25)
+    assert exact.passed and exact.max_abs == 1.0 and exact.max_ratio == 1.0
+    above = float(np.nextafter(np.float32(3.0), np.float32(4.0)))
+    beyond = _row([above, 0.25], [2.0, 0.0], atol=0.5, rtol=0.25)
+    assert not beyond.passed and beyond.max_ratio > 1.0
+    below = _row([1.5, -0.5], [2.0, 0.0], atol=0.5, rtol=0.25)  # |diff| 0.5 of 1.0; 0.5 of 0.5
+    assert below.passed and below.max_abs == 0.5 and below.max_ratio == 1.0
+    mixed = _row([2.4, 0.1], [2.0, 0.0], atol=0.5, rtol=0.25)  # ratios 0.4 and 0.2
+    assert mixed.max_abs == pytest.approx(0.4, abs=1e-6)
+    assert mixed.max_ratio == pytest.approx(0.4, abs=1e-6)
+    assert not _row([float("nan"), 0.0], [2.0, 0.0], atol=0.5, rtol=0.25).passed
+    assert _row([0.0, 0.0], [0.1, -0.2], atol=0.5, rtol=0.0).vacuous
+    assert not _row([2.0, 0.0], [2.0, 0.0], atol=0.5, rtol=0.25).vacuous
+    report = VerificationReport(path=None, atol=0.5, rtol=0.25)  # type: ignore[arg-type]
+    assert not report.passed, "no checks is no pass"
+    report.rows = [exact, below]
+    assert report.passed and report.max_abs == 1.0
+    report.rows.append(beyond)
+    assert not report.passed
+
+
+class _Stop(Exception):
+    """Raised by a stand-in once it has recorded its call: the command need not go on."""
+
+
+class _Recorder:
+    """Stands in for a library function: records its arguments, then stops the command."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[tuple, dict]] = []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls.append((args, kwargs))
+        raise _Stop()
+
+
+def test_plan_and_convert_options_reach_the_library(monkeypatch, tmp_path) -> None:
+    planned = _Recorder()
+    monkeypatch.setattr(ibnify.api, "plan", planned)
+    runner = CliRunner()
+    options = ["--layout", "b", "--stages", "1,2", "--input-size", "3,48,40", "--num-classes", "7"]
+    result = runner.invoke(cli, ["plan", "resnet34", *options, "--ratio", "0.25"])
+    assert isinstance(result.exception, _Stop), result.output
+    ((args, kwargs),) = planned.calls
+    assert args == ("resnet34",) and kwargs["model_kwargs"] == {"num_classes": 7}
+    chosen = kwargs["options"]
+    assert (chosen.layout, tuple(chosen.stages), chosen.ratio, tuple(chosen.input_size)) == (
+        "b", (1, 2), 0.25, (3, 48, 40),
+    )  # fmt: skip
+
+    converting = _Recorder()
+    monkeypatch.setattr(ibnify.api, "convert_named", converting)
+    weights = tmp_path / "w.pth"
+    torch.save({"x": torch.zeros(1)}, weights)
+    out = tmp_path / "out.safetensors"
+    seeds = []
+    monkeypatch.setattr(torch, "manual_seed", lambda s: seeds.append(s))
+    result = runner.invoke(
+        cli, ["convert", "resnet34", *options, "--weights", str(weights), "-o", str(out),
+              "--seed", "9"],
+    )  # fmt: skip
+    assert isinstance(result.exception, _Stop), result.output
+    ((args, kwargs),) = converting.calls
+    assert args == ("resnet34",) and kwargs["weights"] == str(weights)
+    assert kwargs["pretrained"] is False and kwargs["model_kwargs"] == {"num_classes": 7}
+    assert (kwargs["options"].layout, tuple(kwargs["options"].stages)) == ("b", (1, 2))
+    assert seeds == [9]
+    result = runner.invoke(cli, ["convert", "resnet34", "--pretrained", "-o", str(out)])
+    assert converting.calls[-1][1]["pretrained"] is True
+
+
+def test_export_verify_bench_options_reach_the_library(monkeypatch, tmp_path) -> None:
+    model = nn.Identity()
+    monkeypatch.setattr(ibnify.models.checkpoint, "load", lambda path: model)
+    exported, verified = _Recorder(), _Recorder()
+    monkeypatch.setattr(ibnify.deploy.export, "export_onnx", exported)
+    runner = CliRunner()
+    out = tmp_path / "m.onnx"
+    result = runner.invoke(
+        cli, ["export", "ck.safetensors", "-o", str(out), "--opset", "17", "--input-size",
+              "3,40,48", "--static-batch", "--dynamic-size", "--no-fold", "--profile", "fp16",
+              "--fold-form", "split", "--no-verify"],
+    )  # fmt: skip
+    assert isinstance(result.exception, _Stop), result.output
+    ((args, kwargs),) = exported.calls
+    assert args[0] is model and str(args[1]) == str(out)
+    assert {k: v for k, v in kwargs.items() if k != "check"} == {
+        "input_size": (3, 40, 48), "opset": 17, "dynamic_batch": False, "fold": False,
+        "dynamic_size": True, "profile": "fp16", "fold_form": "split",
+    }  # fmt: skip
+    assert kwargs["check"] is None
+    runner.invoke(cli, ["export", "ck.safetensors", "-o", str(out), "--force"])
+    assert callable(exported.calls[-1][1]["check"]), "verification runs unless --no-verify"
+
+    monkeypatch.setattr(ibnify.deploy.verify, "verify_onnx", verified)
+    images = tmp_path / "imgs"
+    images.mkdir()
+    result = runner.invoke(
+        cli, ["verify", "m.onnx", "--against", "ck.safetensors", "--batch", "2,5", "--atol",
+              "0.003", "--rtol", "0.02", "--images", str(images), "--engine", "onnxruntime"],
+    )  # fmt: skip
+    assert isinstance(result.exception, _Stop), result.output
+    ((args, kwargs),) = verified.calls
+    assert args == ("m.onnx", model)
+    assert kwargs == {
+        "batch_sizes": (2, 5), "atol": 0.003, "rtol": 0.02, "images": str(images),
+        "raise_on_failure": False, "engine": "onnxruntime",
+    }  # fmt: skip
+
+    benched = _Recorder()
+    monkeypatch.setattr(ibnify.deploy.bench, "bench_onnx", benched)
+    result = runner.invoke(
+        cli, ["bench", "a.onnx", "--against", "b.onnx", "--threads", "3", "--batch", "4",
+              "--warmup", "2", "--runs", "7"],
+    )  # fmt: skip
+    assert isinstance(result.exception, _Stop), result.output
+    ((args, kwargs),) = benched.calls
+    assert args == (["a.onnx", "b.onnx"],)
+    assert {k: kwargs[k] for k in ("batch", "threads", "warmup", "runs", "engine")} == {
+        "batch": 4, "threads": 3, "warmup": 2, "runs": 7, "engine": "onnxruntime",
+    }  # fmt: skip
+
+
+def test_evaluate_options_reach_the_library(monkeypatch, tmp_path) -> None:
+    evaluated = _Recorder()
+    monkeypatch.setattr(ibnify.evaluation, "evaluate_files", evaluated)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    result = CliRunner().invoke(
+        cli, ["evaluate", "a.safetensors", "b.safetensors", "--data", str(folder), "--domain",
+              f"art={folder}", "--shift", "blur,noise", "--input-size", "3,40,40",
+              "--batch-size", "5", "--workers", "1", "--seed", "4"],
+    )  # fmt: skip
+    assert isinstance(result.exception, _Stop), result.output
+    ((args, kwargs),) = evaluated.calls
+    assert args == (("a.safetensors", "b.safetensors"),)
+    assert kwargs == {
+        "data": str(folder), "dataset": None, "shifts": "blur,noise", "batch_size": 5, "seed": 4,
+        "workers": 1, "domains": (f"art={folder}",), "input_size": (3, 40, 40),
+    }  # fmt: skip
+    CliRunner().invoke(cli, ["evaluate", "a.safetensors", "--dataset", "digits"])
+    assert evaluated.calls[-1][1]["dataset"] == "digits"
+    assert evaluated.calls[-1][1]["shifts"] == "all"
