@@ -19,9 +19,9 @@ from .._io import check_output_path
 from ..data.domains import check_same_classes
 from ..data.images import ImageData
 from ..data.sources import as_image_data
-from ..errors import InvalidOptionError
+from ..errors import CheckpointError, InvalidOptionError
 from ..evaluation import RobustnessReport, evaluate
-from ..models.checkpoint import input_size_for, load, save
+from ..models.checkpoint import input_size_for, load, needs_base, recipe_of_file, save
 from .offline import adapt_with, check_adaptable, target_subset
 from .options import AdaptOptions
 
@@ -62,6 +62,7 @@ def adapt_file(
     options = options or AdaptOptions()
     target_path = _check_output(checkpoint, output, force)
     size = input_size_for(checkpoint, input_size)
+    _check_base_given(checkpoint, base)
     model = load(checkpoint, base=base)
     check_adaptable(model, options)
     target = as_image_data(data, model, "test", seed=options.seed, input_size=size)
@@ -77,6 +78,19 @@ def adapt_file(
         report = evaluate(pair, target, shifts="none")
     save(adapted, target_path)
     return AdaptResult(adapted, target_path, used, report)
+
+
+def _check_base_given(checkpoint: str | os.PathLike[str], base: nn.Module | None) -> None:
+    """A checkpoint of a class no registry builds needs its base model: say how, for adapt."""
+    recipe = recipe_of_file(checkpoint)
+    if base is None and needs_base(recipe):
+        name = recipe.base_class_name
+        raise CheckpointError(
+            f"{str(checkpoint)!r} holds a converted {recipe.base_class}, which ibnify cannot "
+            f"build by name; adapt it in Python with its base model: ibnify.adaptation."
+            f"adapt_file(path, data, output, base={name}(...)), or ibnify.adapt(ibnify.load("
+            f"path, base={name}(...)), data)"
+        )
 
 
 def _source_data(
