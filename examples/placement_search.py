@@ -10,14 +10,19 @@
    them clean and under the shifts, prints the ranked table and writes ``search/pareto.png``
    and ``search/best.safetensors``.
 
-    python examples/placement_search.py [--out ibnify-placement] [--seed 0] [--force]
+    python examples/placement_search.py [--out out/placement] [--seed 0] [--force]
+        [--workers 2] [--figures docs]
 
-Rerunning with the same ``--out`` reuses the finished candidates (``search/results.jsonl``).
+The default ``--out`` lies in ``out/``, which git ignores. Rerunning with the same ``--out``
+reuses the finished candidates (the study in ``search/study.journal``); ``--figures DIR``
+copies the two plots the README shows (``placement_divergence.png``, ``placement_pareto.png``)
+there.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 
@@ -27,6 +32,7 @@ import ibnify
 from ibnify.data.digits import digits_data
 from ibnify.demo import DemoConfig
 from ibnify.models.registry import build_model
+from ibnify.placement.search import StudyOptions
 from ibnify.train.config import FinetuneConfig
 
 SOURCE = "ibnify:digits_resnet"
@@ -65,9 +71,11 @@ def search_schedule(config: DemoConfig, seed: int) -> FinetuneConfig:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="IBN placement from evidence, on digits")
-    parser.add_argument("--out", default="ibnify-placement", help="output folder")
+    parser.add_argument("--out", default="out/placement", help="output folder (git ignores out/)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--force", action="store_true", help="overwrite earlier outputs")
+    parser.add_argument("--force", action="store_true", help="start the search over")
+    parser.add_argument("--workers", type=int, default=1, help="search worker processes")
+    parser.add_argument("--figures", help="copy the README's two plots into this folder")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,10 +107,16 @@ def main() -> None:
         arch=SOURCE,
         echo=print,
         halving=False,  # every candidate gets the full fine-tune: a comparison, not a race
+        study=StudyOptions(workers=args.workers, threads=1),
     )
     print(report.table())
     if report.winner is not None:
         print(f"winner: {report.winner.name}; files: {', '.join(map(str, report.files.values()))}")
+    if args.figures:
+        figures = Path(args.figures)
+        figures.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / "divergence.png", figures / "placement_divergence.png")
+        shutil.copyfile(out / "search" / "pareto.png", figures / "placement_pareto.png")
     print(f"finished in {time.perf_counter() - started:.0f} s")
 
 

@@ -34,7 +34,7 @@ from optuna.storages import BaseStorage, JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from ..errors import IbnifyError, InvalidOptionError
+from ..errors import IbnifyError, InvalidOptionError, first_line
 from .candidates import CONTROL, Candidate, parse_candidates
 from .runs import Pruned, Search, rung_epochs
 from .search_report import CONTROL_NAME, CandidateResult
@@ -131,11 +131,25 @@ def open_storage(storage: str | None, out: Path | None) -> BaseStorage:
             return optuna.storages.InMemoryStorage()
         storage = str(out / STUDY_FILE)
     if "://" in storage:
-        # several processes write to one SQLite file: wait for its lock instead of failing
-        engine = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {}
-        return optuna.storages.RDBStorage(storage, engine_kwargs=engine)
+        return _rdb_storage(storage)
     Path(storage).parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(storage))
+
+
+def _rdb_storage(url: str, tries: int = 5) -> BaseStorage:
+    """An RDB storage; processes that open a new database at once race to create its tables,
+    and the loser retries (the winner has made them by then)."""
+    # several processes write to one SQLite file: wait for its lock instead of failing
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    for attempt in range(tries):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+        except Exception as exc:  # SQLAlchemy's errors: the driver, the URL, the race
+            if attempt == tries - 1:
+                message = f"cannot open the storage {url}: {first_line(exc, '')}"
+                raise InvalidOptionError(message) from exc
+            time.sleep(0.5 + attempt)
+    raise AssertionError("unreachable")
 
 
 def make_pruner(
