@@ -9,17 +9,22 @@ per-half formula written out here (float32, tolerance 1e-5).
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from click.testing import CliRunner
 from timm.layers import BatchNormAct2d, FrozenBatchNormAct2d
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 import ibnify
+from ibnify.cli import cli
 from ibnify.core.layers import IBN, IBNAct, InstanceNormAct2d, instance_norm_from_batchnorm
+from ibnify.errors import CheckpointError, WeightsError
+from ibnify.models.weights import load_state_dict_file
 
 __all__: list[str] = []
 
@@ -247,3 +252,57 @@ def test_convert_and_plan_keep_each_submodules_mode_and_leave_the_model_alone(la
         assert ibn.IN.bias.requires_grad and ibn.BN.bias.requires_grad
     else:  # the post-addition IN of the frozen layer1 block is in eval mode, layer2's trains
         assert not converted.layer1[1].IN.training and converted.layer2[1].IN.training
+
+
+class _Exploit:
+    """A pickle that would create ``marker`` when unpickled by an unsafe loader."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _crafted(tmp_path: Path, name: str) -> Path:
+    """A torch.save file holding a tensor beside an object whose unpickling touches a file."""
+    path = tmp_path / name
+    torch.save({"conv1.weight": torch.zeros(1), "payload": _Exploit(tmp_path / "pwned")}, path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".pt", ".bin"])
+def test_convert_weights_of_each_suffix_refuse_a_crafted_pickle(tmp_path, suffix: str) -> None:
+    weights, out = _crafted(tmp_path, "evil" + suffix), tmp_path / "out.safetensors"
+    args = ["convert", "resnet18", "--weights", str(weights), "-o", str(out), "--input-size", "64"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1
+    assert result.output.count("\n") == 1 and result.output.startswith("error: refusing to load")
+    assert not (tmp_path / "pwned").exists() and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil" + suffix]
+
+
+def test_plain_containers_with_non_tensor_leaves_are_not_weights(tmp_path) -> None:
+    """weights_only=True lets ints and strings through: the loader still refuses them."""
+    path = tmp_path / "w.pt"
+    torch.save({"state_dict": {"conv1.weight": torch.ones(1), "step": 3}, "note": "x"}, path)
+    with pytest.raises(WeightsError, match="not plain weights: entry 'state_dict' is a dict"):
+        load_state_dict_file(path)
+
+
+@pytest.mark.parametrize("command", ["load", "export", "evaluate"])
+def test_a_pickle_given_as_a_checkpoint_is_refused_unread(tmp_path, command: str) -> None:
+    evil = _crafted(tmp_path, "model.safetensors")
+    if command == "load":
+        with pytest.raises(CheckpointError, match="not a valid safetensors checkpoint"):
+            ibnify.load(evil)
+    else:
+        args = {
+            "export": ["export", str(evil), "-o", str(tmp_path / "m.onnx")],
+            "evaluate": ["evaluate", str(evil), "--dataset", "digits"],
+        }[command]
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1 and result.output.startswith("error: ")
+        assert result.output.count("\n") == 1 and "safetensors" in result.output
+    assert not (tmp_path / "pwned").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]

@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from click.testing import CliRunner
@@ -25,9 +26,12 @@ import ibnify.evaluation
 import ibnify.models.checkpoint
 from ibnify.cli import cli
 from ibnify.core.layers import IBN
+from ibnify.data.images import ImageData
 from ibnify.data.shifts import SHIFTS, apply_shift
+from ibnify.deploy.export import _check_graph
 from ibnify.deploy.fold import FoldedIBN, fold_bn_halves
-from ibnify.deploy.verify import VerificationReport, _comparison
+from ibnify.deploy.verify import RecordedMetadata, VerificationReport, _comparison, _tolerance
+from ibnify.errors import ExportError, VerificationError
 from ibnify.evaluation import RobustnessReport
 
 __all__: list[str] = []
@@ -316,3 +320,94 @@ def test_evaluate_options_reach_the_library(monkeypatch, tmp_path) -> None:
     CliRunner().invoke(cli, ["evaluate", "a.safetensors", "--dataset", "digits"])
     assert evaluated.calls[-1][1]["dataset"] == "digits"
     assert evaluated.calls[-1][1]["shifts"] == "all"
+
+
+def _snapshot(model: nn.Module) -> tuple[dict, dict, dict]:
+    """Each submodule's train flag, each parameter's requires_grad, and every tensor's value."""
+    return (
+        {name: m.training for name, m in model.named_modules()},
+        {name: p.requires_grad for name, p in model.named_parameters()},
+        {k: v.clone() for k, v in model.state_dict().items()},
+    )
+
+
+def _same(model: nn.Module, snapshot: tuple[dict, dict, dict]) -> bool:
+    modes, grads, state = snapshot
+    now = _snapshot(model)
+    return (
+        now[0] == modes
+        and now[1] == grads
+        and now[2].keys() == state.keys()
+        and all(torch.equal(v, now[2][k]) for k, v in state.items())
+    )
+
+
+@pytest.fixture(scope="module")
+def mixed_model() -> nn.Module:
+    """A converted resnet18 in train mode with a frozen (eval, no grad) first stage."""
+    model = ibnify.convert("resnet18", input_size=(3, 32, 32), model_kwargs={"num_classes": 4})
+    model.train()
+    model.layer1.eval().requires_grad_(False)
+    model.layer2[0].bn2.eval()
+    return model
+
+
+def test_evaluate_fold_and_export_leave_the_model_and_each_modules_mode_alone(
+    mixed_model: nn.Module, tmp_path
+) -> None:
+    snapshot = _snapshot(mixed_model)
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    data = ImageData(
+        torch.utils.data.TensorDataset(images, torch.tensor([0, 1, 2, 3, 0, 1])),
+        (0.5,) * 3, (0.25,) * 3,
+    )  # fmt: skip
+    ibnify.evaluation.evaluate({"m": mixed_model}, data, shifts="blur,noise", batch_size=4)
+    assert _same(mixed_model, snapshot), "evaluate"
+    fold_bn_halves(mixed_model)
+    assert _same(mixed_model, snapshot), "fold_bn_halves"
+    ibnify.deploy.export.export_onnx(mixed_model, tmp_path / "m.onnx", input_size=32)
+    assert _same(mixed_model, snapshot), "export_onnx"
+
+
+def test_verify_tolerance_is_the_recorded_profiles_unless_given() -> None:
+    fp16 = RecordedMetadata(profile="fp16")
+    assert _tolerance(fp16, None, None) == (5e-2, 1e-2, "fp16")
+    assert _tolerance(fp16, 0.3, None) == (0.3, 1e-2, "fp16")
+    assert _tolerance(fp16, None, 0.0) == (5e-2, 0.0, "fp16")
+    assert _tolerance(RecordedMetadata(), None, None) == (1e-4, 1e-3, "default")
+
+
+def test_export_refuses_a_graph_without_instance_norm_or_with_training_batchnorm() -> None:
+    def graph(*nodes: onnx.NodeProto) -> onnx.ModelProto:
+        io = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1]) for n in "xy"]
+        return onnx.helper.make_model(onnx.helper.make_graph(list(nodes), "g", io[:1], io[1:]))
+
+    relu = onnx.helper.make_node("Relu", ["x"], ["y"])
+    _check_graph(graph(relu), expect_instance_norm=False)
+    with pytest.raises(ExportError, match="holds no InstanceNormalization"):
+        _check_graph(graph(relu), expect_instance_norm=True)
+    inputs = ["x", "s", "b", "m", "v"]
+    for mode, fails in ((0, False), (1, True)):
+        bn = onnx.helper.make_node("BatchNormalization", inputs, ["y"], "bn", training_mode=mode)
+        if fails:
+            with pytest.raises(ExportError, match="'bn' with training_mode=1"):
+                _check_graph(graph(bn), expect_instance_norm=False)
+        else:
+            _check_graph(graph(bn), expect_instance_norm=False)
+
+
+@pytest.mark.parametrize(
+    ("options", "differs"), [({"stages": (1, 2)}, "conversion"), ({"ratio": 0.25}, "conversion")]
+)
+def test_verify_refuses_a_file_of_the_same_source_converted_otherwise(
+    mixed_model: nn.Module, tmp_path, options: dict, differs: str
+) -> None:
+    path = tmp_path / "m.onnx"
+    ibnify.deploy.export.export_onnx(mixed_model, path, input_size=32)
+    kwargs = {"input_size": (3, 32, 32), "model_kwargs": {"num_classes": 4}}
+    same = ibnify.convert("resnet18", **kwargs)
+    same.load_state_dict(mixed_model.state_dict())
+    assert ibnify.deploy.verify.verify_onnx(path, same.eval(), batch_sizes=(2,)).passed
+    other = ibnify.convert("resnet18", **kwargs, **options)
+    with pytest.raises(VerificationError, match=f"the {differs} differs"):
+        ibnify.deploy.verify.verify_onnx(path, other.eval(), batch_sizes=(2,))
