@@ -411,3 +411,37 @@ def test_verify_refuses_a_file_of_the_same_source_converted_otherwise(
     other = ibnify.convert("resnet18", **kwargs, **options)
     with pytest.raises(VerificationError, match=f"the {differs} differs"):
         ibnify.deploy.verify.verify_onnx(path, other.eval(), batch_sizes=(2,))
+
+
+def test_evaluate_gives_each_batch_its_index_and_the_seed_and_every_model_the_same_pixels(
+    monkeypatch,
+) -> None:
+    calls: list[tuple[str, int, int]] = []
+    original = ibnify.evaluation.apply_shift
+
+    def recording(name: str, images: torch.Tensor, seed: int = 0, batch_index: int = 0):
+        calls.append((name, seed, batch_index))
+        return original(name, images, seed=seed, batch_index=batch_index)
+
+    monkeypatch.setattr(ibnify.evaluation, "apply_shift", recording)
+    seen: dict[str, list[torch.Tensor]] = {"a": [], "b": []}
+
+    class _Spy(nn.Module):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen[self.name].append(x.clone())
+            return torch.zeros(x.shape[0], 2)
+
+    images = torch.rand(5, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    data = ImageData(torch.utils.data.TensorDataset(images, torch.zeros(5, dtype=torch.long)),
+                     (0.5,) * 3, (0.2,) * 3)  # fmt: skip
+    ibnify.evaluation.evaluate({"a": _Spy("a"), "b": _Spy("b")}, data, "noise", 2, seed=7)
+    assert calls == [(n, 7, b) for b in range(3) for n in ("clean", "noise")]
+    assert len(seen["a"]) == 6 and all(
+        torch.equal(x, y) for x, y in zip(*seen.values(), strict=True)
+    )
+    noisy = original("noise", images[2:4], seed=7, batch_index=1)
+    torch.testing.assert_close(seen["a"][3], (noisy - 0.5) / 0.2, atol=1e-6, rtol=0)
