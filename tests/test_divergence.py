@@ -166,6 +166,31 @@ def test_cli_analyze_a_checkpoint_prints_the_command(trained, tmp_path) -> None:
     assert as_json["command"] == expected.removeprefix("run: ")
 
 
+def test_the_printed_convert_command_rebuilds_the_analysed_model(tmp_path, monkeypatch) -> None:
+    """A model built by name without weights (its init from --seed 3), analysed at
+    --input-size 12: the printed command carries both and converts that very model."""
+    monkeypatch.chdir(tmp_path)
+    args = ["analyze", SOURCE, "--dataset", "digits", "--shift", "brightness_down",
+            "--images", "32", "--input-size", "12", "--seed", "3", "--quiet"]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if x.startswith("run: "))
+    assert " --input-size 3,12,12 --seed 3 " in line
+    done = CliRunner().invoke(cli, line.removeprefix("run: ibnify ").split())
+    assert done.exit_code == 0, done.output
+    torch.manual_seed(3)
+    stages = tuple(int(s) for s in line.split("--stages ")[1].split()[0].split("-"))
+    expected = ibnify.convert(digits_resnet(), stages=tuple(range(stages[0], stages[-1] + 1)))
+    rebuilt = ibnify.load(tmp_path / "digits_resnet_ibn.safetensors")
+    assert ibnify.read_recipe(tmp_path / "digits_resnet_ibn.safetensors")["input_size"] == [
+        3,
+        12,
+        12,
+    ]
+    state = rebuilt.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in expected.state_dict().items())
+
+
 def test_weights_with_original_or_ibn_keys(tmp_path) -> None:
     plain, converted = tmp_path / "plain.pth", tmp_path / "ibn.pth"
     torch.save(digits_resnet().state_dict(), plain)

@@ -81,7 +81,7 @@ def analyze_command(
     click.echo(f"{report.arch}: {report.domain_a} vs {what}; {report.images} images per domain")
     click.echo(report.table())
     click.echo("")
-    click.echo(report.summary(source.convert_args()))
+    click.echo(report.summary(report.extras.get("model_args")))
     if source.weights is None and source.checkpoint is None:
         click.echo(
             f"note: {model} was built with random weights (no --weights); an untrained "

@@ -94,6 +94,17 @@ class ModelSource:
         return self.label
 
 
+def _convert_args(source: ModelSource, input_size: Sequence[int] | None, seed: int) -> str:
+    """MODEL arguments of the printed ``ibnify convert``: the model, its weights or classes,
+    the input size it was analysed at, and the init seed of a model built without weights."""
+    args = source.convert_args()
+    if input_size is not None:
+        args += " --input-size " + ",".join(map(str, input_size))
+    if source.weights is None and source.checkpoint is None:
+        args += f" --seed {seed}"
+    return args
+
+
 def load_model_or_checkpoint(spec: str, weights: str | None = None) -> ModelSource:
     """A model name (``resnet50``, ``timm:…``, ``ibnify:…``) with optional weights, or a checkpoint.
 
@@ -453,5 +464,5 @@ def analyze_files(model: str, options: AnalyzeOptions | None = None) -> AnalyzeR
         progress=options.progress,
         arch=source.source,
     )
-    report.extras["model_args"] = source.convert_args()
+    report.extras["model_args"] = _convert_args(source, options.input_size, options.seed)
     return AnalyzeResult(report, source)
