@@ -52,8 +52,7 @@ class _Statistics:
         """Before the norm runs: record the batch's statistics and normalise with them."""
         x = inputs[0].detach()
         dims = [0, *range(2, x.dim())]
-        mean = x.mean(dim=dims)
-        biased = x.var(dim=dims, unbiased=False)
+        biased, mean = torch.var_mean(x, dim=dims, unbiased=False)  # one pass over x
         count = x.numel() // x.shape[1]
         unbiased = biased * count / max(count - 1, 1)
         self.mean_sum += mean.double()
