@@ -614,3 +614,84 @@ def test_a_fresh_head_is_drawn_from_the_run_seed_not_the_callers_rng() -> None:
                  lr=1e-9, seed=7)  # fmt: skip
         heads.append(model.fc.weight.detach().clone())
     assert torch.equal(heads[0], heads[1])
+
+
+class _Report:
+    """What ``ibnify evaluate`` prints from: a recorded stand-in for RobustnessReport."""
+
+    dataset, images, domain_images = "images", 4, {"night": 2}
+
+    def __init__(self, seen: dict) -> None:
+        self.seen = seen
+
+    def plot(self, path: Path) -> Path:
+        self.seen["plot"] = str(path)
+        return Path(path)
+
+    def to_json(self) -> str:
+        return '{"json": true}'
+
+    def table(self) -> str:
+        return "TABLE"
+
+
+_EVALUATE_BASE = ["evaluate", "a.safetensors", "--data", "images"]
+# Every option of ``ibnify evaluate``, as for finetune above.
+_EVALUATE_TABLE = {
+    "checkpoints": (["b.safetensors"], _arg("checkpoints"), ("a.safetensors", "b.safetensors")),
+    "data": (["--data", "other"], _arg("data"), "other"),
+    "dataset": (["--dataset", "digits"], _arg("dataset"), "digits"),
+    "domains": (
+        ["--domain", "night=n", "--domain", "fog=f"],
+        _arg("domains"),
+        ("night=n", "fog=f"),
+    ),
+    "shifts": (["--shift", "gamma,blur"], _arg("shifts"), "gamma,blur"),
+    "input_size": (["--input-size", "3,20,24"], _arg("input_size"), (3, 20, 24)),
+    "plot": (["--plot", "PLOT.png"], lambda seen: seen.get("plot", "").endswith("PLOT.png"), True),
+    "as_json": (["--json"], _arg("output"), '{"json": true}'),
+    "batch_size": (["--batch-size", "7"], _arg("batch_size"), 7),
+    "workers": (["--workers", "2"], _arg("workers"), 2),
+    "seed": (["--seed", "9"], _arg("seed"), 9),
+    "force": (["--plot", "PLOT.png", "--force"], lambda seen: seen.get("plot", ""), "PLOT.png"),
+    "threads": (["--threads", "2"], _arg("threads"), 2),
+}
+
+
+def _invoke_evaluate(monkeypatch: pytest.MonkeyPatch, args: list[str]) -> dict:
+    import ibnify.evaluation as evaluation
+
+    seen: dict = {}
+
+    def recorder(checkpoints, **kwargs):
+        seen.update(kwargs, checkpoints=tuple(checkpoints), threads=torch.get_num_threads())
+        return _Report(seen)
+
+    monkeypatch.setattr(evaluation, "evaluate_files", recorder)
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    seen["output"] = result.output.strip()
+    return seen
+
+
+def test_the_evaluate_option_table_covers_every_option() -> None:
+    from ibnify.cli.training import evaluate_command
+
+    assert {p.name for p in evaluate_command.params} == set(_EVALUATE_TABLE)
+
+
+@pytest.mark.parametrize("name", sorted(_EVALUATE_TABLE))
+def test_every_evaluate_option_reaches_the_library(
+    name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    option_args, read, expected = _EVALUATE_TABLE[name]
+    base = list(_EVALUATE_BASE)
+    if option_args[:1] == ["--dataset"]:
+        del base[2:4]
+    if name == "force":
+        (tmp_path / "PLOT.png").write_bytes(b"old")  # refused without --force
+    baseline = _invoke_evaluate(monkeypatch, _EVALUATE_BASE)
+    seen = _invoke_evaluate(monkeypatch, base + option_args)
+    assert read(seen) == expected
+    assert read(baseline) != expected
