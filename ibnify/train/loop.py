@@ -112,7 +112,10 @@ def finetune(
     frozen in eval mode during the run and handed back with its modes and ``requires_grad``
     flags as they were) and the reported accuracy is agreement with the teacher's prediction;
     otherwise it is cross-entropy on the labels. A head that does not fit the data's classes,
-    or a teacher whose output does not fit the student's, is refused before training. Under
+    or a teacher whose output does not fit the student's, is refused before training; so is,
+    with ``out_dir`` (where the model is saved after every epoch), a model ``ibnify.save``
+    would refuse. A run is a function of its options: every RNG it draws from is seeded from
+    ``seed``, and ``resume=True`` continues it bit for bit. Under
     ``torchrun`` (``WORLD_SIZE`` > 1) each process trains on its shard with
     DistributedDataParallel; only rank 0 writes files.
 
@@ -125,8 +128,9 @@ def finetune(
         val_data: labelled data whose clean accuracy is logged after every epoch.
         force: start over in an ``out_dir`` that already holds a run.
         on_epoch: called on rank 0 with each epoch's metrics dict (the CLI prints them).
-        num_classes: first give ``model`` a fresh classifier head of this size (in place, like
-            the training; its plan records ``num_classes`` so the saved file loads back).
+        num_classes: first give ``model`` a fresh classifier head of this size, drawn from
+            ``seed`` (in place, like the training; its plan records ``num_classes`` so the
+            saved file loads back).
     """
     config = FinetuneConfig(**{**asdict(config or FinetuneConfig()), **overrides})
     config.validate()
