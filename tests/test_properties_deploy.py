@@ -9,6 +9,7 @@ verify, bench and evaluate, every option given a non-default value and seen by t
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -445,3 +446,47 @@ def test_evaluate_gives_each_batch_its_index_and_the_seed_and_every_model_the_sa
     )
     noisy = original("noise", images[2:4], seed=7, batch_index=1)
     torch.testing.assert_close(seen["a"][3], (noisy - 0.5) / 0.2, atol=1e-6, rtol=0)
+
+
+class _FakeSession:
+    """Advances a fake clock by its next duration (ms) on each run and logs the call."""
+
+    def __init__(self, index: int, durations: list[float], clock: list[float], log: list) -> None:
+        self.index, self.durations, self.clock, self.log = index, iter(durations), clock, log
+
+    def run(self, outputs: Any, feed: dict) -> None:
+        self.log.append(self.index)
+        self.clock[0] += next(self.durations) / 1000.0
+
+
+def _fake_bench(monkeypatch, durations: list[list[float]], **kwargs: Any):
+    clock, log = [0.0], []
+    sessions = [_FakeSession(i, d, clock, log) for i, d in enumerate(durations)]
+    monkeypatch.setattr(
+        ibnify.deploy.bench, "_open_all", lambda *a: (sessions, [{}] * len(sessions))
+    )
+    monkeypatch.setattr(ibnify.deploy.bench, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    names = [f"m{i}" for i in range(len(durations))]
+    return ibnify.deploy.bench.bench_onnx(names, names=names, **kwargs), log
+
+
+def test_bench_drops_the_warmup_alternates_the_order_and_takes_median_p90_and_paired_ratio(
+    monkeypatch,
+) -> None:
+    report, log = _fake_bench(
+        monkeypatch, [[9, 9, 3, 4, 5, 6], [9, 9, 2, 2, 4, 8]], warmup=2, runs=4
+    )
+    assert log == [0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 0]
+    assert [(t.name, t.runs) for t in report.timings] == [("m0", 4), ("m1", 4)]
+    assert list(report.samples) == ["m0", "m1"]
+    assert report.samples["m0"] == pytest.approx([3, 4, 5, 6])  # the fake clock's float sums
+    assert report.samples["m1"] == pytest.approx([2, 2, 4, 8])
+    assert report.timings[0].median_ms == pytest.approx(4.5)
+    assert report.timings[0].p90_ms == pytest.approx(5.7)  # numpy's linear interpolation
+    assert report.timings[1].median_ms == pytest.approx(3.0)
+    assert report.paired["m1"] == pytest.approx(1.375)  # median of 1.5, 2, 1.25, 0.75
+    assert report.ratio() == pytest.approx(1.5)  # ratio of medians
+    assert "ratio m0 / m1: 1.375 (median of per-run ratios; ratio of medians 1.500)" in str(report)
+    three, log = _fake_bench(monkeypatch, [[1] * 3, [2] * 3, [3] * 3], warmup=0, runs=3)
+    assert log == [0, 1, 2, 1, 2, 0, 2, 0, 1]
+    assert three.paired == pytest.approx({"m1": 0.5, "m2": 1 / 3})
