@@ -477,6 +477,7 @@ def _train(
         return trial.should_prune()
 
     folder = search.out / "runs" / candidate.slug if search.out is not None else None
+    cpu = time.process_time()
     with _heartbeat(trial, run.options.heartbeat_s):
         try:
             control = candidate == CONTROL  # the control runs to the end: the clean reference
@@ -485,6 +486,7 @@ def _train(
         except Pruned as stop:
             result, state = stop.result, TrialState.PRUNED
     trial.set_user_attr("result", asdict(result))
+    trial.set_user_attr("cpu_s", round(time.process_time() - cpu, 3))  # this worker's CPU time
     if folder is not None:
         shutil.rmtree(folder, ignore_errors=True)
     value = 100 * result.objective(search.objective)
