@@ -490,3 +490,21 @@ def test_bench_drops_the_warmup_alternates_the_order_and_takes_median_p90_and_pa
     three, log = _fake_bench(monkeypatch, [[1] * 3, [2] * 3, [3] * 3], warmup=0, runs=3)
     assert log == [0, 1, 2, 1, 2, 0, 2, 0, 1]
     assert three.paired == pytest.approx({"m1": 0.5, "m2": 1 / 3})
+
+
+def test_a_failed_check_leaves_an_earlier_export_untouched_and_nothing_else(
+    mixed_model: nn.Module, tmp_path
+) -> None:
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"earlier")
+    seen = []
+
+    def failing(temp) -> None:
+        seen.append(onnx.load(str(temp)).graph.input[0].name)
+        raise VerificationError("beyond tolerance")
+
+    with pytest.raises(VerificationError):
+        ibnify.deploy.export.export_onnx(mixed_model, path, input_size=32, check=failing)
+    assert seen == ["input"], "the check saw the finished file"
+    assert path.read_bytes() == b"earlier"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
