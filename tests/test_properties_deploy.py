@@ -299,6 +299,12 @@ def test_export_verify_bench_options_reach_the_library(monkeypatch, tmp_path) ->
     assert {k: kwargs[k] for k in ("batch", "threads", "warmup", "runs", "engine")} == {
         "batch": 4, "threads": 3, "warmup": 2, "runs": 7, "engine": "onnxruntime",
     }  # fmt: skip
+    profiled = _Recorder()
+    monkeypatch.setattr(ibnify.deploy.bench, "bench_onnx", lambda *a, **k: "timed")
+    monkeypatch.setattr(ibnify.deploy.bench, "kernel_profile", profiled)
+    args = ["bench", "a.onnx", "--threads", "3", "--batch", "4", "--runs", "30", "--kernels"]
+    assert isinstance(runner.invoke(cli, args).exception, _Stop)
+    assert profiled.calls == [((["a.onnx"],), {"batch": 4, "threads": 3, "runs": 20})]
 
 
 def test_evaluate_options_reach_the_library(monkeypatch, tmp_path) -> None:
