@@ -234,14 +234,14 @@ def test_cli_adapt_entropy_writes_what_python_computes_and_a_source_check(
     source_bytes = checkpoint.read_bytes()
     out = tmp_path / "entropy.safetensors"
     args = ["adapt", str(checkpoint), "--data", str(target), "-o", str(out), "--method",
-            "entropy", "--norms", "both", "--epochs", "2", "--lr", "0.05", "--batch-size", "16",
+            "entropy", "--norms", "bn", "--epochs", "2", "--lr", "0.05", "--batch-size", "16",
             "--source", "digits"]  # fmt: skip
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     record = ibnify.read_recipe(out)["adaptations"][-1]
     assert lines[0] == (
-        f"adapted the BN and IN affine by entropy minimisation on 60 images of {target} "
+        f"adapted the BN affine by entropy minimisation on 60 images of {target} "
         f"(2 epochs, {record['updates']} updates, {record['kept']} of 120 samples under the "
         "entropy margin), then the BN statistics (prior 0)"
     )
@@ -250,9 +250,9 @@ def test_cli_adapt_entropy_writes_what_python_computes_and_a_source_check(
     assert lines[4].startswith("| clean ") and lines[5].startswith("| domain target ")
     assert lines[-1] == f"wrote {out}"
     assert (record["kind"], record["norms"], record["epochs"], record["lr"]) == (
-        "entropy", "both", 2, 0.05)  # fmt: skip
+        "entropy", "bn", 2, 0.05)  # fmt: skip
     assert checkpoint.read_bytes() == source_bytes
-    expected = ibnify.adapt(ibnify.load(checkpoint), str(target), method="entropy", norms="both",
+    expected = ibnify.adapt(ibnify.load(checkpoint), str(target), method="entropy", norms="bn",
                             epochs=2, lr=0.05, batch_size=16)  # fmt: skip
     loaded = ibnify.load(out)
     for key, value in expected.state_dict().items():
