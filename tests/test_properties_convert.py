@@ -24,7 +24,7 @@ import ibnify
 from ibnify.cli import cli
 from ibnify.core.layers import IBN, IBNAct, InstanceNormAct2d, instance_norm_from_batchnorm
 from ibnify.errors import CheckpointError, WeightsError
-from ibnify.models.weights import load_state_dict_file
+from ibnify.models.weights import load_state_dict_file, load_weights
 
 __all__: list[str] = []
 
@@ -306,3 +306,22 @@ def test_a_pickle_given_as_a_checkpoint_is_refused_unread(tmp_path, command: str
         assert result.output.count("\n") == 1 and "safetensors" in result.output
     assert not (tmp_path / "pwned").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_weights_that_do_not_fit_are_refused_with_every_kind_of_mismatch_counted() -> None:
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3))
+    good = {k: torch.full_like(v, 0.5) for k, v in model.state_dict().items()}
+    wrong_shape = {**good, "0.weight": torch.zeros(3, 2, 3, 3)}
+    with pytest.raises(WeightsError, match=r"^w: .*Sequential: 1 wrong shape \(0\.weight\)$"):
+        load_weights(model, wrong_shape, what="w")
+    extra = {**good, "2.a": torch.zeros(1), "2.b": torch.zeros(1), "2.c": torch.zeros(1)}
+    del extra["1.running_var"], extra["0.bias"], extra["1.bias"], extra["1.weight"]
+    with pytest.raises(WeightsError) as error:
+        load_weights(model, extra, what="w")
+    assert str(error.value).endswith(
+        "4 missing (0.bias, 1.weight, 1.bias, ...); 3 unexpected (2.a, 2.b, 2.c)"
+    )
+    assert all(not torch.equal(v, torch.full_like(v, 0.5)) for v in model.state_dict().values()
+               if v.is_floating_point()), "nothing was loaded from a refused state"  # fmt: skip
+    load_weights(model, good)
+    assert all(torch.equal(v, good[k]) for k, v in model.state_dict().items())
