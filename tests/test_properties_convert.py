@@ -12,6 +12,7 @@ import copy
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -76,7 +77,7 @@ SPLITS = [
 
 def _tail(bn: nn.Module, y: torch.Tensor) -> torch.Tensor:
     """The activation a timm norm+act layer applies after normalising (eval: no dropout)."""
-    return F.leaky_relu(y, 0.3) if hasattr(bn, "act") else y
+    return bn.act(y) if hasattr(bn, "act") else y
 
 
 def _expected_eval(x: torch.Tensor, bn: nn.Module, ins: slice, bns: slice) -> torch.Tensor:
@@ -325,3 +326,30 @@ def test_weights_that_do_not_fit_are_refused_with_every_kind_of_mismatch_counted
                if v.is_floating_point()), "nothing was loaded from a refused state"  # fmt: skip
     load_weights(model, good)
     assert all(torch.equal(v, good[k]) for k, v in model.state_dict().items())
+
+
+def test_timm_norm_act_sites_of_a_whole_model_keep_their_own_activation_and_slices() -> None:
+    original = timm.create_model("mobilenetv3_small_050").eval()
+    for index, module in enumerate(m for m in original.modules() if isinstance(m, BatchNormAct2d)):
+        _fill(module, index)
+        module.eps, module.momentum = EPS, MOMENTUM
+    converted = ibnify.convert(original, input_size=SMALL)
+    sites = ibnify.get_plan(converted).sites
+    acts = {type(original.get_submodule(s.name).act) for s in sites}
+    assert len(sites) == 7 and acts == {nn.ReLU, nn.Hardswish}, "both activations are covered"
+    for site in sites:
+        bn, ibn = original.get_submodule(site.name), converted.get_submodule(site.name)
+        assert type(ibn) is IBNAct and type(ibn.act) is type(bn.act)
+        half = site.in_channels
+        for name in ("weight", "bias"):
+            assert torch.equal(getattr(ibn.IN, name).detach(), getattr(bn, name).detach()[:half])
+            assert torch.equal(getattr(ibn.BN, name).detach(), getattr(bn, name).detach()[half:])
+        assert torch.equal(ibn.BN.running_mean, bn.running_mean[half:])
+        assert torch.equal(ibn.BN.running_var, bn.running_var[half:])
+        assert (ibn.BN.eps, ibn.BN.momentum, int(ibn.BN.num_batches_tracked)) == (
+            EPS, MOMENTUM, TRACKED,
+        )  # fmt: skip
+        x = torch.randn(2, bn.num_features, 4, 4) * 3
+        with torch.no_grad():
+            torch.testing.assert_close(ibn(x), _expected_eval(x, bn, slice(0, half),
+                                                              slice(half, None)))  # fmt: skip
