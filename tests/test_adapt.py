@@ -77,6 +77,7 @@ def test_only_norm_buffers_change_and_the_input_stays() -> None:
     assert model.training and adapted.training
     changed = {k for k, v in adapted.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {"1.running_mean", "1.running_var", "5.running_mean", "5.running_var"}
+    assert [adapted[i].momentum for i in (1, 5)] == [model[i].momentum for i in (1, 5)] == [0.1] * 2
     for name, parameter in adapted.named_parameters():
         assert torch.equal(parameter, dict(model.named_parameters())[name]), name
 
