@@ -129,6 +129,28 @@ def test_images_limit_and_prior() -> None:
         AdaptOptions(images=0)
 
 
+class _WithSpare(nn.Module):
+    """The tiny model plus a BN its forward never reaches (a head kept for another task)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = _tiny()
+        self.spare = nn.BatchNorm2d(4)
+        randomize_norms(self.spare)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+@pytest.mark.parametrize("prior", [0.0, 0.5])
+def test_a_norm_the_forward_never_reaches_keeps_its_statistics(prior: float) -> None:
+    model = _WithSpare()
+    adapted = ibnify.adapt(model, _data(_images(8)), prior=prior, batch_size=4)
+    for key in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(adapted.spare, key), getattr(model.spare, key)), key
+    assert not torch.equal(adapted.body[1].running_mean, model.body[1].running_mean)
+
+
 def test_frozen_batchnorm_adapts_its_buffers() -> None:
     model, x = _tiny(FrozenBatchNorm2d), _images(9)
     assert set(adaptable_norms(model)) == {"1", "5"}
