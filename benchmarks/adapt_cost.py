@@ -115,10 +115,14 @@ same images) in the same round; the range is over rounds. Forward: {forward_ms:.
 |---|---|---|---|
 {chr(10).join(rows)}
 
-`bn` is one forward with the statistics hooks; `entropy` one learning pass (forward, backward
-through the network to the norm affine, an SGD step per batch) plus the statistics pass;
-`online` one learning step per batch and no statistics pass. The targets are the passes each
-needs (1, 1 + 3, 3 forward-equivalents) with 25% for hooks, mode switches and the optimizer.
+`bn` is one forward in which every BN estimates its batch's statistics (torch's own train-mode
+kernel; the hook only for frozen BN or a prior), plus what any `ibnify.adapt` call pays: a copy
+of the model, the images through a DataLoader, the normalisation. `entropy` is one learning pass
+(forward, backward through the network to the norm affine, an SGD step per batch) plus the
+statistics pass; `online` one learning step per batch on batches already in memory and no
+statistics pass. The targets are the passes each needs (1, 1 + 3, 3 forward-equivalents) with
+25% for the copy, the loader, mode switches and the optimizer. The machine is shared: the range
+over rounds shows how much other processes moved each round.
 """
     print(markdown)
     if not args.no_write:

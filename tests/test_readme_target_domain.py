@@ -9,8 +9,8 @@ adaptations and a four-candidate search, minutes on two cores).
 
 Margins for the slow test (one run, any machine), from the five seeds on the stated machine:
 bn − none was +39.5 to +61.0 points (claimed ≥ +25), |entropy − bn| ≤ 1.0 (claimed ≤ 3),
-clean after adaptation ≤ 62.6% (claimed ≤ 80), clean before ≥ 99.0% (claimed ≥ 95), target
-before ≤ 19.2% (claimed ≤ 40).
+clean after adaptation ≤ 62.6% (≤ 77.6% under AVX2 kernels; claimed at least 10 points below
+the source model's), clean before ≥ 99.0% (claimed ≥ 95), target before ≤ 19.2% (claimed ≤ 40).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ HEADING = "## Your own target domain"
 GAIN = 25.0  # bn adaptation lifts the target by at least this many points
 SAME = 3.0  # entropy minimisation stays within this many points of bn
 SOURCE_AFTER = 80.0  # clean source accuracy of an adapted model stays below this
+SOURCE_DROP = 10.0  # and below the source model's by at least this many points
 CLEAN = 95.0  # clean source accuracy of the demo's models
 TARGET_BEFORE = 40.0  # target accuracy before adaptation stays below this
 
@@ -116,6 +117,8 @@ def test_the_seed_tables_say_what_the_words_claim() -> None:
             assert low >= CLEAN  # "99-100% clean"
         else:
             assert high <= SOURCE_AFTER  # "no longer fit the source"
+            source = _spread(spread[(key[0], "none")]["source clean mean [min, max]"])
+            assert high <= source[1] - 20  # "20 points or more below the source model"
     for model in ("control", "ibn"):
         none, bn = per_seed[(model, "none")], per_seed[(model, "bn")]
         assert max(none) <= TARGET_BEFORE  # "lose most of their accuracy"
@@ -167,7 +170,7 @@ def test_the_section_commands_print_what_its_words_claim(tmp_path, monkeypatch) 
                "ibn": second["domain printed"]["ibn-printed"]}  # fmt: skip
     for model, after in adapted.items():  # bn buys far more than the IN halves alone
         assert after - first["domain printed"][model] >= GAIN
-        assert second["clean"][f"{model}-printed"] <= SOURCE_AFTER  # no longer fits the source
+        assert second["clean"][f"{model}-printed"] <= first["clean"][model] - SOURCE_DROP
     control_adapt = outputs["adapt ibnify-demo/control.safetensors"][0]
     ibn_adapt, entropy = outputs["adapt ibnify-demo/ibn.safetensors"]
     for text, model in ((control_adapt, "control"), (ibn_adapt, "ibn")):
@@ -177,7 +180,7 @@ def test_the_section_commands_print_what_its_words_claim(tmp_path, monkeypatch) 
     assert entropy.startswith("adapted the BN and IN affine by entropy minimisation on 600 images")
     table = _grid(_tables(entropy)[0])
     assert table["clean"]["before"] == first["clean"]["ibn"]
-    assert table["clean"]["after"] <= SOURCE_AFTER
+    assert table["clean"]["after"] <= table["clean"]["before"] - SOURCE_DROP
     assert table["domain printed-digits"]["before"] == first["domain printed"]["ibn"]
     assert abs(table["domain printed-digits"]["after"] - adapted["ibn"]) <= SAME
     search = outputs["search ibnify-demo/baseline.safetensors"][0]
