@@ -695,3 +695,38 @@ def test_every_evaluate_option_reaches_the_library(
     seen = _invoke_evaluate(monkeypatch, base + option_args)
     assert read(seen) == expected
     assert read(baseline) != expected
+
+
+def test_each_epoch_starts_one_set_of_loader_workers_and_ctrl_c_stops_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``workers`` processes per epoch, not two sets (tqdm.auto given the loader starts an
+    iterator of its own); after Ctrl-C, with the exception still held, none is left running."""
+    import multiprocessing
+    import multiprocessing.process
+
+    from ibnify.train.progress import FinetuneInterrupted
+
+    started: list[int] = []
+    real_start = multiprocessing.process.BaseProcess.start
+
+    def counting_start(self) -> None:
+        started.append(1)
+        real_start(self)
+
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", counting_start)
+    finetune(tiny_converted(), tiny_data(n=32), epochs=2, batch_size=16, workers=2, quiet=True)
+    assert len(started) == 2 * 2
+    calls: list[int] = []
+    real_step = loop._step
+
+    def step_or_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_step", step_or_interrupt)
+    with pytest.raises(FinetuneInterrupted) as caught:
+        finetune(tiny_converted(), tiny_data(n=64), epochs=2, batch_size=16, workers=2, quiet=True)
+    assert caught.value.kept_epoch == 0 and multiprocessing.active_children() == []

@@ -356,32 +356,36 @@ def _train_epoch(
     correct = torch.zeros((), dtype=torch.float64, device=device)
     seen = 0
     start = time.perf_counter()
+    # One iterator, handed to tqdm: given the loader, tqdm.auto starts a second one of its own
+    # (its async support calls iter() at once), with a second set of workers.
+    batches = iter(loader)
     bar = tqdm(
-        loader,
+        batches,
+        total=len(loader),
         desc=f"epoch {epoch + 1}/{config.epochs}",
         # None: tqdm shows the bar on a terminal only (not in logs, pipes or tests).
         disable=True if config.quiet or not runtime.dist.is_main else None,
         leave=False,
         unit="batch",
     )
-    for step, (images, labels) in enumerate(bar):
-        images = images.to(device, non_blocking=True).contiguous(
-            memory_format=runtime.memory_format
-        )
-        labels = labels.to(device, non_blocking=True)
-        loss, logits, target = _step(training, runtime, config, images, labels)
-        batch = images.shape[0]
-        seen += batch
-        loss_sum += loss.detach().double() * batch
-        correct += (logits.detach().argmax(1) == target).sum()
-        if not bar.disable and (step % 10 == 0 or step == len(loader) - 1):
-            elapsed = max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix(
-                loss=f"{loss_sum.item() / seen:.4f}",
-                acc=f"{correct.item() / seen:.3f}",
-                img_s=f"{seen * runtime.dist.world_size / elapsed:.0f}",
+    try:
+        for step, (images, labels) in enumerate(bar):
+            images = images.to(device, non_blocking=True).contiguous(
+                memory_format=runtime.memory_format
             )
-    bar.close()
+            labels = labels.to(device, non_blocking=True)
+            loss, logits, target = _step(training, runtime, config, images, labels)
+            batch = images.shape[0]
+            seen += batch
+            loss_sum += loss.detach().double() * batch
+            correct += (logits.detach().argmax(1) == target).sum()
+            if not bar.disable and (step % 10 == 0 or step == len(loader) - 1):
+                _show_progress(bar, (loss_sum, correct, seen), start, runtime.dist.world_size)
+    finally:
+        bar.close()
+        # A traceback (Ctrl-C) keeps this frame: without these names it does not keep the
+        # loader's workers running until it is dropped.
+        del bar, batches
     seconds = time.perf_counter() - start
     totals = torch.stack([loss_sum, correct, torch.tensor(float(seen), device=device).double()])
     if runtime.dist.enabled:
@@ -398,6 +402,19 @@ def _train_epoch(
         "seconds": round(seconds, 4),
         "images_per_s": round(count / max(seconds, 1e-9), 1),
     }
+
+
+def _show_progress(
+    bar: Any, sums: tuple[torch.Tensor, torch.Tensor, int], start: float, world_size: int
+) -> None:
+    """The bar's running loss, accuracy and images per second."""
+    loss_sum, correct, seen = sums
+    elapsed = max(time.perf_counter() - start, 1e-9)
+    bar.set_postfix(
+        loss=f"{loss_sum.item() / seen:.4f}",
+        acc=f"{correct.item() / seen:.3f}",
+        img_s=f"{seen * world_size / elapsed:.0f}",
+    )
 
 
 def _step(
