@@ -180,7 +180,11 @@ def test_pruned_search_keeps_the_full_runs_winner_bit_for_bit(setup, reference, 
         if result.full:
             twin = next(r for r in full.results if r.name == result.name)
             assert result.accuracy == twin.accuracy
-    states = {t.user_attrs["candidate"]: t.state for t in _trials(tmp_path)}
+    trials = _trials(tmp_path)
+    reported = {t.user_attrs["candidate"]: t.intermediate_values for t in trials}
+    assert reported["control"] == {}  # the control never reports, so it is never pruned
+    assert all(list(values) == [1] for name, values in reported.items() if name != "control")
+    states = {t.user_attrs["candidate"]: t.state for t in trials}
     assert sorted(n for n, s in states.items() if s == TrialState.PRUNED) == sorted(
         r.name for r in stopped
     )

@@ -20,6 +20,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -266,6 +267,8 @@ def _write_outputs(out: Path, report: SearchReport, options: StudyOptions) -> No
     """report.json, pareto.png and best.safetensors (a copy of the winner's checkpoint)."""
     if options.storage is None:
         report.files["study"] = out / STUDY_FILE
+    with suppress(OSError):  # every run folder is removed once its trial ends
+        (out / "runs").rmdir()
     winner = report.winner
     if winner is not None and winner.checkpoint and Path(winner.checkpoint).is_file():
         best = out / "best.safetensors"
@@ -408,4 +411,7 @@ def search_files(
         halving=options.halving, input_size=size, study=options.study_options(),
     )  # fmt: skip
     size = tuple(train.dataset[0][0].shape)  # type: ignore[assignment]
-    return SearchResult(report, source, data_args, size, options.seed, options.threads)  # type: ignore[arg-type]
+    threads = options.threads
+    if threads is None and options.workers > 1:  # what each worker ran with
+        threads = max(1, (os.cpu_count() or 1) // options.workers)
+    return SearchResult(report, source, data_args, size, options.seed, threads)  # type: ignore[arg-type]
