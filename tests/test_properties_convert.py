@@ -29,6 +29,8 @@ from ibnify.models.weights import load_state_dict_file, load_weights
 
 __all__: list[str] = []
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 EPS, MOMENTUM, TRACKED = 1e-2, 0.03, 11
 SMALL = (3, 64, 64)
 

@@ -9,6 +9,7 @@ verify, bench and evaluate, every option given a non-default value and seen by t
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -36,6 +37,8 @@ from ibnify.errors import ExportError, VerificationError
 from ibnify.evaluation import RobustnessReport
 
 __all__: list[str] = []
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # One image, 3 channels of 2×2: values near 0, mid and near 1 so that clipping shows.
 X = torch.tensor([[[[0.1, 0.9], [0.5, 0.3]], [[0.95, 0.2], [0.6, 0.05]], [[0.0, 1.0], [0.4, 0.7]]]])
@@ -350,30 +353,31 @@ def _same(model: nn.Module, snapshot: tuple[dict, dict, dict]) -> bool:
 
 
 @pytest.fixture(scope="module")
-def mixed_model() -> nn.Module:
-    """A converted resnet18 in train mode with a frozen (eval, no grad) first stage."""
+def exported(tmp_path_factory) -> tuple[nn.Module, tuple[dict, dict, dict], Path]:
+    """A converted resnet18 in train mode with a frozen (eval, no grad) first stage, a
+    snapshot of it taken before it was exported, and the exported file."""
     model = ibnify.convert("resnet18", input_size=(3, 32, 32), model_kwargs={"num_classes": 4})
     model.train()
     model.layer1.eval().requires_grad_(False)
     model.layer2[0].bn2.eval()
-    return model
+    snapshot = _snapshot(model)
+    path = tmp_path_factory.mktemp("export") / "m.onnx"
+    ibnify.deploy.export.export_onnx(model, path, input_size=32)
+    return model, snapshot, path
 
 
-def test_evaluate_fold_and_export_leave_the_model_and_each_modules_mode_alone(
-    mixed_model: nn.Module, tmp_path
-) -> None:
-    snapshot = _snapshot(mixed_model)
+def test_export_evaluate_and_fold_leave_the_model_and_each_modules_mode_alone(exported) -> None:
+    model, snapshot, _ = exported
+    assert _same(model, snapshot), "export_onnx"
     images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     data = ImageData(
         torch.utils.data.TensorDataset(images, torch.tensor([0, 1, 2, 3, 0, 1])),
         (0.5,) * 3, (0.25,) * 3,
     )  # fmt: skip
-    ibnify.evaluation.evaluate({"m": mixed_model}, data, shifts="blur,noise", batch_size=4)
-    assert _same(mixed_model, snapshot), "evaluate"
-    fold_bn_halves(mixed_model)
-    assert _same(mixed_model, snapshot), "fold_bn_halves"
-    ibnify.deploy.export.export_onnx(mixed_model, tmp_path / "m.onnx", input_size=32)
-    assert _same(mixed_model, snapshot), "export_onnx"
+    ibnify.evaluation.evaluate({"m": model}, data, shifts="blur,noise", batch_size=4)
+    assert _same(model, snapshot), "evaluate"
+    fold_bn_halves(model, input_size=(3, 32, 32))
+    assert _same(model, snapshot), "fold_bn_halves"
 
 
 def test_verify_tolerance_is_the_recorded_profiles_unless_given() -> None:
@@ -403,21 +407,16 @@ def test_export_refuses_a_graph_without_instance_norm_or_with_training_batchnorm
             _check_graph(graph(bn), expect_instance_norm=False)
 
 
-@pytest.mark.parametrize(
-    ("options", "differs"), [({"stages": (1, 2)}, "conversion"), ({"ratio": 0.25}, "conversion")]
-)
-def test_verify_refuses_a_file_of_the_same_source_converted_otherwise(
-    mixed_model: nn.Module, tmp_path, options: dict, differs: str
-) -> None:
-    path = tmp_path / "m.onnx"
-    ibnify.deploy.export.export_onnx(mixed_model, path, input_size=32)
+def test_verify_refuses_a_file_of_the_same_source_converted_otherwise(exported) -> None:
+    model, _, path = exported
     kwargs = {"input_size": (3, 32, 32), "model_kwargs": {"num_classes": 4}}
     same = ibnify.convert("resnet18", **kwargs)
-    same.load_state_dict(mixed_model.state_dict())
+    same.load_state_dict(model.state_dict())
     assert ibnify.deploy.verify.verify_onnx(path, same.eval(), batch_sizes=(2,)).passed
-    other = ibnify.convert("resnet18", **kwargs, **options)
-    with pytest.raises(VerificationError, match=f"the {differs} differs"):
-        ibnify.deploy.verify.verify_onnx(path, other.eval(), batch_sizes=(2,))
+    for options in ({"stages": (1, 2)}, {"ratio": 0.25}):
+        other = ibnify.convert("resnet18", **kwargs, **options)
+        with pytest.raises(VerificationError, match="the conversion differs"):
+            ibnify.deploy.verify.verify_onnx(path, other.eval(), batch_sizes=(2,))
 
 
 def test_evaluate_gives_each_batch_its_index_and_the_seed_and_every_model_the_same_pixels(
@@ -499,8 +498,9 @@ def test_bench_drops_the_warmup_alternates_the_order_and_takes_median_p90_and_pa
 
 
 def test_a_failed_check_leaves_an_earlier_export_untouched_and_nothing_else(
-    mixed_model: nn.Module, tmp_path
+    exported, tmp_path
 ) -> None:
+    model = exported[0]
     path = tmp_path / "m.onnx"
     path.write_bytes(b"earlier")
     seen = []
@@ -510,7 +510,7 @@ def test_a_failed_check_leaves_an_earlier_export_untouched_and_nothing_else(
         raise VerificationError("beyond tolerance")
 
     with pytest.raises(VerificationError):
-        ibnify.deploy.export.export_onnx(mixed_model, path, input_size=32, check=failing)
+        ibnify.deploy.export.export_onnx(model, path, input_size=32, check=failing)
     assert seen == ["input"], "the check saw the finished file"
     assert path.read_bytes() == b"earlier"
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
