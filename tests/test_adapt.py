@@ -298,8 +298,11 @@ def test_cli_adapt_entropy_bad_inputs_end_in_one_error_line(checkpoint, tmp_path
         "lr -1": (["--data", str(unlabelled), *entropy, "--lr", "-1"], "lr must be a positive"),
         "epochs 0": (["--data", str(unlabelled), *entropy, "--epochs", "0"], "epochs must be"),
         "steps 0": (["--data", str(unlabelled), *entropy, "--steps", "0"], "steps must be"),
-        "lr with bn": (["--data", str(unlabelled), "--lr", "0.1"], "applies to method 'entropy'"),
-        "norms with bn": (["--data", str(unlabelled), "--norms", "in"], "method 'entropy' only"),
+        "lr with bn": (
+            ["--data", str(unlabelled), "--lr", "0.1"],
+            "--lr applies to --method entropy",
+        ),
+        "norms with bn": (["--data", str(unlabelled), "--norms", "in"], "add --method entropy"),
         "empty folder": (["--data", str(tmp_path / "empty"), *entropy], "holds no images"),
         "unlabelled source": (
             ["--data", str(unlabelled), *entropy, "--source", str(unlabelled)],
