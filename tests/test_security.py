@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
 import timm
 import torch
@@ -27,6 +28,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import ibnify
+from ibnify.deploy.export import export_onnx
+from ibnify.deploy.verify import verify_onnx
 from ibnify.errors import CheckpointError, VerificationError
 from ibnify.models.checkpoint import FORMAT, Recipe
 from ibnify.models.registry import MODEL_KWARGS, check_model_kwargs
@@ -415,3 +418,26 @@ def test_save_refuses_arguments_load_would_refuse(tmp_path: Path) -> None:
     ):
         ibnify.save(model, tmp_path / "m.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_onnx_metadata_recipe_is_compared_as_data_never_built(
+    base_checkpoint: Path, planted: Path, tmp_path: Path
+) -> None:
+    """verify reads the recipe an ONNX file records only to compare it: a crafted one that
+    names a pickle to load and a URL to fetch opens nothing and connects nowhere."""
+    model = ibnify.load(base_checkpoint).eval()
+    path = tmp_path / "m.onnx"
+    export_onnx(model, path, input_size=16)
+    proto = onnx.load(str(path))
+    entry = next(p for p in proto.metadata_props if p.key == "ibnify.recipe")
+    recipe = json.loads(entry.value)
+    overlay = {"url": "http://198.51.100.7/w.pth"}
+    recipe["model_kwargs"] = {
+        "checkpoint_path": str(planted), "pretrained": True, "pretrained_cfg_overlay": overlay,
+    }  # fmt: skip
+    entry.value = json.dumps(recipe)
+    onnx.save(proto, str(path))
+    with _recording() as events:
+        report = verify_onnx(path, model, batch_sizes=(2,))
+    assert report.passed
+    assert _suspicious(events, path, tmp_path) == []
