@@ -146,8 +146,8 @@ other; each worker has one torch thread. CPU time counts the worker processes to
 Where the time goes. Two workers: a worker is busy only while it trains or evaluates, so on
 two free cores the wall time is the busiest worker's CPU time (the ratio above); six trials of
 unequal length (the control and IBN-b are cheaper than IBN-a on three stages) cannot split
-evenly, and when other processes hold the cores (the load average here is in the command's
-line below) both searches wait for CPU alike and the wall ratio tends to 1. Halving: the
+evenly, and when other processes hold the cores (the load average is at the end of this
+section) both searches wait for CPU alike and the wall ratio tends to 1. Halving: the
 control always runs the full schedule (the clean reference); every candidate trains to the
 first rung and is measured there on 200 images per data set (clean plus every shift, about a
 third of a training epoch per rung); and Optuna's successive halving is asynchronous: with one

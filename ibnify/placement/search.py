@@ -229,7 +229,7 @@ def _report(
                           domains=domains, halving=run.rungs)  # fmt: skip
     report.reused = [name for name in results if name in before]
     waiting = waiting_candidates(study)
-    if waiting and run.budget_hit and run.budget_min is not None:
+    if waiting and run.budget_min is not None:  # only the budget leaves trials waiting
         recorded = list(study.user_attrs.get("queue", []))
         names = recorded + [n for n in waiting if n not in recorded]
         queue = [
