@@ -35,7 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # torch RNG is drawn from at every step, also when 2 workers do the augmentation.
 KWARGS = {"drop_rate": 0.3, "num_classes": 2}
 SIZE = (3, 32, 32)
-EPOCHS = 3
+EPOCHS = 2
 
 
 def write_folder(root: Path, per_class: int, seed: int) -> Path:
@@ -211,3 +211,24 @@ def test_resume_refuses_a_training_state_holding_an_object(
     torch.save({"format": "ibnify.training-state/1", "epoch": "one"}, out / CHECKPOINT_FILE)
     with pytest.raises(CheckpointError, match="not an ibnify training checkpoint"):
         load_training_state(out / CHECKPOINT_FILE)
+
+
+def test_resume_refuses_another_worker_count_and_a_state_without_its_rng(
+    setup: dict[str, Path], tmp_path: Path
+) -> None:
+    """The number of workers decides which process augments an image, from which seed: a
+    resume with another count would not continue the same run."""
+    out = tmp_path / "run"
+    invoke(finetune_args(setup, out, 0, "--stop-after", "1"))
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    output = invoke(finetune_args(setup, out, 2, "--resume"), exit_code=1)
+    assert output == (
+        "error: cannot resume: options differ from the checkpoint's run (workers 0 → 2)\n"
+    )
+    state = load_training_state(out / CHECKPOINT_FILE)
+    del state["rng"]["numpy"]
+    torch.save(state, out / CHECKPOINT_FILE)
+    output = invoke(finetune_args(setup, out, 0, "--resume"), exit_code=1)
+    assert output == f"error: {str(out / CHECKPOINT_FILE)!r} is not an ibnify training checkpoint\n"
+    assert {p.name for p in out.iterdir()} == set(before)
+    assert (out / MODEL_FILE).stat().st_mtime_ns == before[MODEL_FILE]

@@ -62,6 +62,8 @@ _RESUME_KEYS = (
     "min_lr",
     "distill_temperature",
     "seed",
+    # Which worker process augments an image (and from which seed) depends on their number.
+    "workers",
 )
 
 
@@ -149,10 +151,15 @@ _STATE_TYPES = {
 
 
 def _well_formed(state: dict[str, Any]) -> bool:
-    """Every entry present with its type, the model's entries plain tensors."""
+    """Every entry present with its type, the RNG states there, the model's entries tensors."""
     if any(not isinstance(state.get(key), kind) for key, kind in _STATE_TYPES.items()):
         return False
     if isinstance(state["epoch"], bool) or state["epoch"] < 0:
+        return False
+    rng = state["rng"]
+    if not isinstance(rng.get("torch"), torch.Tensor):
+        return False
+    if not all(isinstance(rng.get(name), dict) for name in ("numpy", "python")):
         return False
     model = state["model"]
     return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items())
