@@ -380,3 +380,10 @@ def test_own_model_class_adapts_in_python_and_from_files(tmp_path) -> None:
     expected = ibnify.adapt(ibnify.load(path, base=OwnNet()), str(target), method="entropy",
                             lr=0.05, batch_size=4)  # fmt: skip
     assert all(torch.equal(v, expected.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+def test_source_check_names_a_target_whose_folder_name_is_taken(checkpoint, tmp_path) -> None:
+    target = _digit_folder(tmp_path / "noise", 60, labelled=True)  # "noise" is a shift's name
+    done = adapt_file(checkpoint, target, tmp_path / "a.safetensors", source="digits")
+    assert done.report is not None and done.report.domains == ["target"]
+    assert done.report.shifts == ["clean"] and done.report.models == ["before", "after"]

@@ -16,7 +16,7 @@ from pathlib import Path
 from torch import nn
 
 from .._io import check_output_path
-from ..data.domains import check_same_classes
+from ..data.domains import check_same_classes, domain_specs
 from ..data.images import ImageData
 from ..data.sources import as_image_data
 from ..errors import CheckpointError, InvalidOptionError
@@ -72,7 +72,7 @@ def adapt_file(
     report = None
     pair = {"before": model, "after": adapted}
     if source_data is not None:
-        domains = {target.name or "target": target} if target.labelled else None
+        domains = {_domain_name(target): target} if target.labelled else None
         report = evaluate(pair, source_data, shifts="none", domains=domains)
     elif target.labelled:
         report = evaluate(pair, target, shifts="none")
@@ -111,6 +111,16 @@ def _source_data(
     if target.labelled:
         check_same_classes(data, target)
     return data
+
+
+def _domain_name(target: ImageData) -> str:
+    """The target's row name in the report: its folder's name, or ``target`` where that name is
+    empty or taken by a shift or the clean row."""
+    try:
+        domain_specs({target.name: target})
+    except InvalidOptionError:
+        return "target"
+    return target.name or "target"
 
 
 def _check_output(
