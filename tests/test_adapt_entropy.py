@@ -361,3 +361,25 @@ def test_entropy_adapted_ibn_model_exports_and_verifies(tmp_path) -> None:
     loaded = ibnify.load(path).eval()
     with torch.no_grad():
         assert torch.equal(loaded(x[:4]), adapted.eval()(x[:4]))
+
+
+def test_entropy_statistics_mix_the_prior_with_the_source_for_frozen_bn_too() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), FrozenBatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3),
+        nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+    )  # fmt: skip
+    randomize_norms(model)
+    with torch.no_grad():
+        model[1].running_mean.copy_(torch.rand(4) - 0.5)
+        model[1].running_var.copy_(0.5 + torch.rand(4))
+    x = _images(8)
+    options = AdaptOptions(batch_size=4, prior=0.5, method="entropy", lr=0.5, e_margin=1.0)
+    adapted = adapt_with(model, _data(x), options)
+    assert ibnify.adaptation.adaptations(adapted)[-1]["updates"] == 2
+    assert not torch.equal(adapted[4].weight, model[4].weight)
+    with torch.no_grad():  # two batches of 4: the mean of the batch means is the overall mean
+        target = model[0](x).mean(dim=(0, 2, 3))
+    expected = 0.5 * model[1].running_mean + 0.5 * target
+    torch.testing.assert_close(adapted[1].running_mean, expected, rtol=0, atol=1e-6)
+    assert torch.equal(adapted[1].weight, model[1].weight)  # a frozen BN's affine is a buffer
