@@ -34,7 +34,8 @@ KWARGS = {"width": 4}
 CANDIDATES = "a:1;a:1-2;a:1-3;b"
 NAMES = ["control", "a:1", "a:1-2", "a:1-3", "b"]
 SHIFTS = "brightness_down,contrast_down"
-FAST = {"heartbeat_s": 0.2, "grace_s": 2.0}
+# the journal lock a killed worker may leave is broken after grace / 2 = 3 s
+FAST = {"heartbeat_s": 0.2, "grace_s": 6.0}
 
 
 @pytest.fixture(scope="module")

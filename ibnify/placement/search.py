@@ -151,7 +151,7 @@ def search_placement(
         settings["space"] = options.space.strip().lower()
     run = StudyRun(search, [CONTROL, *chosen], options, settings, rungs, pruner, items,
                    seed_params, budget_min)  # fmt: skip
-    the_study = open_study(run, open_storage(options.storage, out), force)
+    the_study = open_study(run, open_storage(options.storage, out, options.grace_s), force)
     before = set(study_results(the_study))
     try:
         run_study(the_study, run)

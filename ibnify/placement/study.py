@@ -31,7 +31,7 @@ from typing import Any
 import optuna
 import torch
 from optuna.storages import BaseStorage, JournalStorage
-from optuna.storages.journal import JournalFileBackend
+from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from optuna.trial import TrialState
 
 from ..errors import IbnifyError, InvalidOptionError, first_line
@@ -124,8 +124,13 @@ class StudyOptions:
             raise InvalidOptionError("the study name is empty")
 
 
-def open_storage(storage: str | None, out: Path | None) -> BaseStorage:
-    """The study's storage: an RDB URL, a journal file, ``OUT/study.journal``, or memory."""
+def open_storage(storage: str | None, out: Path | None, grace_s: float = 60.0) -> BaseStorage:
+    """The study's storage: an RDB URL, a journal file, ``OUT/study.journal``, or memory.
+
+    A journal file is written under a lock file; a worker killed while it holds the lock
+    leaves it behind, and the others break it after half the heartbeat grace (so that the
+    wait never makes a live worker's heartbeat look stale).
+    """
     if storage is None:
         if out is None:
             return optuna.storages.InMemoryStorage()
@@ -133,7 +138,8 @@ def open_storage(storage: str | None, out: Path | None) -> BaseStorage:
     if "://" in storage:
         return _rdb_storage(storage)
     Path(storage).parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(storage))
+    lock = JournalFileSymlinkLock(storage, grace_period=max(3, int(grace_s / 2)))
+    return JournalStorage(JournalFileBackend(storage, lock_obj=lock))
 
 
 def _rdb_storage(url: str, tries: int = 5) -> BaseStorage:
@@ -517,7 +523,7 @@ def _worker_main(run: StudyRun, index: int) -> None:
     say = run.search.say
     run.search.say = lambda line: say(f"{label}{line}")
     try:
-        storage = open_storage(options.storage, run.search.out)
+        storage = open_storage(options.storage, run.search.out, options.grace_s)
         study = optuna.load_study(study_name=options.study, storage=storage,
                                   sampler=run.sampler(), pruner=run.pruner)  # fmt: skip
         work(study, run)
