@@ -192,6 +192,18 @@ def test_bad_inputs_end_in_one_error_line(tmp_path) -> None:
             [SOURCE, "--dataset", "digits", "--candidates", "c"],
             "unknown candidate",
         ),
+        "bad space": (
+            [SOURCE, "--dataset", "digits", "--space", "a:1-2@0.9..0.2", "--trials", "3"],
+            "write the ratio range LOW..HIGH",
+        ),
+        "space without trials": (
+            [SOURCE, "--dataset", "digits", "--space", "a;b"],
+            "give --space and --trials together",
+        ),
+        "space beyond the last stage": (
+            [SOURCE, "--dataset", "digits", "--space", "a:1-5", "--trials", "2"],
+            "stage 5 is out of range (the model has 3 stages)",
+        ),
     }
     before = sorted(tmp_path.rglob("*"))
 
