@@ -19,8 +19,17 @@ from torch.utils.data import TensorDataset
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import ibnify
-from ibnify.adaptation import AdaptOptions, adapt_file, adaptable_norms, adaptations
+from ibnify.adaptation import (
+    DEFAULT_LR,
+    METHODS,
+    NORM_CHOICES,
+    AdaptOptions,
+    adapt_file,
+    adaptable_norms,
+    adaptations,
+)
 from ibnify.cli import cli
+from ibnify.cli.adapt import METHOD_CHOICES, NORMS_CHOICES, adapt_command
 from ibnify.data.digits import load_digits_images
 from ibnify.data.images import ImageData
 from ibnify.errors import InvalidOptionError
@@ -283,10 +292,9 @@ def test_cli_adapt_entropy_writes_what_python_computes_and_a_source_check(
 
 
 def test_cli_choices_are_the_library_constants() -> None:
-    from ibnify.adaptation import METHODS, NORM_CHOICES
-    from ibnify.cli.adapt import METHOD_CHOICES, NORMS_CHOICES
-
     assert (METHOD_CHOICES, NORMS_CHOICES) == (METHODS, NORM_CHOICES)
+    lr = next(p for p in adapt_command.params if p.name == "lr")
+    assert f"(default {DEFAULT_LR:g})" in lr.help
 
 
 def test_cli_adapt_entropy_bad_inputs_end_in_one_error_line(checkpoint, tmp_path) -> None:
