@@ -263,11 +263,12 @@ def test_cli_adapt_entropy_writes_what_python_computes_and_a_source_check(
     checkpoint, tmp_path
 ) -> None:
     target = _digit_folder(tmp_path / "target", 60, labelled=True)
+    source = _digit_folder(tmp_path / "source", 60, labelled=True)  # small: the test stays fast
     source_bytes = checkpoint.read_bytes()
     out = tmp_path / "entropy.safetensors"
     args = ["adapt", str(checkpoint), "--data", str(target), "-o", str(out), "--method",
             "entropy", "--norms", "bn", "--epochs", "2", "--lr", "0.05", "--batch-size", "16",
-            "--source", "digits"]  # fmt: skip
+            "--source", str(source)]  # fmt: skip
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
