@@ -17,11 +17,13 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.data import TensorDataset
 
 import ibnify
 from ibnify.cli import cli
 from ibnify.core.layers import IBN
 from ibnify.core.recipe import get_recipe
+from ibnify.data.images import ImageData
 from ibnify.errors import CheckpointError
 
 SIZE = (3, 16, 16)
@@ -111,8 +113,11 @@ def test_loading_without_a_base_or_with_a_wrong_one_is_one_clear_error(tmp_path)
         ibnify.load(path, base=OtherNet())
     with pytest.raises(CheckpointError, match=r"base must be the unconverted model"):
         ibnify.load(path, base=ibnify.convert(MyNet(), input_size=SIZE))
-    with pytest.raises(CheckpointError, match=r"do not fit|size mismatch|shape"):
-        ibnify.load(path, base=MyNet(classes=7))  # another head: tensors do not fit
+    assert ibnify.load(path, base=MyNet(classes=7)).fc.out_features == 5  # the file's head
+    other_body = MyNet()
+    other_body.block1.conv2 = nn.Conv2d(8, 8, 1, bias=False)  # not the model that was saved
+    with pytest.raises(CheckpointError, match=r"do not fit MyNet: 1 wrong shape"):
+        ibnify.load(path, base=other_body)
 
 
 def test_the_cli_refuses_a_checkpoint_that_needs_a_base_in_one_line(tmp_path) -> None:
@@ -169,3 +174,23 @@ def test_the_readme_block_for_your_own_class_runs(tmp_path, monkeypatch) -> None
     x = torch.randn(2, *SIZE)
     assert torch.equal(_out(namespace["same"], x), _out(namespace["ibn"], x))
     assert ibnify.read_recipe(tmp_path / "mine.safetensors")["base_class"] == f"{__name__}.MyNet"
+
+
+def test_a_run_that_gave_your_own_class_another_head_loads_with_the_original_base(
+    tmp_path,
+) -> None:
+    """finetune(..., num_classes=7) on a 5-class MyNet writes a file whose recipe records the
+    reset head; load(path, base=MyNet()) gives the base that head again, then loads strictly."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(16, *SIZE, generator=generator)
+    labels = torch.randint(0, 7, (16,), generator=generator)
+    data = ImageData(TensorDataset(images, labels), (0.5,) * 3, (0.25,) * 3, 7, True, "tiny")
+    model = ibnify.convert(_trained(), input_size=SIZE)
+    result = ibnify.finetune(
+        model, data, epochs=1, batch_size=8, quiet=True, num_classes=7, out_dir=str(tmp_path)
+    )
+    assert result.model.fc.out_features == 7
+    loaded = ibnify.load(tmp_path / "model.safetensors", base=MyNet())
+    x = torch.randn(2, *SIZE)
+    assert loaded.fc.out_features == 7
+    assert torch.equal(_out(loaded, x), _out(result.model, x))

@@ -36,7 +36,7 @@ from ..core.plans import as_input_size
 from ..core.recipe import FORMAT, FORMATS, Recipe, get_recipe, set_recipe
 from ..core.surgery import apply_plan
 from ..errors import CheckpointError, ConversionError, ModelNotFoundError, WeightsError, first_line
-from .heads import num_classes_of
+from .heads import num_classes_of, reset_classifier
 from .registry import build_recorded_model, check_model_kwargs, resolve_name
 from .weights import describe_key_mismatch, load_weights
 
@@ -53,6 +53,7 @@ __all__ = [
     "recipe_input_size",
     "recipe_of_file",
     "save",
+    "saved_recipe",
 ]
 
 _RECIPE_KEY = "ibnify_recipe"
@@ -119,6 +120,9 @@ def _rebuild(recipe: Recipe, where: str, base: nn.Module | None = None) -> nn.Mo
         model = build_base(recipe, where)
     else:
         model = copy.deepcopy(_check_base(recipe, base, where))
+        classes = recipe.num_classes
+        if classes is not None and num_classes_of(model) not in (None, classes):
+            reset_classifier(model, classes)  # a head a run reset; its tensors load below
     for plan in recipe.plans:
         try:
             apply_plan(model, plan, inplace=True)
@@ -135,10 +139,11 @@ def _rebuild(recipe: Recipe, where: str, base: nn.Module | None = None) -> nn.Mo
     return model
 
 
-def _saved_recipe(
+def saved_recipe(
     model: nn.Module, source: str | None, model_kwargs: dict[str, Any] | None
 ) -> Recipe:
-    """The recipe ``save`` writes, checked so that ``load`` rebuilds exactly this model.
+    """The recipe ``save`` writes, checked so that ``load`` rebuilds exactly this model; what
+    runs that save later (fine-tuning with an output folder) call before any work.
 
     Raises:
         CheckpointError: no recipe, no buildable source (with how to give one), refused
@@ -213,7 +218,7 @@ def save(
         model_kwargs: the base model's constructor arguments, when they are not recorded.
     """
     model = unwrap(model)[0]
-    recipe = _saved_recipe(model, source, model_kwargs).to_dict()
+    recipe = saved_recipe(model, source, model_kwargs).to_dict()
     tensors: dict[str, torch.Tensor] = {}
     seen: set[tuple[int, int]] = set()
     for key, value in model.state_dict().items():

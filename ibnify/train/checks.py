@@ -11,7 +11,7 @@ from ..core.modules import modes_restored
 from ..core.recipe import get_recipe
 from ..data.images import ImageData, Normalize
 from ..errors import CheckpointError, InvalidOptionError, first_line
-from ..models.checkpoint import _saved_recipe
+from ..models.checkpoint import saved_recipe
 from ..models.heads import num_classes_of
 
 __all__ = ["check_fits", "check_savable"]
@@ -108,7 +108,7 @@ def check_savable(model: nn.Module, out_dir: str) -> None:
         )
     try:
         # The checks of ibnify.save without the writing (it rebuilds the model from its recipe).
-        _saved_recipe(model, None, None)
+        saved_recipe(model, None, None)
     except CheckpointError as exc:
         raise InvalidOptionError(
             f"{where}, but it cannot be saved: {exc}; or fine-tune without out_dir and save it "
