@@ -165,8 +165,8 @@ def test_wrapped_models_convert_unwrapped(wrap: str, tmp_path) -> None:
 
 
 def test_the_readme_block_for_your_own_class_runs(tmp_path, monkeypatch) -> None:
-    """README.md's "your own model class" block, run with this module's MyNet."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    """docs/convert.md's "your own model class" block, run with this module's MyNet."""
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "convert.md").read_text()
     block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "base=MyNet()" in b)
     monkeypatch.chdir(tmp_path)
     namespace = {"ibnify": ibnify, "MyNet": MyNet}

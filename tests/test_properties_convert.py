@@ -24,6 +24,7 @@ from torchvision.ops import FrozenBatchNorm2d
 import ibnify
 from ibnify.cli import cli
 from ibnify.core.layers import IBN, IBNAct, InstanceNormAct2d, instance_norm_from_batchnorm
+from ibnify.core.reasons import Reason, ReasonCode
 from ibnify.errors import CheckpointError, WeightsError
 from ibnify.models.weights import load_state_dict_file, load_weights
 
@@ -355,3 +356,69 @@ def test_timm_norm_act_sites_of_a_whole_model_keep_their_own_activation_and_slic
         with torch.no_grad():
             torch.testing.assert_close(ibn(x), _expected_eval(x, bn, slice(0, half),
                                                               slice(half, None)))  # fmt: skip
+
+
+def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
+    )
+
+
+class _Slices(nn.Module):
+    """``cut``'s 16 channels are sliced to their first 8 (the slice cuts its IN and BN parts);
+    ``whole``'s 8 channels sit at 4:12 of a concat sliced at 4: one slice ends exactly where
+    they begin, the other takes them whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _conv_bn(3, 8, 2)
+        self.a, self.b = _conv_bn(8, 8), _conv_bn(8, 8)
+        self.cut, self.after_cut = _conv_bn(16, 16), _conv_bn(8, 8)
+        self.other, self.whole = _conv_bn(8, 4), _conv_bn(8, 8)
+        self.left, self.right = _conv_bn(4, 8), _conv_bn(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.cat([self.a(x), self.b(x)], dim=1)
+        y = self.after_cut(self.cut(x)[:, :8])
+        z = torch.cat([self.other(y), self.whole(y)], dim=1)
+        return torch.cat([self.left(z[:, :4]), self.right(z[:, 4:])], dim=1)
+
+
+class _Residual(nn.Module):
+    """A residual block with a conv+BN shortcut: bn1 may take IN, bn2 and the shortcut BN not."""
+
+    def __init__(self, cin: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = nn.Conv2d(16, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16)
+        self.down = nn.Sequential(nn.Conv2d(cin, 16, 1, 2, bias=False), nn.BatchNorm2d(16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(y + self.down(x))
+
+
+def test_generic_rule_refuses_a_cut_slice_and_accepts_slices_that_miss_or_take_all() -> None:
+    plan = ibnify.plan(_Slices(), stages=(1,), input_size=(3, 32, 32))
+    reasons = {s.name: s.reason for s in plan.skipped}
+    assert reasons == {
+        "stem.1": Reason(ReasonCode.STEM), "cut.1": Reason(ReasonCode.SLICE_CUTS, at="getitem"),
+    }  # fmt: skip
+    assert [s.name for s in plan.sites] == [
+        "a.1", "b.1", "after_cut.1", "other.1", "whole.1", "left.1", "right.1",
+    ]  # fmt: skip
+
+
+def test_generic_rule_names_the_shortcut_and_the_residual_scale_bn() -> None:
+    model = nn.Sequential(_conv_bn(3, 8, 2), _Residual(8), _Residual(16))
+    plan = ibnify.plan(model, stages=(1, 2), input_size=(3, 32, 32))
+    assert [(s.name, s.stage) for s in plan.sites] == [("1.bn1", 1), ("2.bn1", 2)]
+    reasons = {s.name: s.reason for s in plan.skipped}
+    assert reasons == {
+        "0.1": Reason(ReasonCode.STEM),
+        "1.bn2": Reason(ReasonCode.SETS_RESIDUAL_SCALE, at="1"),
+        "1.down.1": Reason(ReasonCode.SHORTCUT, at="1"),
+        "2.bn2": Reason(ReasonCode.SETS_RESIDUAL_SCALE, at="2"),
+        "2.down.1": Reason(ReasonCode.SHORTCUT, at="2"),
+    }

@@ -279,6 +279,7 @@ def test_one_resolver_serves_analyze_and_distill(tmp_path) -> None:
 
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+FINETUNE_GUIDE = README.parent / "docs" / "finetune.md"  # the fine-tune block
 # The README's "your trained model" is resnet50; a smaller one of the same family runs faster.
 _README_SWAPS = {
     "torchvision.models.resnet50()": "torchvision.models.resnet18()",
@@ -287,11 +288,13 @@ _README_SWAPS = {
 
 
 def test_readme_quickstart_and_finetune_blocks_run_in_order(tmp_path, monkeypatch) -> None:
-    """The README's Python blocks, run in order, once failed at the fine-tune block (the
-    Quickstart saved a model converted from an instance that no command could load)."""
+    """The README's Quickstart block and docs/finetune.md's fine-tune block, run in order, once
+    failed at the fine-tune block (the Quickstart saved a model converted from an instance that no
+    command could load)."""
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     quick = next(block for block in blocks if "ibnify.save(ibn" in block)
-    tune = next(block for block in blocks if "ibnify.finetune(model" in block)
+    guide = re.findall(r"```python\n(.*?)```", FINETUNE_GUIDE.read_text(), flags=re.S)
+    tune = next(block for block in guide if "ibnify.finetune(model" in block)
     for old, new in _README_SWAPS.items():
         assert old in quick, old
         quick = quick.replace(old, new)
