@@ -121,8 +121,9 @@ def analyze_command(
 @click.option(
     "--halving/--no-halving",
     default=None,
-    help="Successive halving: all candidates train the first part of the schedule, the worse "
-    "half stops, the rest go on (default: on with more than 3 candidates).",
+    help="Successive halving (Optuna's, asynchronous): at each rung after the warmup a candidate "
+    "in the worse half of those measured there stops (default: on with more than 3 "
+    "candidates; --pruner chooses Hyperband).",
 )
 @click.option(
     "--pruner",
