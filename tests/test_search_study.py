@@ -21,11 +21,12 @@ from optuna.trial import TrialState
 
 import ibnify
 import ibnify.placement.runs as runs
+from ibnify.cli import cli
 from ibnify.data.digits import digits_data
 from ibnify.errors import InvalidOptionError
 from ibnify.models.small import digits_resnet
 from ibnify.placement.search import search_placement
-from ibnify.placement.study import STUDY_FILE, SearchInterrupted, StudyOptions
+from ibnify.placement.study import PRUNERS, STUDY_FILE, SearchInterrupted, StudyOptions
 from ibnify.train.config import FinetuneConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -281,3 +282,8 @@ def test_commands_that_do_not_search_do_not_import_optuna(tmp_path) -> None:
     assert done.returncode == 0, done.stderr
     assert out.is_file()  # convert ran
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_cli_pruner_choices_are_the_library_pruners() -> None:
+    option = next(p for p in cli.commands["search"].params if p.name == "pruner")
+    assert tuple(option.type.choices) == PRUNERS
