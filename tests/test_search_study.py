@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -21,6 +22,7 @@ from optuna.trial import TrialState
 
 import ibnify
 import ibnify.placement.runs as runs
+import ibnify.placement.study as study_module
 from ibnify.cli import cli
 from ibnify.data.digits import digits_data
 from ibnify.errors import InvalidOptionError
@@ -287,3 +289,20 @@ def test_commands_that_do_not_search_do_not_import_optuna(tmp_path) -> None:
 def test_cli_pruner_choices_are_the_library_pruners() -> None:
     option = next(p for p in cli.commands["search"].params if p.name == "pruner")
     assert tuple(option.type.choices) == PRUNERS
+
+
+def test_a_beating_trial_is_kept_and_a_silent_one_is_failed_and_retried_once() -> None:
+    """The heartbeat keeps a long trial alive past the grace; once it stops, the first check
+    fails the trial and enqueues one retry with its candidate; a second check does nothing."""
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), direction="maximize")
+    study.enqueue_trial({}, user_attrs={"candidate": "a:1-2"})
+    trial = study.ask()
+    with study_module._heartbeat(trial, 0.05):
+        time.sleep(0.6)  # three times the grace below
+        assert study_module.fail_stale_trials(study, grace_s=0.2) == []
+    time.sleep(0.4)
+    assert study_module.fail_stale_trials(study, grace_s=0.2) == [trial.number]
+    assert study_module.fail_stale_trials(study, grace_s=0.2) == []
+    states = [(t.state, t.user_attrs["candidate"]) for t in study.get_trials()]
+    assert states == [(TrialState.FAIL, "a:1-2"), (TrialState.WAITING, "a:1-2")]
+    assert study.get_trials()[1].system_attrs["failed_trial"] == trial.number
