@@ -11,7 +11,8 @@ import torch
 import torchvision
 
 import ibnify
-from ibnify.core.surgery import get_plan
+from ibnify.api import convert_named
+from ibnify.core import get_plan
 from ibnify.errors import CheckpointError, ModelNotFoundError, WeightsError
 from ibnify.models.registry import resolve_name
 from ibnify.models.weights import clean_state_dict, load_state_dict_file
@@ -70,7 +71,7 @@ def _authors_checkpoint(tmp_path: Path, layout: str, wrapped: bool) -> tuple[Pat
 @pytest.mark.parametrize(("layout", "wrapped"), [("a", False), ("a", True), ("b", True)])
 def test_authors_checkpoints_load_strict_and_compute_the_same(tmp_path, layout, wrapped) -> None:
     path, reference = _authors_checkpoint(tmp_path, layout, wrapped)
-    converted = ibnify.convert_named("resnet50", layout=layout, weights=path, input_size=SMALL)
+    converted = convert_named("resnet50", layout=layout, weights=path, input_size=SMALL)
     converted.eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -83,7 +84,7 @@ def test_plain_weights_load_before_conversion(tmp_path) -> None:
     from safetensors.torch import save_file
 
     save_file(original.state_dict(), str(path))
-    converted = ibnify.convert_named("resnet18", weights=path, input_size=SMALL)
+    converted = convert_named("resnet18", weights=path, input_size=SMALL)
     bn = original.layer1[0].bn1
     torch.testing.assert_close(converted.layer1[0].bn1.BN.running_var, bn.running_var[32:])
     torch.testing.assert_close(converted.fc.weight, original.fc.weight)
@@ -93,7 +94,7 @@ def test_weights_of_another_architecture_are_summarised(tmp_path) -> None:
     path = tmp_path / "r34.pth"
     torch.save(torchvision.models.resnet34().state_dict(), path)
     with pytest.raises(WeightsError, match=r"do not fit tv:resnet18: \d+ unexpected \(layer1\.2"):
-        ibnify.convert_named("resnet18", weights=path, input_size=SMALL)
+        convert_named("resnet18", weights=path, input_size=SMALL)
 
 
 class _Exploit:
@@ -187,8 +188,8 @@ def test_load_rejects_plain_weights_and_damaged_recipes(tmp_path) -> None:
 
 
 def test_pretrained_offline_fails_with_one_line() -> None:
-    with pytest.raises(WeightsError, match=r"could not download pretrained weights.*--weights"):
-        ibnify.convert_named("resnet18", pretrained=True, input_size=SMALL)
+    with pytest.raises(WeightsError, match=r"could not download pretrained weights.*`weights=FILE`"):
+        convert_named("resnet18", pretrained=True, input_size=SMALL)
 
 
 def test_random_bytes_always_end_in_weights_error(tmp_path, recwarn) -> None:

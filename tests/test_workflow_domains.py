@@ -18,6 +18,7 @@ from PIL import Image
 
 import ibnify
 from ibnify.cli import cli
+from ibnify.core import apply_plan
 from ibnify.core.plans import ConversionPlan
 from ibnify.data.digits import digits_data, load_digits_images
 from ibnify.data.images import DataError
@@ -67,7 +68,7 @@ def files(trained, tmp_path_factory):
                           extras={"model_kwargs": KWARGS})  # fmt: skip
     paths = {
         "ibn": ibnify.save(converted, root / "ibn.safetensors"),
-        "base": ibnify.save(ibnify.apply_plan(trained, plan), root / "base.safetensors"),
+        "base": ibnify.save(apply_plan(trained, plan), root / "base.safetensors"),
         "inverted": _digit_folder(root / "inverted", 0, 120, invert=True),
         "plain": _digit_folder(root / "plain", 120, 80, invert=False),
     }

@@ -6,39 +6,32 @@ warning): the chosen norms' affine parameters, BN and/or IN, learn to make the p
 confident, then the statistics as ``bn`` (:mod:`.entropy`). Offline, :func:`adapt` returns an
 adapted copy (:mod:`.offline`) and :func:`adapt_file` writes one (:mod:`.files`); online,
 :class:`OnlineAdapter` adapts batch by batch while it predicts. See docs/adapt.md.
+
+The names below are this package's public face, imported from their modules on first use.
 """
 
 from __future__ import annotations
 
-from .entropy import CollapseGuard, OnlineAdapter, affine_parameters, prediction_entropy
-from .files import AdaptResult, adapt_file
-from .offline import adapt, adaptations
-from .options import (
-    COLLAPSE_FRACTION,
-    DEFAULT_LR,
-    E_MARGIN_FRACTION,
-    METHODS,
-    NORM_CHOICES,
-    AdaptOptions,
-    check_prior,
-)
-from .statistics import adaptable_norms
+from .._lazy import lazy_exports
 
-__all__ = [
-    "COLLAPSE_FRACTION",
-    "DEFAULT_LR",
-    "E_MARGIN_FRACTION",
-    "METHODS",
-    "NORM_CHOICES",
-    "AdaptOptions",
-    "AdaptResult",
-    "CollapseGuard",
-    "OnlineAdapter",
-    "adapt",
-    "adapt_file",
-    "adaptable_norms",
-    "adaptations",
-    "affine_parameters",
-    "check_prior",
-    "prediction_entropy",
-]
+_EXPORTS = {
+    "CollapseGuard": "entropy",
+    "OnlineAdapter": "entropy",
+    "affine_parameters": "entropy",
+    "prediction_entropy": "entropy",
+    "AdaptResult": "files",
+    "adapt_file": "files",
+    "adapt": "offline",
+    "adaptations": "offline",
+    "COLLAPSE_FRACTION": "options",
+    "DEFAULT_LR": "options",
+    "E_MARGIN_FRACTION": "options",
+    "METHODS": "options",
+    "NORM_CHOICES": "options",
+    "AdaptOptions": "options",
+    "check_prior": "options",
+    "adaptable_norms": "statistics",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

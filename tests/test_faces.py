@@ -1,0 +1,169 @@
+"""Package faces: what ``ibnify`` and each subpackage export, that every exported name resolves
+to the object its module defines, that a face loads nothing heavy until a name is read, and
+that the README, the docs and the examples import only from faces."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import ibnify
+
+ROOT = Path(ibnify.__file__).parent.parent
+FACES = ("core", "models", "data", "train", "deploy", "adaptation")
+# The root's public names: what the README and the guides call (issue 23), nothing internal.
+ROOT_NAMES = {
+    "__version__",
+    *("convert", "plan", "analyze_graph", "load", "save", "read_recipe"),
+    *("finetune", "FinetuneConfig", "evaluate", "ImageData"),
+    *("adapt", "OnlineAdapter", "analyze", "search_placement", "SearchOptions"),
+    *("export_onnx", "ExportOptions", "verify_onnx"),
+    *("Recipe", "ConversionPlan", "ConversionSite", "PlanOptions", "IBN", "IBNAct"),
+    *("IbnifyError", "InvalidOptionError", "ModelNotFoundError", "NoBatchNormError"),
+    *("TraceError", "ConversionError", "WeightsError", "CheckpointError"),
+    *("ExportError", "VerificationError"),
+}
+# Internal names that left the root for a package face.
+MOVED = {
+    "apply_plan": "core",
+    "get_plan": "core",
+    "list_norm_layers": "core",
+    "get_recipe": "core",
+    "load_weights": "models",
+    "recipe_input_size": "models",
+}
+# A name a face must resolve to, per face, and a module it must not load before that name is read.
+PROBES = {
+    "core": ("IBN", "ibnify.core.layers"),
+    "models": ("build_model", "ibnify.models.registry"),
+    "data": ("ImageData", "ibnify.data.images"),
+    "train": ("FinetuneConfig", "ibnify.train.config"),
+    "deploy": ("export_onnx", "ibnify.deploy.export"),
+    "adaptation": ("OnlineAdapter", "ibnify.adaptation.entropy"),
+}
+# Deep imports in files other sessions are rewriting (issue 23's docs split and the placement
+# search); each pair goes when its file imports from the face.
+PENDING = {
+    ("docs/finetune.md", "ibnify.train.config"),
+    ("examples/placement_search.py", "ibnify.data.digits"),
+    ("examples/placement_search.py", "ibnify.models.registry"),
+    ("examples/placement_search.py", "ibnify.placement.search"),
+    ("examples/placement_search.py", "ibnify.train.config"),
+}
+
+
+def _run(code: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-800:]
+    return done.stdout.strip()
+
+
+def test_the_root_exports_what_the_readme_uses_and_nothing_internal() -> None:
+    assert set(ibnify.__all__) == ROOT_NAMES
+    assert len(ibnify.__all__) == len(ROOT_NAMES) == 35
+    assert not set(MOVED) & set(ibnify.__all__)
+    for name, face in MOVED.items():
+        module = importlib.import_module(f"ibnify.{face}")
+        assert name in module.__all__, (face, name)
+    assert issubclass(ibnify.InvalidOptionError, ibnify.IbnifyError)
+    assert ibnify.FinetuneConfig is importlib.import_module("ibnify.train.config").FinetuneConfig
+    assert ibnify.analyze.__name__ == "analyze_divergence"
+    assert ibnify.analyze_graph.__module__ == "ibnify.core.graph"
+    assert set(ibnify.__all__) <= set(dir(ibnify))
+    with pytest.raises(AttributeError, match="module 'ibnify' has no attribute 'resolve_model'"):
+        ibnify.resolve_model  # noqa: B018
+
+
+@pytest.mark.parametrize("face", ["", *FACES])
+def test_every_name_a_face_exports_resolves_to_its_modules_object(face: str) -> None:
+    """Each name is the very object a submodule defines, no name is also a submodule (which the
+    import system would set over it), and ``dir()`` lists the names."""
+    package = importlib.import_module(f"ibnify.{face}" if face else "ibnify")
+    assert package.__all__ == sorted(package.__all__, key=lambda n: (n != "__version__", n))
+    submodules = {info.name for info in pkgutil.iter_modules(package.__path__)}
+    exports = {**package._EXPORTS, **getattr(package, "_KEPT", {})}
+    assert set(package.__all__) - {"__version__"} <= set(exports)
+    for name, target in exports.items():
+        module_name, _, attribute = target.partition(":")
+        module = importlib.import_module(f"{package.__name__}.{module_name}")
+        assert getattr(package, name) is getattr(module, attribute or name), (face, name)
+        assert name not in submodules, (face, name)
+        if name in package.__all__:
+            assert name in module.__all__ or attribute in module.__all__, (face, name)
+    assert set(package.__all__) <= set(dir(package))
+    with pytest.raises(
+        AttributeError, match=rf"module '{package.__name__}' has no attribute 'nope'"
+    ):
+        package.nope  # noqa: B018
+
+
+def test_importing_a_face_loads_nothing_heavy_until_a_name_is_read() -> None:
+    """``import ibnify.<face>`` runs no submodule (no torch, no scikit-learn, no onnx); reading
+    one name imports its module; scikit-learn comes only with ``ibnify.data.digits``. One
+    process for all faces (each probe's module is checked unloaded before any name is read)."""
+    faces = ", ".join(f"ibnify.{face}" for face in FACES)
+    code = (
+        f"import sys, {faces}\n"
+        "print(sorted(m for m in ('torch', 'sklearn', 'onnx') if m in sys.modules))\n"
+        f"probes = {PROBES!r}\n"
+        "print([m for _n, m in probes.values() if m in sys.modules])\n"
+        "for face, (name, module) in probes.items():\n"
+        "    value = getattr(sys.modules['ibnify.' + face], name)\n"
+        "    print(face, value is getattr(sys.modules[module], name), 'sklearn' in sys.modules)\n"
+        "from ibnify.data import digits_data\n"
+        "print('sklearn' in sys.modules)\n"
+    )
+    expected = ["[]", "[]", *(f"{face} True False" for face in PROBES), "True"]
+    assert _run(code).splitlines() == expected
+
+
+def test_the_root_loads_no_torch_on_import() -> None:
+    code = "import sys, ibnify; print(sorted(m for m in ('torch', 'sklearn') if m in sys.modules))"
+    assert _run(code) == "[]"
+
+
+_IMPORT = re.compile(r"^\s*(?:from\s+(ibnify[\w.]*)\s+import|import\s+(ibnify[\w.]*))", re.M)
+
+
+def deep_imports(text: str) -> set[str]:
+    """The ``ibnify.X.Y`` modules (two levels or more) a piece of Python imports from."""
+    names = {a or b for a, b in _IMPORT.findall(text)}
+    return {name for name in names if name.count(".") >= 2}
+
+
+def _python_blocks(markdown: str) -> str:
+    return "\n".join(re.findall(r"```python\n(.*?)```", markdown, flags=re.S))
+
+
+def test_readme_docs_and_examples_import_only_from_faces() -> None:
+    sources = {
+        str(path.relative_to(ROOT)): _python_blocks(path.read_text())
+        for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    }
+    sources |= {
+        str(path.relative_to(ROOT)): path.read_text()
+        for path in sorted((ROOT / "examples").glob("*.py"))
+    }
+    assert "README.md" in sources and len(sources) >= 8
+    found = {(where, name) for where, text in sources.items() for name in deep_imports(text)}
+    assert found - PENDING == set()
+
+
+def test_the_deep_import_check_catches_them() -> None:
+    text = (
+        "import ibnify\nfrom ibnify.data import ImageData\nfrom ibnify.train.config import X\n"
+        "    import ibnify.core.graph as g\nfrom ibnify.demo import run_demo\n"
+    )
+    assert deep_imports(text) == {"ibnify.train.config", "ibnify.core.graph"}
+    markdown = (
+        "x\n```python\nfrom ibnify.core.plans import P\n```\n```\nfrom ibnify.a.b import c\n```"
+    )
+    assert deep_imports(_python_blocks(markdown)) == {"ibnify.core.plans"}
