@@ -90,8 +90,9 @@ class BottleneckIBN(nn.Module):
 class ResNetIBN(nn.Module):
     """ResNet-IBN with the authors' module names (conv1, bn1, layer1..4, fc)."""
 
-    def __init__(self, block, layers, ibn_cfg=("a", "a", "a", None), groups=1, width=64,
-                 num_classes=1000):  # fmt: skip
+    def __init__(
+        self, block, layers, ibn_cfg=("a", "a", "a", None), groups=1, width=64, num_classes=1000
+    ):
         super().__init__()
         self.inplanes = 64
         self.groups, self.width = groups, width
@@ -130,8 +131,13 @@ class ResNetIBN(nn.Module):
 
 def resnet_ibn(depth: int, layout: str = "a", groups: int = 1, width: int = 64) -> ResNetIBN:
     """ResNet-{18,34,50,101,152}-IBN-{a,b}, optionally ResNeXt/wide via ``groups``/``width``."""
-    blocks = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3],
-              152: [3, 8, 36, 3]}[depth]  # fmt: skip
+    blocks = {
+        18: [2, 2, 2, 2],
+        34: [3, 4, 6, 3],
+        50: [3, 4, 6, 3],
+        101: [3, 4, 23, 3],
+        152: [3, 8, 36, 3],
+    }[depth]
     block = BasicBlockIBN if depth < 50 else BottleneckIBN
     cfg = ("a", "a", "a", None) if layout == "a" else ("b", "b", None, None)
     return ResNetIBN(block, blocks, cfg, groups=groups, width=width)

@@ -53,9 +53,16 @@ def _data(x: torch.Tensor) -> ImageData:
 def _tiny(norm: type[nn.Module] = nn.BatchNorm2d) -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 4, 3), norm(4), nn.ReLU(), nn.Dropout(0.5),
-        nn.Conv2d(4, 4, 3), norm(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2),
-    )  # fmt: skip
+        nn.Conv2d(3, 4, 3),
+        norm(4),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Conv2d(4, 4, 3),
+        norm(4),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 2),
+    )
     with torch.no_grad():  # non-trivial affine: a bug that resets it to 1 and 0 shows
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d | FrozenBatchNorm2d):
@@ -111,10 +118,12 @@ def test_statistics_equal_the_hand_computed_cumulative_mean_and_variance() -> No
         for start in range(0, 10, 4):
             reference(x[start : start + 4])
     for index in (1, 5):
-        torch.testing.assert_close(adapted[index].running_mean, reference[index].running_mean,
-                                   rtol=0, atol=1e-6)  # fmt: skip
-        torch.testing.assert_close(adapted[index].running_var, reference[index].running_var,
-                                   rtol=0, atol=1e-6)  # fmt: skip
+        torch.testing.assert_close(
+            adapted[index].running_mean, reference[index].running_mean, rtol=0, atol=1e-6
+        )
+        torch.testing.assert_close(
+            adapted[index].running_var, reference[index].running_var, rtol=0, atol=1e-6
+        )
 
 
 def test_images_limit_and_prior() -> None:
@@ -176,15 +185,17 @@ def test_frozen_batchnorm_adapts_its_buffers() -> None:
 def test_adapted_ibn_model_records_the_adaptation_exports_and_verifies(tmp_path: Path) -> None:
     torch.manual_seed(0)
     base, source = build_model(SOURCE, **KWARGS)
-    converted = randomize_norms(ibnify.convert(base, stages=(1, 2), arch=source,
-                                               model_kwargs=KWARGS))  # fmt: skip
+    converted = randomize_norms(
+        ibnify.convert(base, stages=(1, 2), arch=source, model_kwargs=KWARGS)
+    )
     x = _images(16).repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)  # 16×16
     adapted = ibnify.adapt(converted, _data(x), images=12, prior=0.5)
     ibn = adapted.layer1[0].bn1
     assert not torch.equal(ibn.BN.running_mean, converted.layer1[0].bn1.BN.running_mean)
     assert ibn.IN.running_mean is None  # the IN half carries no statistics
-    assert adaptations(adapted) == [{"kind": "adabn", "data": "", "images": 12, "prior": 0.5,
-                                     "batch_size": 64, "seed": 0}]  # fmt: skip
+    assert adaptations(adapted) == [
+        {"kind": "adabn", "data": "", "images": 12, "prior": 0.5, "batch_size": 64, "seed": 0}
+    ]
     assert adaptations(converted) == []
     path = ibnify.save(adapted, tmp_path / "adapted.safetensors")
     assert ibnify.read_recipe(path)["adaptations"] == adaptations(adapted)
@@ -266,9 +277,26 @@ def test_cli_adapt_entropy_writes_what_python_computes_and_a_source_check(
     source = _digit_folder(tmp_path / "source", 60, labelled=True)  # small: the test stays fast
     source_bytes = checkpoint.read_bytes()
     out = tmp_path / "entropy.safetensors"
-    args = ["adapt", str(checkpoint), "--data", str(target), "-o", str(out), "--method",
-            "entropy", "--norms", "bn", "--epochs", "2", "--lr", "0.05", "--batch-size", "16",
-            "--source", str(source)]  # fmt: skip
+    args = [
+        "adapt",
+        str(checkpoint),
+        "--data",
+        str(target),
+        "-o",
+        str(out),
+        "--method",
+        "entropy",
+        "--norms",
+        "bn",
+        "--epochs",
+        "2",
+        "--lr",
+        "0.05",
+        "--batch-size",
+        "16",
+        "--source",
+        str(source),
+    ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
@@ -283,10 +311,21 @@ def test_cli_adapt_entropy_writes_what_python_computes_and_a_source_check(
     assert lines[4].startswith("| clean ") and lines[5].startswith("| domain target ")
     assert lines[-1] == f"wrote {out}"
     assert (record["kind"], record["norms"], record["epochs"], record["lr"]) == (
-        "entropy", "bn", 2, 0.05)  # fmt: skip
+        "entropy",
+        "bn",
+        2,
+        0.05,
+    )
     assert checkpoint.read_bytes() == source_bytes
-    expected = ibnify.adapt(ibnify.load(checkpoint), str(target), method="entropy", norms="bn",
-                            epochs=2, lr=0.05, batch_size=16)  # fmt: skip
+    expected = ibnify.adapt(
+        ibnify.load(checkpoint),
+        str(target),
+        method="entropy",
+        norms="bn",
+        epochs=2,
+        lr=0.05,
+        batch_size=16,
+    )
     loaded = ibnify.load(out)
     for key, value in expected.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
@@ -322,8 +361,13 @@ def test_cli_adapt_entropy_bad_inputs_end_in_one_error_line(checkpoint, tmp_path
     source_bytes = checkpoint.read_bytes()
 
     def argv(name: str, args: list[str]) -> list[str]:
-        return ["adapt", str(checkpoint), *args, "-o",
-                str(tmp_path / f"{name.replace(' ', '-')}.safetensors")]  # fmt: skip
+        return [
+            "adapt",
+            str(checkpoint),
+            *args,
+            "-o",
+            str(tmp_path / f"{name.replace(' ', '-')}.safetensors"),
+        ]
 
     check_bad_inputs({}, cases, argv)
     assert sorted(tmp_path.rglob("*")) == before
@@ -372,8 +416,9 @@ def test_own_model_class_adapts_in_python_and_from_files(tmp_path) -> None:
     target = _digit_folder(tmp_path / "target", 12, labelled=False)
     out = tmp_path / "own-adapted.safetensors"
     listing, source_bytes = sorted(tmp_path.rglob("*")), path.read_bytes()
-    result = CliRunner().invoke(cli, ["adapt", str(path), "--data", str(target), "-o", str(out),
-                                      "--method", "entropy"])  # fmt: skip
+    result = CliRunner().invoke(
+        cli, ["adapt", str(path), "--data", str(target), "-o", str(out), "--method", "entropy"]
+    )
     lines = result.output.splitlines()
     assert result.exit_code == 1 and len(lines) == 1, result.output
     assert "OwnNet" in lines[0] and "base=OwnNet(...)" in lines[0] and "adapt_file" in lines[0]
@@ -386,8 +431,9 @@ def test_own_model_class_adapts_in_python_and_from_files(tmp_path) -> None:
     loaded = ibnify.load(out, base=OwnNet())
     assert all(torch.equal(v, done.model.state_dict()[k]) for k, v in loaded.state_dict().items())
     assert ibnify.read_recipe(out)["adaptations"][-1]["kind"] == "entropy"
-    expected = ibnify.adapt(ibnify.load(path, base=OwnNet()), str(target), method="entropy",
-                            lr=0.05, batch_size=4)  # fmt: skip
+    expected = ibnify.adapt(
+        ibnify.load(path, base=OwnNet()), str(target), method="entropy", lr=0.05, batch_size=4
+    )
     assert all(torch.equal(v, expected.state_dict()[k]) for k, v in loaded.state_dict().items())
 
 

@@ -366,9 +366,15 @@ def test_entropy_adapted_ibn_model_exports_and_verifies(tmp_path) -> None:
 def test_entropy_statistics_mix_the_prior_with_the_source_for_frozen_bn_too() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 4, 3), FrozenBatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3),
-        nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
-    )  # fmt: skip
+        nn.Conv2d(3, 4, 3),
+        FrozenBatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
     randomize_norms(model)
     with torch.no_grad():
         model[1].running_mean.copy_(torch.rand(4) - 0.5)

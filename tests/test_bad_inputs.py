@@ -368,8 +368,11 @@ def _make_model_assets(assets: Path) -> None:
     tiny = ibnify.convert("ibnify:digits_resnet", stages=(1, 2), model_kwargs={"width": 4})
     ibnify.save(tiny, assets / "tiny.safetensors")
     planted = {"checkpoint_path": str(assets / "resnet34.pth")}
-    _craft(assets / "tiny.safetensors", assets / "crafted.safetensors",
-           lambda recipe: recipe.update(source="timm:resnet18", model_kwargs=planted))  # fmt: skip
+    _craft(
+        assets / "tiny.safetensors",
+        assets / "crafted.safetensors",
+        lambda recipe: recipe.update(source="timm:resnet18", model_kwargs=planted),
+    )
     write_onnx_traps(assets / "traps")
     other = ibnify.convert("ibnify:digits_resnet", stages=(1,), model_kwargs={"width": 6})
     ibnify.save(other, assets / "other.safetensors")
@@ -440,8 +443,11 @@ def matrix_results(
         args = [a.format(assets=assets, out=out) for a in case.args]
         done = run_cli(args, timeout=300)
         unchanged = _snapshot(out) == before
-        present = [p for p in (a.format(assets=assets, out=out) for a in case.also_absent)
-                   if Path(p).exists()]  # fmt: skip
+        present = [
+            p
+            for p in (a.format(assets=assets, out=out) for a in case.also_absent)
+            if Path(p).exists()
+        ]
         return case.name, (done, unchanged, present)
 
     with ThreadPoolExecutor(max_workers=2) as pool:

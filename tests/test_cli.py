@@ -38,8 +38,11 @@ def test_plan_json_and_verbose(runner) -> None:
     result = runner.invoke(cli, ["plan", "resnet18", "--stages", "1,2", "--json", *SMALL])
     data = json.loads(result.output)
     assert [s["name"] for s in data["sites"]] == [
-        "layer1.0.bn1", "layer1.1.bn1", "layer2.0.bn1", "layer2.1.bn1",
-    ]  # fmt: skip
+        "layer1.0.bn1",
+        "layer1.1.bn1",
+        "layer2.0.bn1",
+        "layer2.1.bn1",
+    ]
     verbose = runner.invoke(cli, ["plan", "resnet18", "-v", *SMALL])
     assert "layer1.0.downsample" not in verbose.output  # resnet18 layer1 has no downsample
     assert "layer2.0.downsample.1  2      shortcut (downsample) BN" in verbose.output
@@ -113,15 +116,21 @@ def test_real_console_script(tmp_path) -> None:
     out = tmp_path / "r18.safetensors"
     done = subprocess.run(
         [*command, "convert", "resnet18", "-o", str(out), *SMALL],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert "6 sites; per stage: 1: 2, 2: 2, 3: 2; parameter delta +0" in done.stdout
     assert ibnify.read_recipe(out)["source"] == "tv:resnet18"
     bad = subprocess.run(
         [*command, "convert", "nosuchnet", "-o", str(tmp_path / "x.safetensors")],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert bad.stderr.startswith("error: unknown model 'nosuchnet'")
     assert not (tmp_path / "x.safetensors").exists()

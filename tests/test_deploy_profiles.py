@@ -216,9 +216,18 @@ def test_bench_turns_spinning_off_when_interleaved(exported, tmp_path) -> None:
     assert pair.paired["y"] == pytest.approx(float(np.median(ratios)))
     result = CliRunner().invoke(
         cli,
-        ["bench", str(path), "--against", str(exported[("resnet18", "a", "portable")]),
-         "--runs", "3", "--warmup", "0", "--kernels"],
-    )  # fmt: skip
+        [
+            "bench",
+            str(path),
+            "--against",
+            str(exported[("resnet18", "a", "portable")]),
+            "--runs",
+            "3",
+            "--warmup",
+            "0",
+            "--kernels",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "thread spinning off" in result.stdout
     assert "onnxruntime profiler (3 runs each" in result.stdout

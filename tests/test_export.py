@@ -329,9 +329,15 @@ def test_cli_verify_with_real_images(cli_files, tmp_path) -> None:
         Image.fromarray(pixels).save(folder / f"{i}.png")
     result = CliRunner().invoke(
         cli,
-        ["verify", str(cli_files["onnx"]), "--against", str(cli_files["r18"]),
-         "--images", str(tmp_path / "images")],
-    )  # fmt: skip
+        [
+            "verify",
+            str(cli_files["onnx"]),
+            "--against",
+            str(cli_files["r18"]),
+            "--images",
+            str(tmp_path / "images"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "images batch 3" in result.stdout and result.stdout.rstrip().endswith("PASS")
 

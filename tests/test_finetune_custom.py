@@ -132,11 +132,13 @@ def test_stop_after_then_resume_in_python_equals_the_straight_run(tmp_path: Path
     """Dropout and the shuffle draw randomness; the resumed run is the straight one."""
     straight = finetune(converted()[1], tensor_data(), **{**OPTIONS, "epochs": 3}).model
     out = str(tmp_path / "run")
-    first = finetune(converted()[1], tensor_data(), out_dir=out, stop_after=1,
-                     **{**OPTIONS, "epochs": 3})  # fmt: skip
+    first = finetune(
+        converted()[1], tensor_data(), out_dir=out, stop_after=1, **{**OPTIONS, "epochs": 3}
+    )
     assert not first.completed
-    resumed = finetune(converted()[1], tensor_data(), out_dir=out, resume=True,
-                       **{**OPTIONS, "epochs": 3}).model  # fmt: skip
+    resumed = finetune(
+        converted()[1], tensor_data(), out_dir=out, resume=True, **{**OPTIONS, "epochs": 3}
+    ).model
     a, b = straight.state_dict(), resumed.state_dict()
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     other_seed = finetune(converted()[1], tensor_data(), seed=1, **{**OPTIONS, "epochs": 3})

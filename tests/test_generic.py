@@ -195,9 +195,15 @@ def _conv_bn(cin: int, cout: int, stride: int = 1, groups: int = 1, k: int = 3) 
 def test_plain_stack_counts_resolutions_by_rank() -> None:
     """VGG-style, stride-1 first convs: stage 1 is the first resolution, no stem."""
     model = nn.Sequential(
-        _conv_bn(3, 8), _conv_bn(8, 8), nn.MaxPool2d(2), _conv_bn(8, 16), nn.MaxPool2d(2),
-        _conv_bn(16, 16), nn.MaxPool2d(2), _conv_bn(16, 16),
-    )  # fmt: skip
+        _conv_bn(3, 8),
+        _conv_bn(8, 8),
+        nn.MaxPool2d(2),
+        _conv_bn(8, 16),
+        nn.MaxPool2d(2),
+        _conv_bn(16, 16),
+        nn.MaxPool2d(2),
+        _conv_bn(16, 16),
+    )
     plan = ibnify.plan(model, input_size=(3, 32, 32))
     assert [(s.name, s.stage, s.rule) for s in plan.sites] == [
         ("0.1", 1, RULE_PLAIN),
@@ -211,11 +217,15 @@ def test_plain_stack_counts_resolutions_by_rank() -> None:
 def test_depthwise_separable_converts_the_expansion_bn() -> None:
     model = nn.Sequential(
         _conv_bn(3, 8, 2),  # stem
-        _conv_bn(8, 32, k=1), _conv_bn(32, 32, 2, groups=32), nn.Conv2d(32, 16, 1),
+        _conv_bn(8, 32, k=1),
+        _conv_bn(32, 32, 2, groups=32),
+        nn.Conv2d(32, 16, 1),
         nn.BatchNorm2d(16),  # inverted residual without skip
-        _conv_bn(16, 64, k=1), _conv_bn(64, 64, 2, groups=64), nn.Conv2d(64, 24, 1),
+        _conv_bn(16, 64, k=1),
+        _conv_bn(64, 64, 2, groups=64),
+        nn.Conv2d(64, 24, 1),
         nn.BatchNorm2d(24),
-    )  # fmt: skip
+    )
     plan = ibnify.plan(model, stages=(1, 2, 3), input_size=(3, 32, 32))
     reasons = {s.name: s.reason for s in plan.skipped}
     # No residual or concatenation blocks: no stem either, as in VGG.

@@ -21,10 +21,13 @@ class TinyBlock(nn.Module):
         self.conv2 = nn.Conv2d(channels * stride, channels * stride, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(channels * stride)
         self.short = (
-            nn.Sequential(nn.Conv2d(channels, channels * stride, 1, stride, bias=False),
-                          nn.BatchNorm2d(channels * stride))
-            if stride > 1 else nn.Identity()
-        )  # fmt: skip
+            nn.Sequential(
+                nn.Conv2d(channels, channels * stride, 1, stride, bias=False),
+                nn.BatchNorm2d(channels * stride),
+            )
+            if stride > 1
+            else nn.Identity()
+        )
 
     def forward(self, x):
         out = torch.relu(self.bn1(self.conv1(x)))

@@ -151,10 +151,18 @@ def test_ibnact_keeps_the_activation_of_batchnormact() -> None:
     assert isinstance(ibn.act, nn.ReLU)
     out = ibn.eval()(torch.randn(2, 8, 5, 5) * 10)
     assert out.min() >= 0  # the ReLU is still applied
-    assert set(ibn.state_dict()) == {f"{h}.{k}" for h, k in [
-        ("IN", "weight"), ("IN", "bias"), ("BN", "weight"), ("BN", "bias"),
-        ("BN", "running_mean"), ("BN", "running_var"), ("BN", "num_batches_tracked"),
-    ]}  # fmt: skip
+    assert set(ibn.state_dict()) == {
+        f"{h}.{k}"
+        for h, k in [
+            ("IN", "weight"),
+            ("IN", "bias"),
+            ("BN", "weight"),
+            ("BN", "bias"),
+            ("BN", "running_mean"),
+            ("BN", "running_var"),
+            ("BN", "num_batches_tracked"),
+        ]
+    }
 
 
 def test_instance_norm_from_batchnorm_takes_gamma_beta() -> None:

@@ -33,10 +33,17 @@ REFERENCES = {
     "densenet169": lambda: DenseNetIBN((6, 12, 32, 32)),
 }
 EXPECTED_SITES = {
-    "resnet18": 6, "resnet34": 13, "resnet50": 13, "resnet101": 30, "resnet152": 47,
-    "resnext50_32x4d": 13, "resnext101_32x8d": 30, "wide_resnet50_2": 13,
-    "densenet121": 14, "densenet169": 17,
-}  # fmt: skip
+    "resnet18": 6,
+    "resnet34": 13,
+    "resnet50": 13,
+    "resnet101": 30,
+    "resnet152": 47,
+    "resnext50_32x4d": 13,
+    "resnext101_32x8d": 30,
+    "wide_resnet50_2": 13,
+    "densenet121": 14,
+    "densenet169": 17,
+}
 
 
 def _meta_model(builder):
@@ -191,8 +198,14 @@ def test_timm_resnet_d_variant_keeps_deep_stem() -> None:
 
 def test_layout_names_come_from_the_registry_and_the_cli_offers_them() -> None:
     assert layout_choices() == [
-        "a", "b", "generic", "resnet-a", "resnet-b", "densenet-a", "generic-a"
-    ]  # fmt: skip
+        "a",
+        "b",
+        "generic",
+        "resnet-a",
+        "resnet-b",
+        "densenet-a",
+        "generic-a",
+    ]
     assert all(layout.name == name for name, layout in LAYOUTS.items())
     (option,) = [p for p in cli.commands["plan"].params if p.name == "layout"]
     assert list(option.type.choices) == layout_choices()

@@ -105,8 +105,10 @@ def test_every_tensor_and_hyper_parameter_reaches_its_half(
     assert type(ibn) is cls
     frozen = kind in ("frozen", "timm_frozen_act")
     assert type(ibn.BN) is {
-        "batchnorm": nn.BatchNorm2d, "sync": nn.SyncBatchNorm, "timm_act": nn.BatchNorm2d,
-    }.get(kind, FrozenBatchNorm2d)  # fmt: skip
+        "batchnorm": nn.BatchNorm2d,
+        "sync": nn.SyncBatchNorm,
+        "timm_act": nn.BatchNorm2d,
+    }.get(kind, FrozenBatchNorm2d)
     assert (ibn.in_slice(), ibn.bn_slice()) == (ins, bns)
     exact = {"atol": 0, "rtol": 0}
     torch.testing.assert_close(ibn.IN.weight.detach(), bn.weight.detach()[ins], **exact)
@@ -215,8 +217,9 @@ def test_densenet_reversed_order_sites_take_the_leading_channels_for_bn() -> Non
             (ibn.IN, ins, ("weight", "bias")),
         ):
             for tensor in names:
-                assert torch.equal(getattr(half, tensor).detach(),
-                                   getattr(bn, tensor).detach()[part])  # fmt: skip
+                assert torch.equal(
+                    getattr(half, tensor).detach(), getattr(bn, tensor).detach()[part]
+                )
         assert int(ibn.BN.num_batches_tracked) == TRACKED
         assert (ibn.BN.eps, ibn.BN.momentum, ibn.IN.eps) == (EPS, MOMENTUM, EPS)
 
@@ -325,8 +328,11 @@ def test_weights_that_do_not_fit_are_refused_with_every_kind_of_mismatch_counted
     assert str(error.value).endswith(
         "4 missing (0.bias, 1.weight, 1.bias, ...); 3 unexpected (2.a, 2.b, 2.c)"
     )
-    assert all(not torch.equal(v, torch.full_like(v, 0.5)) for v in model.state_dict().values()
-               if v.is_floating_point()), "nothing was loaded from a refused state"  # fmt: skip
+    assert all(
+        not torch.equal(v, torch.full_like(v, 0.5))
+        for v in model.state_dict().values()
+        if v.is_floating_point()
+    ), "nothing was loaded from a refused state"
     load_weights(model, good)
     assert all(torch.equal(v, good[k]) for k, v in model.state_dict().items())
 
@@ -350,12 +356,15 @@ def test_timm_norm_act_sites_of_a_whole_model_keep_their_own_activation_and_slic
         assert torch.equal(ibn.BN.running_mean, bn.running_mean[half:])
         assert torch.equal(ibn.BN.running_var, bn.running_var[half:])
         assert (ibn.BN.eps, ibn.BN.momentum, int(ibn.BN.num_batches_tracked)) == (
-            EPS, MOMENTUM, TRACKED,
-        )  # fmt: skip
+            EPS,
+            MOMENTUM,
+            TRACKED,
+        )
         x = torch.randn(2, bn.num_features, 4, 4) * 3
         with torch.no_grad():
-            torch.testing.assert_close(ibn(x), _expected_eval(x, bn, slice(0, half),
-                                                              slice(half, None)))  # fmt: skip
+            torch.testing.assert_close(
+                ibn(x), _expected_eval(x, bn, slice(0, half), slice(half, None))
+            )
 
 
 def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -403,11 +412,18 @@ def test_generic_rule_refuses_a_cut_slice_and_accepts_slices_that_miss_or_take_a
     plan = ibnify.plan(_Slices(), stages=(1,), input_size=(3, 32, 32))
     reasons = {s.name: s.reason for s in plan.skipped}
     assert reasons == {
-        "stem.1": Reason(ReasonCode.STEM), "cut.1": Reason(ReasonCode.SLICE_CUTS, at="getitem"),
-    }  # fmt: skip
+        "stem.1": Reason(ReasonCode.STEM),
+        "cut.1": Reason(ReasonCode.SLICE_CUTS, at="getitem"),
+    }
     assert [s.name for s in plan.sites] == [
-        "a.1", "b.1", "after_cut.1", "other.1", "whole.1", "left.1", "right.1",
-    ]  # fmt: skip
+        "a.1",
+        "b.1",
+        "after_cut.1",
+        "other.1",
+        "whole.1",
+        "left.1",
+        "right.1",
+    ]
 
 
 def test_generic_rule_names_the_shortcut_and_the_residual_scale_bn() -> None:

@@ -129,19 +129,27 @@ def test_the_seed_tables_say_what_the_words_claim() -> None:
     ibn, control = per_seed[("ibn", "none")], per_seed[("control", "none")]
     assert all(0.5 <= i - c <= 8 for i, c in zip(ibn, control, strict=True))  # "0.5 to 8"
     both = per_seed[("ibn", "entropy --norms both")]
-    assert all(abs(a - b) <= 0.5 for a, b in zip(both, per_seed[("ibn", "entropy --norms bn")],
-                                                strict=True))  # fmt: skip
+    assert all(
+        abs(a - b) <= 0.5
+        for a, b in zip(both, per_seed[("ibn", "entropy --norms bn")], strict=True)
+    )
     words = " ".join(" ".join(_section()).split())
     assert "x86_64, torch 2.14.1+cu130, CPU capability AVX512, one thread" in words
-    means = (_spread(spread[("ibn", "none")]["target mean [min, max]"])[0],
-             _spread(spread[("control", "none")]["target mean [min, max]"])[0])  # fmt: skip
+    means = (
+        _spread(spread[("ibn", "none")]["target mean [min, max]"])[0],
+        _spread(spread[("control", "none")]["target mean [min, max]"])[0],
+    )
     assert f"{means[0]:.1f}% against {means[1]:.1f}% on average" in words
 
 
 def _run(argv: list[str]) -> str:
     if argv[0] == "python":
-        done = subprocess.run([sys.executable, str(ROOT / argv[1]), *argv[2:]],
-                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, str(ROOT / argv[1]), *argv[2:]],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert done.returncode == 0, done.stderr
         return done.stdout
     assert argv[0] == "ibnify", argv
@@ -166,8 +174,10 @@ def test_the_section_commands_print_what_its_words_claim(tmp_path, monkeypatch) 
     for model in ("control", "ibn"):
         assert first["clean"][model] >= CLEAN
         assert first["domain printed"][model] <= TARGET_BEFORE
-    adapted = {"control": second["domain printed"]["control-printed"],
-               "ibn": second["domain printed"]["ibn-printed"]}  # fmt: skip
+    adapted = {
+        "control": second["domain printed"]["control-printed"],
+        "ibn": second["domain printed"]["ibn-printed"],
+    }
     for model, after in adapted.items():  # bn buys far more than the IN halves alone
         assert after - first["domain printed"][model] >= GAIN
         assert second["clean"][f"{model}-printed"] <= first["clean"][model] - SOURCE_DROP
@@ -186,7 +196,10 @@ def test_the_section_commands_print_what_its_words_claim(tmp_path, monkeypatch) 
     search = outputs["search ibnify-demo/baseline.safetensors"][0]
     ranked = _grid(_tables(search)[0], key="candidate")
     winner = next(line for line in search.splitlines() if line.startswith("winner: "))
-    finished = {name: row["domain printed"] for name, row in ranked.items()
-                if name != "control" and row["rank"] is not None}  # fmt: skip
+    finished = {
+        name: row["domain printed"]
+        for name, row in ranked.items()
+        if name != "control" and row["rank"] is not None
+    }
     # the ranking the words state: the winner has the best accuracy on the target domain
     assert winner.split()[1] == max(finished, key=lambda name: finished[name] or 0.0)

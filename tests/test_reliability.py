@@ -146,17 +146,19 @@ def test_finetune_killed_mid_epoch_resumes_to_the_same_weights(tmp_path) -> None
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
     def finetune(out: Path, *extra: str) -> list[str]:
-        return [sys.executable, "-m", "ibnify", "finetune", str(checkpoint), "--dataset", "digits",
-                "--epochs", "4", "--batch-size", "16", "--lr", "0.05", "--seed", "1",
-                "--quiet", "--out", str(out), *extra]  # fmt: skip
+        command = [sys.executable, "-m", "ibnify", "finetune", str(checkpoint), "--dataset"]
+        flags = ["digits", "--epochs", "4", "--batch-size", "16", "--lr", "0.05", "--seed", "1"]
+        return [*command, *flags, "--quiet", "--out", str(out), *extra]
 
-    straight = subprocess.run(finetune(tmp_path / "straight"), capture_output=True, text=True,
-                              env=env, timeout=600)  # fmt: skip
+    straight = subprocess.run(
+        finetune(tmp_path / "straight"), capture_output=True, text=True, env=env, timeout=600
+    )
     assert straight.returncode == 0, straight.stderr
 
     crashed = tmp_path / "crashed"
-    process = subprocess.Popen(finetune(crashed), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, env=env)  # fmt: skip
+    process = subprocess.Popen(
+        finetune(crashed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
+    )
     metrics = crashed / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
@@ -169,8 +171,9 @@ def test_finetune_killed_mid_epoch_resumes_to_the_same_weights(tmp_path) -> None
     assert metrics.read_text().count("\n") < 4, "the run finished before it could be killed"
     assert [p.name for p in crashed.iterdir() if p.name.startswith(".")] == []  # no partial files
 
-    resumed = subprocess.run(finetune(crashed, "--resume"), capture_output=True, text=True,
-                             env=env, timeout=600)  # fmt: skip
+    resumed = subprocess.run(
+        finetune(crashed, "--resume"), capture_output=True, text=True, env=env, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))
     b = load_file(str(crashed / "model.safetensors"))

@@ -166,8 +166,9 @@ def test_python_ctrl_c_then_resume_equals_the_straight_run(
 
     def run(out: Path, **more) -> torch.nn.Module:
         model = ibnify.load(setup["checkpoint"])
-        return finetune(model, setup["train"], out_dir=str(out), val_data=setup["val"],
-                        **options, **more).model  # fmt: skip
+        return finetune(
+            model, setup["train"], out_dir=str(out), val_data=setup["val"], **options, **more
+        ).model
 
     straight = run(tmp_path / "a")
     interrupt_at(monkeypatch, 6)  # epoch 2, last batch

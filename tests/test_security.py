@@ -250,8 +250,12 @@ def _run_cli(args: list[str]) -> tuple[subprocess.CompletedProcess, list[tuple[s
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, "-c", script, *args],
-        capture_output=True, text=True, env=env, timeout=120, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
     audit = [line for line in done.stdout.splitlines() if line.startswith("AUDIT ")]
     events = [tuple(e) for e in json.loads(audit[-1][6:])] if audit else []
     return done, events  # type: ignore[return-value]
@@ -433,8 +437,10 @@ def test_onnx_metadata_recipe_is_compared_as_data_never_built(
     recipe = json.loads(entry.value)
     overlay = {"url": "http://198.51.100.7/w.pth"}
     recipe["model_kwargs"] = {
-        "checkpoint_path": str(planted), "pretrained": True, "pretrained_cfg_overlay": overlay,
-    }  # fmt: skip
+        "checkpoint_path": str(planted),
+        "pretrained": True,
+        "pretrained_cfg_overlay": overlay,
+    }
     entry.value = json.dumps(recipe)
     onnx.save(proto, str(path))
     with _recording() as events:

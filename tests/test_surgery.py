@@ -22,8 +22,9 @@ SMALL = (3, 64, 64)
 
 def test_ibn_b_block_matches_hand_written_reference_bottleneck() -> None:
     """IBN-b's post-addition IN sits after the add and before the final ReLU."""
-    converted = ibnify.convert(randomize_norms(torchvision.models.resnet50()), layout="b",
-                               input_size=SMALL)  # fmt: skip
+    converted = ibnify.convert(
+        randomize_norms(torchvision.models.resnet50()), layout="b", input_size=SMALL
+    )
     block = converted.layer1[2]
     with torch.no_grad():
         block.IN.weight.uniform_(0.5, 1.5)
@@ -152,14 +153,20 @@ def test_unknown_batchnorm_subclass_is_refused() -> None:
 
 def test_plan_that_does_not_fit_is_refused() -> None:
     plan = ibnify.plan("resnet18", input_size=SMALL)
-    wrong = type(plan)(**{**plan.__dict__, "sites": (
-        ConversionSite("layer1.0.bn1", "ibn", 32, 1, 0.5, "in_first", 16, 16),
-    )})  # fmt: skip
+    wrong = type(plan)(
+        **{
+            **plan.__dict__,
+            "sites": (ConversionSite("layer1.0.bn1", "ibn", 32, 1, 0.5, "in_first", 16, 16),),
+        }
+    )
     with pytest.raises(ConversionError, match="has 64 channels, the plan expects 32"):
         apply_plan(torchvision.models.resnet18(), wrong)
-    missing = type(plan)(**{**plan.__dict__, "sites": (
-        ConversionSite("layer9.0.bn1", "ibn", 64, 1, 0.5, "in_first", 32, 32),
-    )})  # fmt: skip
+    missing = type(plan)(
+        **{
+            **plan.__dict__,
+            "sites": (ConversionSite("layer9.0.bn1", "ibn", 64, 1, 0.5, "in_first", 32, 32),),
+        }
+    )
     with pytest.raises(ConversionError, match=r"no layer named .layer9\.0\.bn1."):
         apply_plan(torchvision.models.resnet18(), missing)
 

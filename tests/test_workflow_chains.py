@@ -54,8 +54,22 @@ def test_cli_chain_convert_stack_finetune_evaluate_adapt_analyze_export_verify(t
     out = _invoke(["convert", first, "--layout", "b", "-o", both])
     assert "recipe: resnet-a stages 1,2,3 then resnet-b stages 1,2" in out
     # the digits set is read at the recorded 32 px (at 16 px layer3 would be 1×1 for IN)
-    out = _invoke(["finetune", both, "--dataset", "digits", "--epochs", "1", "--batch-size",
-                   "64", "--out", tmp_path / "run", "--threads", "2"])  # fmt: skip
+    out = _invoke(
+        [
+            "finetune",
+            both,
+            "--dataset",
+            "digits",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+            "--out",
+            tmp_path / "run",
+            "--threads",
+            "2",
+        ]
+    )
     assert "epoch 1/1" in out and "finished: wrote" in out
     tuned = tmp_path / "run" / "model.safetensors"
     recipe = ibnify.read_recipe(tuned)
@@ -70,8 +84,18 @@ def test_cli_chain_convert_stack_finetune_evaluate_adapt_analyze_export_verify(t
     assert "adapted the BN statistics on 60 images" in out
     assert ibnify.read_recipe(adapted)["adaptations"][0]["images"] == 60
 
-    out = _invoke(["analyze", tuned, "--dataset", "digits", "--domain", f"printed={printed}",
-                   "--images", "16"])  # fmt: skip
+    out = _invoke(
+        [
+            "analyze",
+            tuned,
+            "--dataset",
+            "digits",
+            "--domain",
+            f"printed={printed}",
+            "--images",
+            "16",
+        ]
+    )
     marked = [line for line in out.splitlines() if "(converted)" in line]
     assert len(marked) == 6 + 3  # IBN-a's six bn1 sites and IBN-b's three, both plans marked
 

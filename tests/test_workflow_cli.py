@@ -153,8 +153,19 @@ def test_ctrl_c_says_what_was_kept_and_resume_continues(
     """Ctrl-C in epoch 2: one line naming the kept epoch 1 and the exact resume command, which
     then runs epoch 2 only (as JSON with --json), with --threads applied."""
     out = tmp_path / "run"
-    args = ["finetune", str(digits_checkpoint), "--dataset", "digits", "--epochs", "2",
-            "--batch-size", "128", "--out", str(out), "--force"]  # fmt: skip
+    args = [
+        "finetune",
+        str(digits_checkpoint),
+        "--dataset",
+        "digits",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "128",
+        "--out",
+        str(out),
+        "--force",
+    ]
     real_epoch = loop._train_epoch
 
     def interrupted_in_epoch_2(training, loader, runtime, config, epoch):
@@ -183,14 +194,16 @@ def test_ctrl_c_says_what_was_kept_and_resume_continues(
     assert resumed.exit_code == 0, resumed.output
     printed = resumed.stdout.splitlines()
     assert [json.loads(printed[0])["epoch"], printed[1:]] == [
-        2, [f"finished: wrote {out / 'model.safetensors'}"]
-    ]  # fmt: skip
+        2,
+        [f"finished: wrote {out / 'model.safetensors'}"],
+    ]
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2]
 
 
-def test_interrupt_before_any_epoch_says_nothing_was_written(tmp_path, digits_checkpoint,
-                                                             monkeypatch) -> None:  # fmt: skip
+def test_interrupt_before_any_epoch_says_nothing_was_written(
+    tmp_path, digits_checkpoint, monkeypatch
+) -> None:
     def interrupted(*_args):
         raise KeyboardInterrupt
 
@@ -211,9 +224,20 @@ def small_r18(tmp_path_factory) -> Path:
     """torchvision resnet18 converted for 32-px images, and a folder of 32-px images."""
     root = tmp_path_factory.mktemp("r18")
     result = CliRunner().invoke(
-        cli, ["convert", "resnet18", "--input-size", "32", "--num-classes", "2", "--seed", "0",
-              "-o", str(root / "r18.safetensors")],
-    )  # fmt: skip
+        cli,
+        [
+            "convert",
+            "resnet18",
+            "--input-size",
+            "32",
+            "--num-classes",
+            "2",
+            "--seed",
+            "0",
+            "-o",
+            str(root / "r18.safetensors"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     _folder(root / "images", 32)
     return root
@@ -246,14 +270,39 @@ def test_finetune_and_analyze_feed_the_input_size(small_r18, monkeypatch, given)
     seen = _sizes_seen(monkeypatch)
     images = str(small_r18 / "images")
     tuned = CliRunner().invoke(
-        cli, ["finetune", checkpoint, "--data", images, "--epochs", "1", "--batch-size", "4",
-              "--out", str(small_r18 / f"run-{len(given)}"), "--force", *given, "--quiet"],
-    )  # fmt: skip
+        cli,
+        [
+            "finetune",
+            checkpoint,
+            "--data",
+            images,
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--out",
+            str(small_r18 / f"run-{len(given)}"),
+            "--force",
+            *given,
+            "--quiet",
+        ],
+    )
     assert tuned.exit_code == 0, tuned.output
     analyzed = CliRunner().invoke(
-        cli, ["analyze", checkpoint, "--data", images, "--shift", "brightness_down",
-              "--images", "8", "--json", *given],
-    )  # fmt: skip
+        cli,
+        [
+            "analyze",
+            checkpoint,
+            "--data",
+            images,
+            "--shift",
+            "brightness_down",
+            "--images",
+            "8",
+            "--json",
+            *given,
+        ],
+    )
     assert analyzed.exit_code == 0, analyzed.output
     assert set(seen) == {(3, 32, 32)} and len(seen) == 3  # two steps, one collected set
 

@@ -64,8 +64,9 @@ def trained():
 def files(trained, tmp_path_factory):
     root = tmp_path_factory.mktemp("domains")
     converted = ibnify.convert(trained, stages=(1,), arch=SOURCE, model_kwargs=KWARGS)
-    plan = ConversionPlan(arch=SOURCE, layout="none", stages=(), ratio=None, sites=(),
-                          extras={"model_kwargs": KWARGS})  # fmt: skip
+    plan = ConversionPlan(
+        arch=SOURCE, layout="none", stages=(), ratio=None, sites=(), extras={"model_kwargs": KWARGS}
+    )
     paths = {
         "ibn": ibnify.save(converted, root / "ibn.safetensors"),
         "base": ibnify.save(apply_plan(trained, plan), root / "base.safetensors"),
@@ -88,8 +89,9 @@ def test_evaluate_two_domains_equal_two_single_folder_runs(files) -> None:
     assert both["shifts"] == ["clean"] and both["domains"] == ["inv", "plain"]
     assert both["domain_images"] == {"inv": 120, "plain": 80}
     for name, folder in (("inv", files["inverted"]), ("plain", files["plain"])):
-        single = _json(["evaluate", *checkpoints, "--data", str(folder), "--json", "--shift",
-                        "none"])  # fmt: skip
+        single = _json(
+            ["evaluate", *checkpoints, "--data", str(folder), "--json", "--shift", "none"]
+        )
         for column in ("ibn", "base"):
             assert both["accuracy"][column][name] == single["accuracy"][column]["clean"]
     digits = _json(["evaluate", *checkpoints, "--dataset", "digits", "--json", "--shift", "none"])
@@ -102,8 +104,11 @@ def test_evaluate_two_domains_equal_two_single_folder_runs(files) -> None:
     assert report.accuracy["ibn"] == both["accuracy"]["ibn"]
     table = report.table().splitlines()
     assert [row.split("|")[1].strip() for row in table[2:]] == [
-        "clean", "domain inv", "domain plain", "mean domain drop",
-    ]  # fmt: skip
+        "clean",
+        "domain inv",
+        "domain plain",
+        "mean domain drop",
+    ]
 
 
 def test_evaluate_domain_bad_inputs_end_in_one_error_line(files, tmp_path) -> None:
@@ -124,8 +129,16 @@ def test_evaluate_domain_bad_inputs_end_in_one_error_line(files, tmp_path) -> No
 
     def argv(name: str, args: list[str]) -> list[str]:
         plot = str(tmp_path / f"{name.replace(' ', '-')}.png")
-        return ["evaluate", str(files["ibn"]), "--dataset", "digits", "--plot", plot,
-                "--domain", *args]  # fmt: skip
+        return [
+            "evaluate",
+            str(files["ibn"]),
+            "--dataset",
+            "digits",
+            "--plot",
+            plot,
+            "--domain",
+            *args,
+        ]
 
     check_bad_inputs({}, cases, argv)
     assert sorted(tmp_path.rglob("*")) == before
@@ -136,8 +149,11 @@ def _result(name: str, clean: float, shifted: float) -> CandidateResult:
 
 
 def test_max_clean_drop_excludes_a_candidate_that_loses_clean_accuracy() -> None:
-    results = [_result("control", 0.90, 0.50), _result("a:1", 0.85, 0.80),
-               _result("a:1-2", 0.895, 0.70)]  # fmt: skip
+    results = [
+        _result("control", 0.90, 0.50),
+        _result("a:1", 0.85, 0.80),
+        _result("a:1-2", 0.895, 0.70),
+    ]
     report = SearchReport(results, ["noise"], {}, max_clean_drop=1.0)
     assert report.excluded(results[1]) and not report.excluded(results[2])
     assert report.winner.name == "a:1-2"  # a:1 scores higher under shift but loses 5 points
@@ -155,9 +171,24 @@ def test_max_clean_drop_excludes_a_candidate_that_loses_clean_accuracy() -> None
 
 def test_cli_search_with_a_domain_ranks_by_it(files, tmp_path) -> None:
     out = tmp_path / "search"
-    args = ["search", str(files["base"]), "--dataset", "digits", "--candidates", "a:1;b",
-            "--epochs", "1", "--lr", "0.05", "--shift", "brightness_down",
-            "--domain", f"inv={files['inverted']}", "--out", str(out)]  # fmt: skip
+    args = [
+        "search",
+        str(files["base"]),
+        "--dataset",
+        "digits",
+        "--candidates",
+        "a:1;b",
+        "--epochs",
+        "1",
+        "--lr",
+        "0.05",
+        "--shift",
+        "brightness_down",
+        "--domain",
+        f"inv={files['inverted']}",
+        "--out",
+        str(out),
+    ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
@@ -182,12 +213,18 @@ def test_cli_search_with_a_domain_ranks_by_it(files, tmp_path) -> None:
 
 def test_search_messages_budget_once_in_seconds_and_differences_named(trained, tmp_path) -> None:
     config = FinetuneConfig(epochs=1, lr=0.05, seed=3, quiet=True, device="cpu")
-    options = {"candidates": "a:1", "arch": SOURCE, "model_kwargs": KWARGS, "shifts": "noise",
-               "out_dir": tmp_path}  # fmt: skip
+    options = {
+        "candidates": "a:1",
+        "arch": SOURCE,
+        "model_kwargs": KWARGS,
+        "shifts": "noise",
+        "out_dir": tmp_path,
+    }
     train, val = digits_data("train"), digits_data("test")
     lines: list[str] = []
-    report = search_placement(trained, train, val, config=config, budget_min=1e-9,
-                              echo=lines.append, **options)  # fmt: skip
+    report = search_placement(
+        trained, train, val, config=config, budget_min=1e-9, echo=lines.append, **options
+    )
     assert report.stopped.startswith("budget: stopped before candidate 2 of 2 (a:1); ")
     assert " s spent and about " in report.stopped and "0.0 min" not in report.stopped
     assert not any(line.startswith("budget:") for line in lines)  # the CLI prints it, once
@@ -209,8 +246,7 @@ def test_cli_search_bad_domain_inputs(files, tmp_path) -> None:
 
     def argv(name: str, args: list[str]) -> list[str]:
         out = str(tmp_path / name.replace(" ", "-"))
-        return ["search", SOURCE, "--dataset", "digits", "--candidates", "a:1", *args,
-                "--out", out]  # fmt: skip
+        return ["search", SOURCE, "--dataset", "digits", "--candidates", "a:1", *args, "--out", out]
 
     check_bad_inputs({}, cases, argv)
     assert sorted(tmp_path.rglob("*")) == before
@@ -219,8 +255,16 @@ def test_cli_search_bad_domain_inputs(files, tmp_path) -> None:
 def test_python_search_takes_folder_paths(trained, files) -> None:
     config = FinetuneConfig(epochs=1, lr=0.05, seed=3, quiet=True, device="cpu")
     folder = str(files["inverted"])
-    report = search_placement(trained, folder, folder, candidates="a:1", config=config,
-                              shifts="none", budget_min=1e-9, arch=SOURCE)  # fmt: skip
+    report = search_placement(
+        trained,
+        folder,
+        folder,
+        candidates="a:1",
+        config=config,
+        shifts="none",
+        budget_min=1e-9,
+        arch=SOURCE,
+    )
     assert report.settings["train"] == "inverted (120 images)"
     assert report.settings["val"] == "inverted (120 images)"
     assert [r.name for r in report.results] == ["control"] and report.not_run == ["a:1"]
@@ -250,10 +294,12 @@ def test_cli_analyze_with_a_domain_equals_the_two_folder_run(files) -> None:
     """`analyze --data A --domain night=B` measures A against B exactly as `--domain-a A
     --domain-b B` does (same images, same seed), and names domain B by the domain's name."""
     common = ["analyze", str(files["ibn"]), "--images", "16", "--json", "--quiet"]
-    with_domain = _json([*common, "--data", str(files["plain"]),
-                         "--domain", f"night={files['inverted']}"])  # fmt: skip
-    two_folders = _json([*common, "--domain-a", str(files["plain"]),
-                         "--domain-b", str(files["inverted"])])  # fmt: skip
+    with_domain = _json(
+        [*common, "--data", str(files["plain"]), "--domain", f"night={files['inverted']}"]
+    )
+    two_folders = _json(
+        [*common, "--domain-a", str(files["plain"]), "--domain-b", str(files["inverted"])]
+    )
     assert with_domain["domain_b"] == "night" and two_folders["domain_b"] == "inverted"
     assert with_domain["sites"] == two_folders["sites"]
     assert with_domain["suggested_stages"] == two_folders["suggested_stages"]
@@ -262,15 +308,25 @@ def test_cli_analyze_with_a_domain_equals_the_two_folder_run(files) -> None:
 def test_cli_analyze_domain_bad_inputs_end_in_one_line(files, tmp_path) -> None:
     ckpt, plain, inverted = str(files["ibn"]), str(files["plain"]), str(files["inverted"])
     cases = {
-        "two domains": (["--data", plain, "--domain", f"a={inverted}", "--domain", f"b={plain}"],
-                        "give one --domain NAME=FOLDER"),
-        "domain and shift": (["--data", plain, "--domain", f"a={inverted}", "--shift", "blur"],
-                             "--shift applies without --domain"),
+        "two domains": (
+            ["--data", plain, "--domain", f"a={inverted}", "--domain", f"b={plain}"],
+            "give one --domain NAME=FOLDER",
+        ),
+        "domain and shift": (
+            ["--data", plain, "--domain", f"a={inverted}", "--shift", "blur"],
+            "--shift applies without --domain",
+        ),
         "no folder": (["--data", plain, "--domain", "a="], "names no folder"),
-        "other classes": (["--data", plain, "--domain",
-                           f"few={_digit_folder(tmp_path / 'few', 0, 60, True, classes=5)}"],
-                          "holds other classes than the source data (source only: 5, 6, 7"),
-    }  # fmt: skip
+        "other classes": (
+            [
+                "--data",
+                plain,
+                "--domain",
+                f"few={_digit_folder(tmp_path / 'few', 0, 60, True, classes=5)}",
+            ],
+            "holds other classes than the source data (source only: 5, 6, 7",
+        ),
+    }
     for name, (args, message) in cases.items():
         result = CliRunner().invoke(cli, ["analyze", ckpt, *args])
         lines = result.output.strip().splitlines()

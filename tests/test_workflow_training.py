@@ -206,9 +206,10 @@ def test_ibn_b_in_after_the_addition_follows_its_blocks_frozen_state() -> None:
     model.layer1.requires_grad_(False)
     converted = ibnify.convert(model, layout="b", input_size=(3, 64, 64))
     post_add = {
-        n: m for n, m in converted.named_modules()
+        n: m
+        for n, m in converted.named_modules()
         if isinstance(m, torch.nn.InstanceNorm2d) and n.endswith(".IN")
-    }  # fmt: skip
+    }
     trainable = {n: m.weight.requires_grad for n, m in post_add.items()}
     assert trainable == {"layer1.1.IN": False, "layer2.1.IN": True}  # the paper's IBN-b sites
 

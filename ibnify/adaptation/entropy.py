@@ -87,8 +87,11 @@ def resolve_norms(model: nn.Module, norms: str | None) -> str:
     found = _affine_by_family(model)
     if not found["bn"] and not found["in"]:
         frozen = any(is_frozen_batchnorm(m) for m in model.modules())
-        why = "its BatchNorm layers are frozen (affine stored as buffers)" if frozen else (
-            "it has no BatchNorm or InstanceNorm with affine parameters")  # fmt: skip
+        why = (
+            "its BatchNorm layers are frozen (affine stored as buffers)"
+            if frozen
+            else ("it has no BatchNorm or InstanceNorm with affine parameters")
+        )
         raise InvalidOptionError(
             f"entropy adaptation learns norm affine parameters, and {why}; use method 'bn' "
             "(statistics only)"
@@ -147,8 +150,9 @@ class EntropyStep:
     as TENT returns them) and how many samples the loss kept.
     """
 
-    def __init__(self, model: nn.Module, parameters: dict[str, nn.Parameter], lr: float,
-                 e_margin: float) -> None:  # fmt: skip
+    def __init__(
+        self, model: nn.Module, parameters: dict[str, nn.Parameter], lr: float, e_margin: float
+    ) -> None:
         self.model = model
         self.parameters = parameters
         self.lr = lr
@@ -225,8 +229,12 @@ class CollapseGuard:
                 "adaptation collapse: the mean prediction over %d images has entropy %.3f nats, "
                 "below %.3f (%.2f x ln %d); the predictions crowd into few classes (a one-class "
                 "target, or a learning rate too high): check the adapted model before using it",
-                self.count, value, self.threshold(), self.fraction, classes,
-            )  # fmt: skip
+                self.count,
+                value,
+                self.threshold(),
+                self.fraction,
+                classes,
+            )
         return collapsed
 
 

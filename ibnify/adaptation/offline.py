@@ -61,8 +61,9 @@ def _batches(loader: DataLoader, normalize: Normalize, device: torch.device) -> 
         yield normalize(batch.float().to(device))
 
 
-def _learn(model: nn.Module, subset: Any, normalize: Normalize, options: AdaptOptions,
-           norms: str) -> dict[str, Any]:  # fmt: skip
+def _learn(
+    model: nn.Module, subset: Any, normalize: Normalize, options: AdaptOptions, norms: str
+) -> dict[str, Any]:
     """The entropy passes, then the statistics pass; what they did, for the record."""
     device = device_of(model)
     parameters = affine_parameters(model, norms)
@@ -80,12 +81,21 @@ def _learn(model: nn.Module, subset: Any, normalize: Normalize, options: AdaptOp
                 kept += used
                 seen += batch.shape[0]
     guard = CollapseGuard(options.collapse)
-    final = DataLoader(subset, batch_size=options.batch_size, shuffle=True,
-                       generator=torch.Generator().manual_seed(options.seed))  # fmt: skip
+    final = DataLoader(
+        subset,
+        batch_size=options.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(options.seed),
+    )
     estimate_statistics(model, _batches(final, normalize, device), options.prior, guard.add)
     guard.check()
-    return {"norms": norms, "updates": updates, "kept": kept, "seen": seen,
-            "mean_prediction_entropy": round(guard.entropy(), 6)}  # fmt: skip
+    return {
+        "norms": norms,
+        "updates": updates,
+        "kept": kept,
+        "seen": seen,
+        "mean_prediction_entropy": round(guard.entropy(), 6),
+    }
 
 
 def adapt_with(model: nn.Module, target: ImageData, options: AdaptOptions) -> nn.Module:
@@ -100,8 +110,7 @@ def adapt_with(model: nn.Module, target: ImageData, options: AdaptOptions) -> nn
         found = _learn(adapted, subset, normalize, options, str(norms))
     elif options.prior < 1.0:
         loader = DataLoader(subset, batch_size=options.batch_size, shuffle=False)
-        estimate_statistics(adapted, _batches(loader, normalize, device_of(adapted)),
-                            options.prior)  # fmt: skip
+        estimate_statistics(adapted, _batches(loader, normalize, device_of(adapted)), options.prior)
     with_adaptation(adapted, options.record(len(subset), target.name, **found))
     return adapted
 
@@ -144,8 +153,9 @@ def adapt(
     parameters. Every other tensor stays bit-identical. The copy records the adaptation in its
     recipe, so a saved checkpoint carries it.
     """
-    options = AdaptOptions(images, check_prior(prior), batch_size, seed, method, norms, epochs,
-                           steps, lr)  # fmt: skip
+    options = AdaptOptions(
+        images, check_prior(prior), batch_size, seed, method, norms, epochs, steps, lr
+    )
     check_adaptable(model, options)
     size = input_size_for(model, input_size)
     target = as_image_data(data, model, "test", seed=seed, input_size=size)

@@ -130,10 +130,20 @@ class AdaptOptions:
     def record(self, used: int, data_name: str, **found: Any) -> dict[str, Any]:
         """What a checkpoint records about this adaptation (``found``: what the run measured,
         such as the norms adapted and the updates made)."""
-        record = {"kind": "adabn" if self.method == "bn" else "entropy", "data": data_name,
-                  "images": used, "prior": self.prior, "batch_size": self.batch_size,
-                  "seed": self.seed}  # fmt: skip
+        record = {
+            "kind": "adabn" if self.method == "bn" else "entropy",
+            "data": data_name,
+            "images": used,
+            "prior": self.prior,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+        }
         if self.method == "entropy":
-            record.update(epochs=self.passes, steps=self.steps, lr=self.learning_rate,
-                          e_margin=self.e_margin, collapse=self.collapse)  # fmt: skip
+            record.update(
+                epochs=self.passes,
+                steps=self.steps,
+                lr=self.learning_rate,
+                e_margin=self.e_margin,
+                collapse=self.collapse,
+            )
         return {**record, **found}

@@ -110,8 +110,16 @@ def native_recording(norms: Iterable[nn.Module]) -> Iterator[None]:
     """While open, each norm (of a kind in ``_NATIVE_KINDS``) runs its own train-mode forward
     with ``momentum=None`` from reset statistics; on exit its momentum and batch count come
     back, and a norm no batch reached (or a body that raised) gets its source statistics back."""
-    saved = [(m, m.momentum, m.running_mean.clone(), m.running_var.clone(),
-              m.num_batches_tracked.clone()) for m in norms]  # fmt: skip
+    saved = [
+        (
+            m,
+            m.momentum,
+            m.running_mean.clone(),
+            m.running_var.clone(),
+            m.num_batches_tracked.clone(),
+        )
+        for m in norms
+    ]
     completed = False
     try:
         for module, *_rest in saved:
