@@ -1,13 +1,20 @@
-"""Helpers shared by tests (and benchmarks): deterministic, non-trivial norm parameters, and
-every spelling of a residual addition."""
+"""Helpers shared by tests (and benchmarks): deterministic, non-trivial norm parameters, every
+spelling of a residual addition, image folders, crafted checkpoints and ONNX files for the
+bad-input and security tests."""
 
 from __future__ import annotations
 
+import json
 import operator
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 
@@ -70,3 +77,50 @@ def bad_class_folders(root: Path) -> dict[str, Path]:
             (folder / name).mkdir(parents=True)
             Image.new("RGB", (16, 16), (90, 20, 200)).save(folder / name / "x.png")
     return folders
+
+
+def craft_checkpoint(base: Path, target: Path, change: Callable[[dict[str, Any]], None]) -> Path:
+    """Copy ``base`` to ``target`` with its recipe changed by ``change``."""
+    with safe_open(str(base), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+    recipe = json.loads(metadata["ibnify_recipe"])
+    change(recipe)
+    metadata["ibnify_recipe"] = json.dumps(recipe)
+    save_file(load_file(str(base)), str(target), metadata=metadata)
+    return target
+
+
+def write_onnx_traps(folder: Path) -> dict[str, Path]:
+    """ONNX files a stranger might send: ``outside`` keeps its weights in ``../secret.bin``,
+    ``domain`` uses an op of a domain onnxruntime lacks, ``inside`` keeps its weights in
+    ``w.bin`` beside it (legitimate). Each computes ``x + w`` with ``w = [1, 2, 3]``."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = np.array([1.0, 2.0, 3.0], dtype=np.float32).reshape(1, 3, 1, 1)
+
+    def model(name: str, location: str | None, op: tuple[str, str] = ("Add", "")) -> Path:
+        tensor = numpy_helper.from_array(weights, "w")
+        if location is not None:
+            (folder / name).mkdir(parents=True, exist_ok=True)
+            (folder / name / location).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name / location).write_bytes(tensor.raw_data)
+            tensor.ClearField("raw_data")
+            tensor.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", "0"), ("length", "12")):
+                tensor.external_data.add(key=key, value=value)
+        node = helper.make_node(op[0], ["x", "w"], ["y"], domain=op[1])
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 8, 8])
+        graph = helper.make_graph([node], "trap", [x], [y], [tensor])
+        imports = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(op[1], 1)] if op[1] else [])
+        proto = helper.make_model(graph, opset_imports=imports, ir_version=8)
+        path = folder / name / "model.onnx"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(proto.SerializeToString())
+        return path
+
+    return {
+        "outside": model("outside", "../secret.bin"),
+        "domain": model("domain", None, ("Pwn", "com.example.custom")),
+        "inside": model("inside", "w.bin"),
+    }

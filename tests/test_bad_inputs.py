@@ -23,7 +23,7 @@ import torchvision
 
 import ibnify
 from tests.cli_process import run_cli
-from tests.test_security import _craft, write_onnx_traps
+from tests.helpers import craft_checkpoint, write_onnx_traps
 
 SMALL = ["--input-size", "64"]
 
@@ -368,7 +368,7 @@ def _make_model_assets(assets: Path) -> None:
     tiny = ibnify.convert("ibnify:digits_resnet", stages=(1, 2), model_kwargs={"width": 4})
     ibnify.save(tiny, assets / "tiny.safetensors")
     planted = {"checkpoint_path": str(assets / "resnet34.pth")}
-    _craft(
+    craft_checkpoint(
         assets / "tiny.safetensors",
         assets / "crafted.safetensors",
         lambda recipe: recipe.update(source="timm:resnet18", model_kwargs=planted),

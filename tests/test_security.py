@@ -25,7 +25,6 @@ import pytest
 import timm
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 import ibnify
 from ibnify.deploy.export import export_onnx
@@ -33,6 +32,7 @@ from ibnify.deploy.verify import verify_onnx
 from ibnify.errors import CheckpointError, VerificationError
 from ibnify.models.checkpoint import FORMAT, Recipe
 from ibnify.models.registry import MODEL_KWARGS, check_model_kwargs
+from tests.helpers import craft_checkpoint, write_onnx_traps
 
 _NETWORK_EVENTS = ("socket.connect", "socket.getaddrinfo", "socket.gethostbyname", "urllib.Request")
 _DATA_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".pkl", ".npz", ".h5")
@@ -96,17 +96,6 @@ def planted(tmp_path: Path) -> Path:
     path = tmp_path / "planted.pth"
     torch.save({"conv1.weight": torch.zeros(1)}, path)
     return path
-
-
-def _craft(base: Path, target: Path, change: Callable[[dict[str, Any]], None]) -> Path:
-    """Copy ``base`` to ``target`` with its recipe changed by ``change``."""
-    with safe_open(str(base), framework="pt") as handle:
-        metadata = dict(handle.metadata())
-    recipe = json.loads(metadata["ibnify_recipe"])
-    change(recipe)
-    metadata["ibnify_recipe"] = json.dumps(recipe)
-    save_file(load_file(str(base)), str(target), metadata=metadata)
-    return target
 
 
 def _set(**fields: Any) -> Callable[[dict[str, Any]], None]:
@@ -197,7 +186,7 @@ def test_crafted_recipe_opens_nothing_and_connects_nowhere(
     name: str, base_checkpoint: Path, planted: Path, tmp_path: Path
 ) -> None:
     change, message = CRAFTED[name]
-    crafted = _craft(base_checkpoint, tmp_path / "crafted.safetensors", change(planted))
+    crafted = craft_checkpoint(base_checkpoint, tmp_path / "crafted.safetensors", change(planted))
     with _recording() as events, pytest.raises(CheckpointError) as raised:
         ibnify.load(crafted)
     assert message in str(raised.value)
@@ -272,7 +261,7 @@ def test_cli_refuses_crafted_checkpoint_in_one_line(
     name: str, command: list[str], base_checkpoint: Path, planted: Path, tmp_path: Path
 ) -> None:
     change, message = CRAFTED[name]
-    crafted = _craft(base_checkpoint, tmp_path / "crafted.safetensors", change(planted))
+    crafted = craft_checkpoint(base_checkpoint, tmp_path / "crafted.safetensors", change(planted))
     out = tmp_path / "out"
     out.mkdir()
     before = sorted(p.name for p in tmp_path.rglob("*"))
@@ -296,7 +285,7 @@ def test_recipe_stores_model_kwargs_once_and_reads_old_files(
         stored = json.loads(handle.metadata()["ibnify_recipe"])
     assert "model_kwargs" not in stored["plans"][0].get("extras", {})
     assert "model_kwargs" not in stored["plans"][0]
-    old = _craft(
+    old = craft_checkpoint(
         base_checkpoint, tmp_path / "old.safetensors", _old_location({"width": 4}, {"width": 4})
     )
     model = ibnify.load(old)
@@ -347,42 +336,6 @@ def test_check_model_kwargs_accepts_network_shapes() -> None:
     }
     assert check_model_kwargs(good) == good
     assert not any(key.startswith(("pretrained", "checkpoint", "weights")) for key in MODEL_KWARGS)
-
-
-def write_onnx_traps(folder: Path) -> dict[str, Path]:
-    """ONNX files a stranger might send: ``outside`` keeps its weights in ``../secret.bin``,
-    ``domain`` uses an op of a domain onnxruntime lacks, ``inside`` keeps its weights in
-    ``w.bin`` beside it (legitimate). Each computes ``x + w`` with ``w = [1, 2, 3]``."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    weights = np.array([1.0, 2.0, 3.0], dtype=np.float32).reshape(1, 3, 1, 1)
-
-    def model(name: str, location: str | None, op: tuple[str, str] = ("Add", "")) -> Path:
-        tensor = numpy_helper.from_array(weights, "w")
-        if location is not None:
-            (folder / name).mkdir(parents=True, exist_ok=True)
-            (folder / name / location).parent.mkdir(parents=True, exist_ok=True)
-            (folder / name / location).write_bytes(tensor.raw_data)
-            tensor.ClearField("raw_data")
-            tensor.data_location = TensorProto.EXTERNAL
-            for key, value in (("location", location), ("offset", "0"), ("length", "12")):
-                tensor.external_data.add(key=key, value=value)
-        node = helper.make_node(op[0], ["x", "w"], ["y"], domain=op[1])
-        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])
-        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 8, 8])
-        graph = helper.make_graph([node], "trap", [x], [y], [tensor])
-        imports = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(op[1], 1)] if op[1] else [])
-        proto = helper.make_model(graph, opset_imports=imports, ir_version=8)
-        path = folder / name / "model.onnx"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(proto.SerializeToString())
-        return path
-
-    return {
-        "outside": model("outside", "../secret.bin"),
-        "domain": model("domain", None, ("Pwn", "com.example.custom")),
-        "inside": model("inside", "w.bin"),
-    }
 
 
 @pytest.mark.parametrize(
