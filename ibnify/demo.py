@@ -260,7 +260,7 @@ def _finetune_config(
 
 
 def _export_and_verify(model: nn.Module, path: Path, test_data) -> dict[str, Any]:
-    """Export with ``ibnify.export`` and verify against PyTorch on random and real digits."""
+    """Export with ``ibnify.export_onnx`` and verify against PyTorch on random and real digits."""
     export_onnx(model, path, input_size=(3, 16, 16))
     verification = verify_onnx(path, model, batch_sizes=(1, 8))
     images = torch.stack([test_data.dataset[i][0] for i in range(len(test_data))])
