@@ -40,7 +40,9 @@ def check_output_path(
     if not _can_create_in(parent):
         raise IbnifyError(f"output directory {str(parent)!r} is not writable")
     if target.exists() and not force:
-        raise IbnifyError(f"output file {str(target)!r} already exists; pass --force to overwrite")
+        raise IbnifyError(
+            f"output file {str(target)!r} already exists; pass `force=True` to overwrite"
+        )
     return target
 
 

@@ -82,7 +82,6 @@ def resolve_model(
     *,
     pretrained: bool = False,
     model_kwargs: dict[str, Any] | None = None,
-    advice: str | None = None,
 ) -> ResolvedModel:
     """Build or load the model a spec names: what every command's MODEL argument accepts.
 
@@ -90,8 +89,7 @@ def resolve_model(
     ``model_kwargs`` and either the library's ``pretrained`` weights or a local ``weights``
     file: the original model's keys (``num_classes`` differing from the file's gets a fresh
     head), or IBN keys of the default IBN-a layout (the IBN-Net authors' checkpoints; the
-    result is then converted). ``advice`` ends an offline pretrained failure (default: the
-    ``--weights FILE`` advice of ``ibnify convert``; commands without that option pass theirs).
+    result is then converted). An offline pretrained failure advises a local ``weights`` file.
 
     Raises:
         InvalidOptionError: weights, pretrained or constructor arguments given with a checkpoint.
@@ -110,13 +108,13 @@ def resolve_model(
         return ResolvedModel(model, source, checkpoint=os.fspath(spec), model_kwargs=kwargs)
     kwargs = dict(model_kwargs or {})
     if weights is not None and pretrained:
-        raise WeightsError("give either --weights or --pretrained, not both")
-    model, source, head = _build(os.fspath(spec), pretrained, kwargs, advice)
+        raise WeightsError("give either `weights` or `pretrained`, not both")
+    model, source, head = _build(os.fspath(spec), pretrained, kwargs)
     if weights is None:
         return ResolvedModel(model, source, model_kwargs=kwargs, head=head)
     state = load_state_dict_file(weights)
     if set(state) != set(model.state_dict()):  # IBN keys: convert, then load (or say why not)
-        model = convert_named(os.fspath(spec), weights=weights, model_kwargs=kwargs, advice=advice)
+        model = convert_named(os.fspath(spec), weights=weights, model_kwargs=kwargs)
         return ResolvedModel(model, source, weights=os.fspath(weights), model_kwargs=kwargs)
     what = f"weights {os.fspath(weights)!r}"
     head = _load_fitting(model, state, what, fresh_head="num_classes" in kwargs)
@@ -124,20 +122,20 @@ def resolve_model(
 
 
 def _build(
-    spec: str, pretrained: bool, kwargs: dict[str, Any], advice: str | None
+    spec: str, pretrained: bool, kwargs: dict[str, Any]
 ) -> tuple[nn.Module, str, dict[str, Any] | None]:
     """(model, source, head record): a torchvision model with pretrained weights and another
     ``num_classes`` is built with its own head, which then gets a fresh one of that size."""
     classes = kwargs.get("num_classes")
     if pretrained and classes is not None and resolve_name(spec).startswith("tv:"):
         rest = {k: v for k, v in kwargs.items() if k != "num_classes"}
-        model, source = build_model(spec, pretrained=True, advice=advice, **rest)
+        model, source = build_model(spec, pretrained=True, **rest)
         before = num_classes_of(model)
         if before == classes:
             return model, source, None
         name = reset_classifier(model, classes)
         return model, source, {"name": name, "from_classes": before, "num_classes": classes}
-    model, source = build_model(spec, pretrained=pretrained, advice=advice, **kwargs)
+    model, source = build_model(spec, pretrained=pretrained, **kwargs)
     return model, source, None
 
 
@@ -353,7 +351,6 @@ def convert_named(
     model_kwargs: dict[str, Any] | None = None,
     *,
     options: PlanOptions | None = None,
-    advice: str | None = None,
 ) -> nn.Module:
     """Build a model by name, load weights, convert it: what ``ibnify convert`` does.
 
@@ -362,17 +359,17 @@ def convert_named(
     conversion) or the converted model's IBN keys, such as the IBN-Net authors' checkpoints
     (loaded after). With ``model_kwargs={"num_classes": N}`` and weights of another class count,
     the body loads and the classifier gets a fresh head of N (recorded in the recipe's
-    ``head``). ``advice`` is as for :func:`resolve_model`.
+    ``head``).
     """
     chosen = _options(options, layout, stages, ratio, input_size)
     if is_checkpoint_spec(name):
         loaded = resolve_model(name, weights, pretrained=pretrained, model_kwargs=model_kwargs)
         return convert(loaded.model, inplace=True, options=chosen)
     if weights is not None and pretrained:
-        raise WeightsError("give either --weights or --pretrained, not both")
+        raise WeightsError("give either `weights` or `pretrained`, not both")
     state = load_state_dict_file(weights) if weights is not None else None
     kwargs = dict(model_kwargs or {})
-    base, source, head = _build(name, pretrained, kwargs, advice)
+    base, source, head = _build(name, pretrained, kwargs)
     conversion = plan(base, arch=source, model_kwargs=kwargs, options=chosen)
     what = f"weights {os.fspath(weights)!r}" if weights is not None else ""
     base_keys = base.state_dict()  # before the conversion changes the names

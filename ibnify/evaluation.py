@@ -23,18 +23,16 @@ from torch.utils.data import DataLoader
 
 from ._report import markdown_table, new_figure, save_png
 from .core.modules import device_of, modes_restored
-from .data.domains import domain_specs, load_domains
+from .data.domains import load_domains
 from .data.images import ImageData, Normalize
 from .data.shifts import CLEAN, SHIFT_DESCRIPTIONS, apply_shift, parse_shifts
-from .data.sources import as_image_data, check_data_source, resolve_data_source
+from .data.sources import as_image_data
 from .errors import InvalidOptionError
-from .models.checkpoint import input_size_for, load
 
 __all__ = [
     "RobustnessReport",
     "accuracy",
     "evaluate",
-    "evaluate_files",
 ]
 
 
@@ -262,50 +260,4 @@ def evaluate(
     return RobustnessReport(
         list(named), shift_names, table, total, data.name,
         domains=list(domain_data), domain_images=counts,
-    )  # fmt: skip
-
-
-def _column_names(paths: Sequence[Path]) -> list[str]:
-    """File stems, with the parent folder where stems collide, numbered where still equal."""
-    stems = [p.stem for p in paths]
-    names = [
-        f"{p.parent.name}/{p.stem}" if stems.count(p.stem) > 1 and p.parent.name else p.stem
-        for p in paths
-    ]
-    return [n if names.count(n) == 1 else f"{n}#{i + 1}" for i, n in enumerate(names)]
-
-
-def evaluate_files(
-    checkpoints: Sequence[str | os.PathLike[str]],
-    *,
-    data: str | os.PathLike[str] | None = None,
-    dataset: str | None = None,
-    shifts: str | Sequence[str] | None = "all",
-    batch_size: int = 256,
-    seed: int = 0,
-    workers: int = 0,
-    domains: Mapping[str, Any] | Sequence[str] | None = None,
-    input_size: Sequence[int] | None = None,
-) -> RobustnessReport:
-    """What ``ibnify evaluate`` does: load ibnify checkpoints and evaluate them side by side.
-
-    Columns are named by file stem (with the parent folder where stems collide). ``data`` is an
-    ImageFolder directory, transformed with timm's eval transform for the first model at
-    ``input_size`` (default: the size the first checkpoint records, else the model's);
-    ``dataset="digits"`` is the digits demo set's test split. ``domains`` are labelled target
-    folders (``NAME=FOLDER`` strings or ``{name: folder}``).
-    """
-    check_data_source(data, dataset)
-    if not checkpoints:
-        raise InvalidOptionError("give at least one checkpoint")
-    parse_shifts(shifts)  # fail on a bad --shift or --domain before loading anything
-    named_domains = domain_specs(domains)
-    paths = [Path(p) for p in checkpoints]
-    size = input_size_for(paths[0], input_size)
-    models = {name: load(path) for name, path in zip(_column_names(paths), paths, strict=True)}
-    first = next(iter(models.values()))
-    eval_data = resolve_data_source(data, dataset, first, split="test", input_size=size)
-    return evaluate(
-        models, eval_data, shifts=shifts, batch_size=batch_size, seed=seed, workers=workers,
-        domains=named_domains, input_size=size,
     )  # fmt: skip

@@ -46,7 +46,7 @@ def test_check_data_source_wants_exactly_one_known_source() -> None:
     check_data_source("some/dir", None)
     check_data_source(None, "digits")
     for data, dataset in ((None, None), ("dir", "digits")):
-        with pytest.raises(InvalidOptionError, match="either --data DIR or --dataset digits"):
+        with pytest.raises(InvalidOptionError, match="either `data=DIR` or `dataset=digits`"):
             check_data_source(data, dataset)
     with pytest.raises(InvalidOptionError, match="unknown dataset 'mnist'"):
         check_data_source(None, "mnist")

@@ -21,12 +21,14 @@ from click.testing import CliRunner
 from torch import nn
 
 import ibnify.api
+import ibnify.commands.evaluate
 import ibnify.deploy.bench
 import ibnify.deploy.export
 import ibnify.deploy.verify
 import ibnify.evaluation
 import ibnify.models.checkpoint
 from ibnify.cli import cli
+from ibnify.commands.inputs import InputRequest
 from ibnify.core.layers import IBN
 from ibnify.data.images import ImageData
 from ibnify.data.shifts import SHIFTS, apply_shift
@@ -312,7 +314,7 @@ def test_export_verify_bench_options_reach_the_library(monkeypatch, tmp_path) ->
 
 def test_evaluate_options_reach_the_library(monkeypatch, tmp_path) -> None:
     evaluated = _Recorder()
-    monkeypatch.setattr(ibnify.evaluation, "evaluate_files", evaluated)
+    monkeypatch.setattr(ibnify.commands.evaluate, "evaluate_files", evaluated)
     folder = tmp_path / "data"
     folder.mkdir()
     result = CliRunner().invoke(
@@ -321,15 +323,14 @@ def test_evaluate_options_reach_the_library(monkeypatch, tmp_path) -> None:
               "--batch-size", "5", "--workers", "1", "--seed", "4"],
     )  # fmt: skip
     assert isinstance(result.exception, _Stop), result.output
-    ((args, kwargs),) = evaluated.calls
-    assert args == (("a.safetensors", "b.safetensors"),)
-    assert kwargs == {
-        "data": str(folder), "dataset": None, "shifts": "blur,noise", "batch_size": 5, "seed": 4,
-        "workers": 1, "domains": (f"art={folder}",), "input_size": (3, 40, 40),
-    }  # fmt: skip
+    (((run,), kwargs),) = evaluated.calls
+    assert kwargs == {} and run.checkpoints == ("a.safetensors", "b.safetensors")
+    assert run.inputs == InputRequest(str(folder), None, (3, 40, 40))
+    assert (run.chosen_shifts, run.batch_size, run.seed, run.workers) == ("blur,noise", 5, 4, 1)
+    assert run.domains == (f"art={folder}",)
     CliRunner().invoke(cli, ["evaluate", "a.safetensors", "--dataset", "digits"])
-    assert evaluated.calls[-1][1]["dataset"] == "digits"
-    assert evaluated.calls[-1][1]["shifts"] == "all"
+    assert evaluated.calls[-1][0][0].inputs.dataset == "digits"
+    assert evaluated.calls[-1][0][0].chosen_shifts == "all"
 
 
 def _snapshot(model: nn.Module) -> tuple[dict, dict, dict]:

@@ -18,9 +18,10 @@ from PIL import Image
 from torch.utils.data import TensorDataset
 
 import ibnify
-import ibnify.train.files as files
+import ibnify.commands.finetune as files
 import ibnify.train.loop as loop
 from ibnify.cli import cli
+from ibnify.commands.inputs import InputRequest
 from ibnify.data.images import ImageData
 from ibnify.models.registry import build_model
 from ibnify.train.config import FinetuneConfig, distillation_loss, parameter_groups
@@ -100,7 +101,7 @@ def test_resume_refuses_changed_options_and_fresh_run_refuses_existing_dir(tmp_p
             out_dir=str(tmp_path),
             resume=True,
         )
-    with pytest.raises(ibnify.IbnifyError, match="--resume"):
+    with pytest.raises(ibnify.IbnifyError, match="`resume=True`"):
         finetune(tiny_converted(), data, epochs=2, batch_size=32, quiet=True, out_dir=str(tmp_path))
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -359,9 +360,12 @@ def _invoke_finetune(monkeypatch: pytest.MonkeyPatch, args: list[str]) -> dict:
     """Run ``ibnify finetune`` with ``finetune_files`` replaced by a recorder."""
     seen: dict = {}
 
-    def recorder(checkpoint, config, **kwargs):
-        seen.update(kwargs, checkpoint=checkpoint, config=config, threads=torch.get_num_threads())
-        kwargs["on_epoch"](dict(_METRICS))
+    def recorder(run, config, on_epoch):
+        inputs = run.inputs
+        given = {k: getattr(run, k) for k in ("val_data", "distill_from", "num_classes", "force")}
+        seen.update(given, data=inputs.data, dataset=inputs.dataset, input_size=inputs.input_size)
+        seen.update(checkpoint=run.checkpoint, config=config, threads=torch.get_num_threads())
+        on_epoch(dict(_METRICS))
         return FinetuneResult(torch.nn.Identity())
 
     monkeypatch.setattr(files, "finetune_files", recorder)
@@ -423,17 +427,18 @@ def test_finetune_files_hands_every_argument_to_finetune(
     def on_epoch(metrics: dict) -> None:
         return None
 
-    files.finetune_files(ckpt, config, data=tmp_path / "train", val_data=tmp_path / "val",
-                         force=True, on_epoch=on_epoch, num_classes=2,
-                         input_size=(3, 12, 12))  # fmt: skip
+    inputs = InputRequest(data=tmp_path / "train", input_size=(3, 12, 12))
+    run = files.FinetuneFiles(ckpt, inputs, val_data=tmp_path / "val", num_classes=2, force=True)
+    files.finetune_files(run, config, on_epoch)
     assert seen["config"] is config and seen["force"] is True and seen["on_epoch"] is on_epoch
     assert seen["student"].fc.out_features == 2 and seen["teacher"] is None
     assert len(seen["train"]) == 6 and seen["train"].num_classes == 2
     assert seen["train"].dataset[0][0].shape == (3, 12, 12)
     assert len(seen["val_data"]) == 4 and seen["val_data"].dataset[0][0].shape == (3, 12, 12)
     # A teacher (the student's classes: no --num-classes), at the recorded input size (8).
-    files.finetune_files(ckpt, config, data=tmp_path / "train",
-                         distill_from=str(tmp_path / "teacher.pth"))  # fmt: skip
+    teacher = str(tmp_path / "teacher.pth")
+    inputs = InputRequest(data=tmp_path / "train")
+    files.finetune_files(files.FinetuneFiles(ckpt, inputs, distill_from=teacher), config)
     assert seen["force"] is False and seen["val_data"] is None
     assert seen["train"].dataset[0][0].shape == (3, 8, 8)
     teacher_state = seen["teacher"].state_dict()
@@ -663,13 +668,21 @@ _EVALUATE_TABLE = {
 
 
 def _invoke_evaluate(monkeypatch: pytest.MonkeyPatch, args: list[str]) -> dict:
-    import ibnify.evaluation as evaluation
+    import ibnify.commands.evaluate as evaluation
 
     seen: dict = {}
 
-    def recorder(checkpoints, **kwargs):
-        seen.update(kwargs, checkpoints=tuple(checkpoints), threads=torch.get_num_threads())
-        return _Report(seen)
+    def recorder(run):
+        plot = run.check()  # the plot path's check (exists without --force) is the record's
+        fields = ("domains", "batch_size", "seed", "workers")
+        seen.update({k: getattr(run, k) for k in fields}, shifts=run.chosen_shifts)
+        inputs = run.inputs
+        seen.update(data=inputs.data, dataset=inputs.dataset, input_size=inputs.input_size)
+        seen.update(checkpoints=tuple(run.checkpoints), threads=torch.get_num_threads())
+        report = _Report(seen)
+        if plot is not None:
+            report.plot(plot)
+        return report
 
     monkeypatch.setattr(evaluation, "evaluate_files", recorder)
     result = CliRunner().invoke(cli, args)

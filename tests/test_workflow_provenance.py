@@ -264,8 +264,8 @@ def test_adaptation_records_travel_with_the_file(tmp_path) -> None:
 
 
 def test_one_resolver_serves_analyze_and_distill(tmp_path) -> None:
+    from ibnify.commands.finetune import load_teacher
     from ibnify.placement.divergence import load_model_or_checkpoint
-    from ibnify.train.files import load_teacher
 
     path = ibnify.save(ibnify.convert(DIGITS, model_kwargs=TINY), tmp_path / "m.safetensors")
     source = load_model_or_checkpoint(str(path))
@@ -274,7 +274,7 @@ def test_one_resolver_serves_analyze_and_distill(tmp_path) -> None:
         load_teacher(DIGITS, ibnify.read_recipe(path))  # ibnify: models have no pretrained weights
     assert str(raised.value) == (
         "ibnify:digits_resnet has no pretrained weights to download; pass a local weights file "
-        "instead: --distill-from FILE"
+        "instead: `distill_from=FILE`"
     )
 
 

@@ -168,7 +168,7 @@ def test_python_finetune_num_classes_and_evaluate_mismatch(tmp_path: Path) -> No
         finetune(model, data, epochs=1, batch_size=16, quiet=True)
     assert str(caught.value) == (
         "the model's head has 5 classes but the training data has 3; give it a fresh 3-class "
-        "head with finetune(..., num_classes=3)"
+        "head with `num_classes=3`"
     )
     with pytest.raises(InvalidOptionError, match=r"^model 'model' has a 5-class head but the"):
         ibnify.evaluate(model, data, shifts=())

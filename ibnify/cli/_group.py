@@ -8,6 +8,7 @@ with 2 for usage errors, 1 for everything else; ``--debug`` shows the traceback 
 from __future__ import annotations
 
 import functools
+import re
 import sys
 import traceback
 from collections.abc import Sequence
@@ -20,13 +21,59 @@ from ..constants import BUILTIN_DATASETS
 from ..errors import IbnifyError, first_line
 
 __all__ = [
+    "PARAMETER_FLAGS",
     "IbnifyGroup",
     "Interrupted",
     "cli",
     "image_size_option",
     "invocation",
     "threads_option",
+    "to_flags",
 ]
+
+# The one table from the library's parameter names to the CLI's flags. Library messages name a
+# parameter in backquotes (`weights`, `num_classes=10`, `force=True`); the CLI shows the flag.
+PARAMETER_FLAGS = {
+    "batch": "--batch",
+    "batch_size": "--batch-size",
+    "data": "--data",
+    "dataset": "--dataset",
+    "distill_from": "--distill-from",
+    "domains": "--domain",
+    "engine": "--engine",
+    "force": "--force",
+    "input_size": "--input-size",
+    "layout": "--layout",
+    "method": "--method",
+    "num_classes": "--num-classes",
+    "opset": "--opset",
+    "out_dir": "--out",
+    "pretrained": "--pretrained",
+    "prior": "--prior",
+    "ratio": "--ratio",
+    "resume": "--resume",
+    "shifts": "--shift",
+    "stages": "--stages",
+    "teacher": "--distill-from",
+    "val_data": "--val-data",
+    "weights": "--weights",
+}
+_PARAMETER = re.compile(r"`([a-z_]+)(?:=([^`]*))?`")
+
+
+def to_flags(message: str) -> str:
+    """A library message as the CLI says it: each backquoted parameter of the table becomes
+    its flag (``True`` values drop, other values follow the flag); anything else stays."""
+
+    def flag(match: re.Match[str]) -> str:
+        name, value = match.group(1), match.group(2)
+        if name not in PARAMETER_FLAGS:
+            return match.group(0)
+        if value is None or value == "True":
+            return PARAMETER_FLAGS[name]
+        return f"{PARAMETER_FLAGS[name]} {value}"
+
+    return _PARAMETER.sub(flag, message)
 
 
 class IbnifyGroup(click.Group):
@@ -132,7 +179,7 @@ def threads_option(function):
 def _fail(message: str, code: int, debug: bool) -> None:
     if debug:
         traceback.print_exc()
-    first = " ".join(message.split())
+    first = " ".join(to_flags(message).split())
     click.echo(f"error: {first}", err=True)
     sys.exit(code)
 

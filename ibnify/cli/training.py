@@ -120,27 +120,29 @@ def finetune_command(**options: Any) -> None:
     import os
     from dataclasses import fields
 
+    from ..commands.finetune import FinetuneFiles, finetune_files
+    from ..commands.inputs import InputRequest
     from ..train.config import FinetuneConfig
-    from ..train.files import finetune_files
     from ..train.progress import FinetuneInterrupted, format_epoch
     from ..train.state import MODEL_FILE
 
     # The options record: every option named as a FinetuneConfig field goes into the config;
-    # the rest (checkpoint, data, teacher, input size, output form) go to finetune_files.
+    # the rest (checkpoint, data, teacher, input size, output form) into FinetuneFiles.
     config_fields = {f.name for f in fields(FinetuneConfig)}
     config = FinetuneConfig(**{k: options.pop(k) for k in list(options) if k in config_fields})
     as_json = options.pop("as_json")
-    _one_data_source(options["data"], options["dataset"])
+    inputs = InputRequest(options.pop("data"), options.pop("dataset"), options.pop("input_size"))
+    _one_data_source(inputs.data, inputs.dataset)
     if config.resume and options["force"]:
         raise click.UsageError("--resume and --force exclude each other")
+    files = FinetuneFiles(inputs=inputs, **options)
 
     def on_epoch(metrics: dict) -> None:
         if not config.quiet:
             click.echo(json.dumps(metrics) if as_json else format_epoch(metrics))
 
-    checkpoint = options.pop("checkpoint")
     try:
-        result = finetune_files(checkpoint, config, on_epoch=on_epoch, **options)
+        result = finetune_files(files, config, on_epoch)
     except FinetuneInterrupted as stop:
         raise Interrupted(_interrupt_message(stop)) from None
     if int(os.environ.get("RANK", "0")) == 0:
@@ -204,35 +206,31 @@ def evaluate_command(
     """Accuracy of CHECKPOINTS side by side: clean, under appearance shifts and on labelled
     target domains (--domain NAME=FOLDER).
     """
-    # Long only by its option list: each option is one parameter, passed on to the library.
-    from .._io import check_output_path
-    from ..evaluation import evaluate_files
+    # Long only by its option list: each option is one parameter, passed on to the record.
+    from ..commands.evaluate import EvaluateFiles, evaluate_files
+    from ..commands.inputs import InputRequest
 
     _one_data_source(data, dataset)
-    plot_path = check_output_path(plot, force=force) if plot else None
-    if shifts is None:
-        shifts = "none" if domains else "all"
-    report = evaluate_files(
+    files = EvaluateFiles(
         checkpoints,
-        data=data,
-        dataset=dataset,
+        InputRequest(data, dataset, input_size),
         shifts=shifts,
+        domains=domains,
         batch_size=batch_size,
         seed=seed,
         workers=workers,
-        domains=domains,
-        input_size=input_size,
+        plot=plot,
+        force=force,
     )
-    if plot_path is not None:
-        report.plot(plot_path)
+    report = evaluate_files(files)
     if as_json:
         click.echo(report.to_json())
         return
     counts = "".join(f", {d} {n}" for d, n in report.domain_images.items())
     click.echo(f"{report.dataset}: {report.images} images{counts}; accuracy % (drop from clean)")
     click.echo(report.table())
-    if plot_path is not None:
-        click.echo(f"wrote {plot_path}")
+    if plot is not None:
+        click.echo(f"wrote {plot}")
 
 
 @cli.command("demo")

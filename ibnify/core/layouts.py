@@ -166,7 +166,7 @@ def resolve_layout(layout: str, family: str) -> str:
     if other is not None:
         raise InvalidOptionError(
             f"layout {key} ({other.title}) is defined for the {_FAMILY_TITLE[other.family]} "
-            f"family only; this model is {family}. Use --layout a"
+            f"family only; this model is {family}. Use `layout=a`"
         )
     valid = ", ".join([*_variants(), *LAYOUTS])
     raise InvalidOptionError(f"unknown layout {layout!r}; choose one of: {valid}")
@@ -190,7 +190,7 @@ def make_plan(
     layout = LAYOUTS[resolve_layout(options.layout, detect_family(model))]
     if layout.default_ratio is None and options.ratio is not None:
         raise InvalidOptionError(
-            f"{layout.title} has no channel split; --ratio applies to IBN-a only"
+            f"{layout.title} has no channel split; `ratio` applies to IBN-a only"
         )
     require_batchnorm(model, arch)
     num_stages = layout.count_stages(model, analysis)

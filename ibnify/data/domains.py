@@ -21,9 +21,9 @@ def parse_domain(spec: str) -> tuple[str, str]:
     name, sep, folder = spec.partition("=")
     name = name.strip()
     if not sep or not name:
-        raise InvalidOptionError(f"--domain {spec!r}: write NAME=FOLDER, e.g. night=photos/night")
+        raise InvalidOptionError(f"`domains` {spec!r}: write NAME=FOLDER, e.g. night=photos/night")
     if not folder.strip():
-        raise InvalidOptionError(f"--domain {spec!r} names no folder; write {name}=FOLDER")
+        raise InvalidOptionError(f"`domains` {spec!r} names no folder; write {name}=FOLDER")
     return name, folder.strip()
 
 

@@ -22,7 +22,7 @@ __all__ = ["BUILTIN_DATASETS", "as_image_data", "check_data_source", "resolve_da
 def check_data_source(data: str | os.PathLike[str] | None, dataset: str | None) -> None:
     """Exactly one of an image folder and a built-in data set; InvalidOptionError otherwise."""
     if (data is None) == (dataset is None):
-        raise InvalidOptionError("give either --data DIR or --dataset digits")
+        raise InvalidOptionError("give either `data=DIR` or `dataset=digits`")
     if dataset is not None and dataset not in BUILTIN_DATASETS:
         raise InvalidOptionError(
             f"unknown dataset {dataset!r}; the built-in one is {', '.join(BUILTIN_DATASETS)}"

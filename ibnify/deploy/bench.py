@@ -112,7 +112,7 @@ def _open_all(
         dims = list(info.shape)
         if isinstance(dims[0], int) and dims[0] != batch:
             raise VerificationError(
-                f"{str(path)!r} has a static batch of {dims[0]}; bench it with --batch {dims[0]}"
+                f"{str(path)!r} has a static batch of {dims[0]}; bench it with `batch={dims[0]}`"
             )
         shape = [batch] + [d if isinstance(d, int) else 224 for d in dims[1:]]
         sessions.append(session)

@@ -42,7 +42,7 @@ class OpenVinoSession:
             import openvino
         except ImportError as exc:
             raise VerificationError(
-                "--engine openvino needs the optional extra: pip install 'ibnify[openvino]'"
+                "`engine=openvino` needs the optional extra: pip install 'ibnify[openvino]'"
             ) from exc
         core = openvino.Core()
         model = core.read_model(os.fspath(path))

@@ -259,8 +259,8 @@ def recipe_of_file(path: str | os.PathLike[str]) -> Recipe:
         ) from exc
     if _RECIPE_KEY not in metadata:
         raise CheckpointError(
-            f"{str(file)!r} holds no ibnify recipe; it is plain weights — use "
-            "`ibnify convert MODEL --weights FILE` instead"
+            f"{str(file)!r} holds no ibnify recipe; it is plain weights — convert the model "
+            "they belong to with `weights=FILE`"
         )
     try:
         data = json.loads(metadata[_RECIPE_KEY])

@@ -48,9 +48,8 @@ __all__ = [
 ]
 
 SOURCES = ("tv", "timm", "ibnify")
-# What a pretrained-weights failure suggests by default (``ibnify convert``'s option); commands
-# without ``--weights`` pass their own ``advice`` to :func:`build_model`.
-WEIGHTS_ADVICE = "pass a local file with --weights FILE instead"
+# What a pretrained-weights failure suggests: a local ``weights`` file (the CLI names its flag).
+WEIGHTS_ADVICE = "pass a local file with `weights=FILE` instead"
 
 
 # torchvision's image model families that ibnify builds by name; video, optical flow and
@@ -156,19 +155,17 @@ def _close_names(bare: str, candidates: tuple[str, ...], n: int = 3) -> list[str
     return list(dict.fromkeys([*same, *started, *similar]))[:n]
 
 
-def build_model(
-    name: str, pretrained: bool = False, *, advice: str | None = None, **kwargs: Any
-) -> tuple[nn.Module, str]:
+def build_model(name: str, pretrained: bool = False, **kwargs: Any) -> tuple[nn.Module, str]:
     """Build a model by name; return ``(model, "source:name")``.
 
     ``kwargs`` go to the constructor (for example ``num_classes``). With ``pretrained`` the
-    library's own download is used; offline that fails with a WeightsError ending in ``advice``
-    (default :data:`WEIGHTS_ADVICE`, the advice of ``ibnify convert``).
+    library's own download is used; offline that fails with a WeightsError ending in
+    :data:`WEIGHTS_ADVICE`.
     """
     source_id = resolve_name(name)
     source, _, bare = source_id.partition(":")
     if pretrained:
-        _check_weights_reachable(source, bare, advice or WEIGHTS_ADVICE)
+        _check_weights_reachable(source, bare)
     try:
         if source == "tv":
             weights = "DEFAULT" if pretrained else None
@@ -177,9 +174,7 @@ def build_model(
             model = torchvision.models.get_model(bare, weights=weights, **kwargs)
         elif source == "ibnify":
             if pretrained:
-                raise WeightsError(
-                    f"{source_id} has no pretrained weights; {advice or WEIGHTS_ADVICE}"
-                )
+                raise WeightsError(f"{source_id} has no pretrained weights; {WEIGHTS_ADVICE}")
             model = MODELS[bare](**kwargs)
         else:
             model = timm.create_model(bare, pretrained=pretrained, **kwargs)
@@ -187,7 +182,7 @@ def build_model(
         if pretrained and _looks_like_download_failure(exc):
             raise WeightsError(
                 f"could not download pretrained weights for {source_id} (no network?); "
-                f"{advice or WEIGHTS_ADVICE}"
+                f"{WEIGHTS_ADVICE}"
             ) from exc
         raise
     return model, source_id
@@ -279,7 +274,7 @@ def _weights_location(source: str, bare: str) -> tuple[str | None, bool]:
     return cfg.url, False
 
 
-def _check_weights_reachable(source: str, bare: str, advice: str = "") -> None:
+def _check_weights_reachable(source: str, bare: str) -> None:
     """Fail at once, with one line, when pretrained weights are neither cached nor reachable.
 
     Without this the libraries print download progress and retry for a minute before failing.
@@ -289,7 +284,7 @@ def _check_weights_reachable(source: str, bare: str, advice: str = "") -> None:
         return
     if url is None:
         raise WeightsError(
-            f"{source}:{bare} has no pretrained weights to download; {advice or WEIGHTS_ADVICE}"
+            f"{source}:{bare} has no pretrained weights to download; {WEIGHTS_ADVICE}"
         )
     host = urlparse(url).hostname
     try:
@@ -297,7 +292,7 @@ def _check_weights_reachable(source: str, bare: str, advice: str = "") -> None:
     except OSError:
         raise WeightsError(
             f"could not download pretrained weights for {source}:{bare} ({host} is not "
-            f"reachable); {advice or WEIGHTS_ADVICE}"
+            f"reachable); {WEIGHTS_ADVICE}"
         ) from None
 
 

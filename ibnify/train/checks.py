@@ -51,13 +51,11 @@ def check_fits(
     data: ImageData,
     teacher: nn.Module | None,
     device: torch.device,
-    cli: bool = False,
     val_data: ImageData | None = None,
 ) -> None:
     """Refuse, before training, a head that does not fit the data (training or validation) or
     a teacher that does not fit the student: one dummy forward of each on one training image.
-
-    ``cli`` words the advice as the ``ibnify finetune`` option instead of the Python argument.
+    The advice names the parameter (the CLI rewrites it to its flag).
     """
     image = data.dataset[0][0]
     if not isinstance(image, torch.Tensor) or image.ndim != 3:
@@ -66,10 +64,9 @@ def check_fits(
     classes = _class_scores(model, batch, "the model")
     if teacher is None and data.num_classes is not None and classes != data.num_classes:
         wanted = data.num_classes
-        advice = f"--num-classes {wanted}" if cli else f"finetune(..., num_classes={wanted})"
         raise InvalidOptionError(
             f"the model's head has {classes} classes but the training data has {wanted}; "
-            f"give it a fresh {wanted}-class head with {advice}"
+            f"give it a fresh {wanted}-class head with `num_classes={wanted}`"
         )
     if val_data is not None and val_data.num_classes not in (None, classes):
         raise InvalidOptionError(

@@ -88,8 +88,8 @@ def _prepare_out_dir(config: FinetuneConfig, force: bool) -> Path | None:
             )
     elif checkpoint.exists() and not force:
         raise InvalidOptionError(
-            f"{str(out)!r} already holds a training run; pass --resume to continue it "
-            "or --force to start over"
+            f"{str(out)!r} already holds a training run; pass `resume=True` to continue it "
+            "or `force=True` to start over"
         )
     return out
 
@@ -140,8 +140,8 @@ def finetune(
         val_data = as_image_data(val_data, model, "test", input_size=size)
     if teacher is None and not data.labelled:
         raise InvalidOptionError(
-            "the training images have no labels (no class sub-folders); give a teacher for "
-            "label-free fine-tuning (--distill-from the original model)"
+            "the training images have no labels (no class sub-folders); for label-free "
+            "fine-tuning pass the original model as `teacher`"
         )
     if len(data) == 0:
         raise InvalidOptionError("the training data is empty")

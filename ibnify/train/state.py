@@ -24,7 +24,7 @@ from ..core.surgery import get_plan
 from ..errors import CheckpointError, InvalidOptionError, first_line
 from ..models.checkpoint import save
 from ..models.weights import describe_key_mismatch, state_fits
-from .config import FinetuneConfig
+from .config import TRAJECTORY_FIELDS, FinetuneConfig
 
 logger = logging.getLogger(__name__)
 
@@ -47,24 +47,10 @@ CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
 MODEL_FILE = "model.safetensors"
 _FORMAT = "ibnify.training-state/1"
-# Options that shape the optimisation trajectory: resuming with other values would not continue
-# the same run, so a mismatch is an error.
-_RESUME_KEYS = (
-    "epochs",
-    "lr",
-    "batch_size",
-    "optimizer",
-    "momentum",
-    "weight_decay",
-    "decay_norm_and_bias",
-    "decay_in_affine",
-    "warmup_epochs",
-    "min_lr",
-    "distill_temperature",
-    "seed",
-    # Which worker process augments an image (and from which seed) depends on their number.
-    "workers",
-)
+# Resuming with other trajectory options would not continue the same run, so a mismatch is an
+# error; so is another worker count: which worker process augments an image (and from which
+# seed) depends on their number.
+_RESUME_KEYS = (*TRAJECTORY_FIELDS, "workers")
 
 
 def rng_state() -> dict[str, Any]:
@@ -192,14 +178,18 @@ def check_same_model(model: nn.Module, saved: dict[str, torch.Tensor], out_dir: 
         raise CheckpointError(
             f"cannot resume: the run in {str(out_dir)!r} was started from another model ("
             + describe_key_mismatch(expected, saved)
-            + "); resume with the checkpoint it started from, or use a new --out"
+            + "); resume with the checkpoint it started from, or use a new `out_dir`"
         )
 
 
 def run_state(
-    training: Any, scaler: torch.amp.GradScaler, epoch: int, history: list[dict[str, Any]],
-    options: dict[str, Any], rng: dict[str, Any],
-) -> dict[str, Any]:  # fmt: skip
+    training: Any,
+    scaler: torch.amp.GradScaler,
+    epoch: int,
+    history: list[dict[str, Any]],
+    options: dict[str, Any],
+    rng: dict[str, Any],
+) -> dict[str, Any]:
     """What ``checkpoint.pt`` holds after ``epoch``: model, optimizer, scheduler, scaler, the
     RNG states the next epoch starts from, the metrics so far and the options that shape them.
 
