@@ -188,7 +188,7 @@ def test_load_rejects_plain_weights_and_damaged_recipes(tmp_path) -> None:
 
 
 def test_pretrained_offline_fails_with_one_line() -> None:
-    with pytest.raises(WeightsError, match=r"could not download pretrained weights.*`weights=FILE`"):
+    with pytest.raises(WeightsError, match=r"could not download pretrained.*`weights=FILE`"):
         convert_named("resnet18", pretrained=True, input_size=SMALL)
 
 
