@@ -25,7 +25,8 @@ from ibnify.cli import cli
 from ibnify.core import graph
 from ibnify.data.images import DataError
 from ibnify.data.shifts import SHIFTS
-from ibnify.train.config import FinetuneConfig
+from ibnify.train.config import TRAJECTORY_FIELDS, FinetuneConfig
+from ibnify.train.state import resume_options
 from tests.cli_process import check_bad_inputs
 
 DIGITS = "ibnify:digits_resnet"
@@ -90,6 +91,13 @@ def test_cli_choices_and_defaults_are_the_constants() -> None:
     cli_defaults = {n: p.default for n, p in options.items() if n in constants.FINETUNE_DEFAULTS}
     assert len(cli_defaults) == 11 and set(cli_defaults) <= config_names
     assert all(constants.FINETUNE_DEFAULTS[n] == v for n, v in cli_defaults.items())
+    # the trajectory options, listed once, are config fields; a resume checks them and workers
+    assert set(TRAJECTORY_FIELDS) <= config_names and len(TRAJECTORY_FIELDS) == 12
+    assert {"workers", "out_dir", "quiet", "device"}.isdisjoint(TRAJECTORY_FIELDS)
+    other = FinetuneConfig(lr=0.07, warmup_epochs=0.5, workers=2, quiet=True)
+    kept = resume_options(other, {"processes": 1})
+    assert list(kept) == [*TRAJECTORY_FIELDS, "workers", "processes"]
+    assert (kept["lr"], kept["warmup_epochs"], kept["workers"]) == (0.07, 0.5, 2)
 
 
 def test_help_loads_no_torch() -> None:

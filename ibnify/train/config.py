@@ -18,7 +18,14 @@ from ..errors import InvalidOptionError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FinetuneConfig", "distillation_loss", "lr_factor", "make_optimizer", "parameter_groups"]
+__all__ = [
+    "TRAJECTORY_FIELDS",
+    "FinetuneConfig",
+    "distillation_loss",
+    "lr_factor",
+    "make_optimizer",
+    "parameter_groups",
+]
 
 
 @dataclass
@@ -91,6 +98,12 @@ class FinetuneConfig:
             raise InvalidOptionError("stop_after must be at least 1")
         if self.resume and not self.out_dir:
             raise InvalidOptionError("resume needs an output directory holding a checkpoint")
+
+
+# The fields that shape the optimisation trajectory, listed once: every option with a CLI default
+# except the worker count. A resumed run must keep them (``train/state.py``, which adds
+# ``workers``), and the dataclass above must declare each (a test checks).
+TRAJECTORY_FIELDS = tuple(name for name in FINETUNE_DEFAULTS if name != "workers")
 
 
 def parameter_groups(model: nn.Module, config: FinetuneConfig) -> list[dict[str, Any]]:
