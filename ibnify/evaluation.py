@@ -125,8 +125,9 @@ class RobustnessReport:
         if self.domains:
             data["domains"] = list(self.domains)
             data["domain_images"] = dict(self.domain_images)
-            data["domain_drop"] = {m: {d: self.drop(m, d) for d in self.domains}
-                                   for m in self.models}  # fmt: skip
+            data["domain_drop"] = {
+                m: {d: self.drop(m, d) for d in self.domains} for m in self.models
+            }
         return data
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -258,6 +259,11 @@ def evaluate(
             for name in named:
                 table[name][domain] = found[name][CLEAN] / max(counts[domain], 1)
     return RobustnessReport(
-        list(named), shift_names, table, total, data.name,
-        domains=list(domain_data), domain_images=counts,
-    )  # fmt: skip
+        list(named),
+        shift_names,
+        table,
+        total,
+        data.name,
+        domains=list(domain_data),
+        domain_images=counts,
+    )

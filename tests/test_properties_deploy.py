@@ -68,9 +68,16 @@ def _by_hand(name: str) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "name",
-    ["brightness_up", "brightness_down", "contrast_up", "contrast_down", "rgb_plus_50",
-     "r_plus_50", "gamma"],
-)  # fmt: skip
+    [
+        "brightness_up",
+        "brightness_down",
+        "contrast_up",
+        "contrast_down",
+        "rgb_plus_50",
+        "r_plus_50",
+        "gamma",
+    ],
+)
 def test_pixel_shift_equals_its_formula_by_hand(name: str) -> None:
     torch.testing.assert_close(apply_shift(name, X), _by_hand(name), atol=1e-6, rtol=0)
 
@@ -99,9 +106,16 @@ def test_noise_is_seeded_gaussian_of_std_0_08_clipped() -> None:
     got = apply_shift("noise", X, seed=seed, batch_index=batch_index)
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
     assert set(SHIFTS) == {
-        "brightness_up", "brightness_down", "contrast_up", "contrast_down", "rgb_plus_50",
-        "r_plus_50", "gamma", "blur", "noise",
-    }, "a new shift needs its hand-computed case here"  # fmt: skip
+        "brightness_up",
+        "brightness_down",
+        "contrast_up",
+        "contrast_down",
+        "rgb_plus_50",
+        "r_plus_50",
+        "gamma",
+        "blur",
+        "noise",
+    }, "a new shift needs its hand-computed case here"
 
 
 def test_drop_and_mean_drops_by_hand() -> None:
@@ -164,8 +178,9 @@ def test_fold_scales_the_bn_channels_of_the_conv_by_the_formula(order: str) -> N
     bns, ins = model.norm.bn_slice(), model.norm.in_slice()
     scale = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + 0.05)
     new_w, new_b = folded.conv.weight.double(), folded.conv.bias.double()
-    torch.testing.assert_close(new_w[bns], weight[bns].double() * scale.view(-1, 1, 1, 1),
-                               atol=1e-6, rtol=1e-6)  # fmt: skip
+    torch.testing.assert_close(
+        new_w[bns], weight[bns].double() * scale.view(-1, 1, 1, 1), atol=1e-6, rtol=1e-6
+    )
     expected_bias = (bias[bns].double() - bn.running_mean.double()) * scale + bn.bias.double()
     torch.testing.assert_close(new_b[bns], expected_bias, atol=1e-6, rtol=1e-6)
     assert torch.equal(folded.conv.weight[ins], weight[ins])
@@ -230,8 +245,11 @@ def test_plan_and_convert_options_reach_the_library(monkeypatch, tmp_path) -> No
     assert args == ("resnet34",) and kwargs["model_kwargs"] == {"num_classes": 7}
     chosen = kwargs["options"]
     assert (chosen.layout, tuple(chosen.stages), chosen.ratio, tuple(chosen.input_size)) == (
-        "b", (1, 2), 0.25, (3, 48, 40),
-    )  # fmt: skip
+        "b",
+        (1, 2),
+        0.25,
+        (3, 48, 40),
+    )
 
     converting = _Recorder()
     monkeypatch.setattr(ibnify.api, "convert_named", converting)
@@ -241,9 +259,9 @@ def test_plan_and_convert_options_reach_the_library(monkeypatch, tmp_path) -> No
     seeds = []
     monkeypatch.setattr(torch, "manual_seed", lambda s: seeds.append(s))
     result = runner.invoke(
-        cli, ["convert", "resnet34", *options, "--weights", str(weights), "-o", str(out),
-              "--seed", "9"],
-    )  # fmt: skip
+        cli,
+        ["convert", "resnet34", *options, "--weights", str(weights), "-o", str(out), "--seed", "9"],
+    )
     assert isinstance(result.exception, _Stop), result.output
     ((args, kwargs),) = converting.calls
     assert args == ("resnet34",) and kwargs["weights"] == str(weights)
@@ -254,56 +272,127 @@ def test_plan_and_convert_options_reach_the_library(monkeypatch, tmp_path) -> No
     assert converting.calls[-1][1]["pretrained"] is True
 
 
-def test_export_verify_bench_options_reach_the_library(monkeypatch, tmp_path) -> None:
+def _loaded(monkeypatch) -> nn.Module:
+    """The model every checkpoint path loads to in the options tests below."""
     model = nn.Identity()
     monkeypatch.setattr(ibnify.models.checkpoint, "load", lambda path: model)
-    exported, verified = _Recorder(), _Recorder()
+    return model
+
+
+def test_export_options_reach_the_library(monkeypatch, tmp_path) -> None:
+    model = _loaded(monkeypatch)
+    exported = _Recorder()
     monkeypatch.setattr(ibnify.deploy.export, "export_onnx", exported)
     runner = CliRunner()
     out = tmp_path / "m.onnx"
     result = runner.invoke(
-        cli, ["export", "ck.safetensors", "-o", str(out), "--opset", "17", "--input-size",
-              "3,40,48", "--static-batch", "--dynamic-size", "--no-fold", "--profile", "fp16",
-              "--fold-form", "split", "--no-verify"],
-    )  # fmt: skip
+        cli,
+        [
+            "export",
+            "ck.safetensors",
+            "-o",
+            str(out),
+            "--opset",
+            "17",
+            "--input-size",
+            "3,40,48",
+            "--static-batch",
+            "--dynamic-size",
+            "--no-fold",
+            "--profile",
+            "fp16",
+            "--fold-form",
+            "split",
+            "--no-verify",
+        ],
+    )
     assert isinstance(result.exception, _Stop), result.output
     ((args, kwargs),) = exported.calls
     assert args[0] is model and str(args[1]) == str(out)
     assert {k: v for k, v in kwargs.items() if k != "check"} == {
-        "input_size": (3, 40, 48), "opset": 17, "dynamic_batch": False, "fold": False,
-        "dynamic_size": True, "profile": "fp16", "fold_form": "split",
-    }  # fmt: skip
+        "input_size": (3, 40, 48),
+        "opset": 17,
+        "dynamic_batch": False,
+        "fold": False,
+        "dynamic_size": True,
+        "profile": "fp16",
+        "fold_form": "split",
+    }
     assert kwargs["check"] is None
     runner.invoke(cli, ["export", "ck.safetensors", "-o", str(out), "--force"])
     assert callable(exported.calls[-1][1]["check"]), "verification runs unless --no-verify"
 
+
+def test_verify_options_reach_the_library(monkeypatch, tmp_path) -> None:
+    model = _loaded(monkeypatch)
+    verified = _Recorder()
+    runner = CliRunner()
     monkeypatch.setattr(ibnify.deploy.verify, "verify_onnx", verified)
     images = tmp_path / "imgs"
     images.mkdir()
     result = runner.invoke(
-        cli, ["verify", "m.onnx", "--against", "ck.safetensors", "--batch", "2,5", "--atol",
-              "0.003", "--rtol", "0.02", "--images", str(images), "--engine", "onnxruntime"],
-    )  # fmt: skip
+        cli,
+        [
+            "verify",
+            "m.onnx",
+            "--against",
+            "ck.safetensors",
+            "--batch",
+            "2,5",
+            "--atol",
+            "0.003",
+            "--rtol",
+            "0.02",
+            "--images",
+            str(images),
+            "--engine",
+            "onnxruntime",
+        ],
+    )
     assert isinstance(result.exception, _Stop), result.output
     ((args, kwargs),) = verified.calls
     assert args == ("m.onnx", model)
     assert kwargs == {
-        "batch_sizes": (2, 5), "atol": 0.003, "rtol": 0.02, "images": str(images),
-        "raise_on_failure": False, "engine": "onnxruntime",
-    }  # fmt: skip
+        "batch_sizes": (2, 5),
+        "atol": 0.003,
+        "rtol": 0.02,
+        "images": str(images),
+        "raise_on_failure": False,
+        "engine": "onnxruntime",
+    }
 
+
+def test_bench_options_reach_the_library(monkeypatch) -> None:
+    runner = CliRunner()
     benched = _Recorder()
     monkeypatch.setattr(ibnify.deploy.bench, "bench_onnx", benched)
     result = runner.invoke(
-        cli, ["bench", "a.onnx", "--against", "b.onnx", "--threads", "3", "--batch", "4",
-              "--warmup", "2", "--runs", "7"],
-    )  # fmt: skip
+        cli,
+        [
+            "bench",
+            "a.onnx",
+            "--against",
+            "b.onnx",
+            "--threads",
+            "3",
+            "--batch",
+            "4",
+            "--warmup",
+            "2",
+            "--runs",
+            "7",
+        ],
+    )
     assert isinstance(result.exception, _Stop), result.output
     ((args, kwargs),) = benched.calls
     assert args == (["a.onnx", "b.onnx"],)
     assert {k: kwargs[k] for k in ("batch", "threads", "warmup", "runs", "engine")} == {
-        "batch": 4, "threads": 3, "warmup": 2, "runs": 7, "engine": "onnxruntime",
-    }  # fmt: skip
+        "batch": 4,
+        "threads": 3,
+        "warmup": 2,
+        "runs": 7,
+        "engine": "onnxruntime",
+    }
     profiled = _Recorder()
     monkeypatch.setattr(ibnify.deploy.bench, "bench_onnx", lambda *a, **k: "timed")
     monkeypatch.setattr(ibnify.deploy.bench, "kernel_profile", profiled)
@@ -318,10 +407,27 @@ def test_evaluate_options_reach_the_library(monkeypatch, tmp_path) -> None:
     folder = tmp_path / "data"
     folder.mkdir()
     result = CliRunner().invoke(
-        cli, ["evaluate", "a.safetensors", "b.safetensors", "--data", str(folder), "--domain",
-              f"art={folder}", "--shift", "blur,noise", "--input-size", "3,40,40",
-              "--batch-size", "5", "--workers", "1", "--seed", "4"],
-    )  # fmt: skip
+        cli,
+        [
+            "evaluate",
+            "a.safetensors",
+            "b.safetensors",
+            "--data",
+            str(folder),
+            "--domain",
+            f"art={folder}",
+            "--shift",
+            "blur,noise",
+            "--input-size",
+            "3,40,40",
+            "--batch-size",
+            "5",
+            "--workers",
+            "1",
+            "--seed",
+            "4",
+        ],
+    )
     assert isinstance(result.exception, _Stop), result.output
     (((run,), kwargs),) = evaluated.calls
     assert kwargs == {} and run.checkpoints == ("a.safetensors", "b.safetensors")
@@ -373,8 +479,9 @@ def test_export_evaluate_and_fold_leave_the_model_and_each_modules_mode_alone(ex
     images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     data = ImageData(
         torch.utils.data.TensorDataset(images, torch.tensor([0, 1, 2, 3, 0, 1])),
-        (0.5,) * 3, (0.25,) * 3,
-    )  # fmt: skip
+        (0.5,) * 3,
+        (0.25,) * 3,
+    )
     ibnify.evaluation.evaluate({"m": model}, data, shifts="blur,noise", batch_size=4)
     assert _same(model, snapshot), "evaluate"
     fold_bn_halves(model, input_size=(3, 32, 32))
@@ -443,8 +550,11 @@ def test_evaluate_gives_each_batch_its_index_and_the_seed_and_every_model_the_sa
             return torch.zeros(x.shape[0], 2)
 
     images = torch.rand(5, 3, 4, 4, generator=torch.Generator().manual_seed(1))
-    data = ImageData(torch.utils.data.TensorDataset(images, torch.zeros(5, dtype=torch.long)),
-                     (0.5,) * 3, (0.2,) * 3)  # fmt: skip
+    data = ImageData(
+        torch.utils.data.TensorDataset(images, torch.zeros(5, dtype=torch.long)),
+        (0.5,) * 3,
+        (0.2,) * 3,
+    )
     ibnify.evaluation.evaluate({"a": _Spy("a"), "b": _Spy("b")}, data, "noise", 2, seed=7)
     assert calls == [(n, 7, b) for b in range(3) for n in ("clean", "noise")]
     assert len(seen["a"]) == 6 and all(

@@ -456,21 +456,44 @@ def _spy(monkeypatch: pytest.MonkeyPatch, name: str, store: list) -> None:
     monkeypatch.setattr(loop, name, spy)
 
 
+def _every_field_changed() -> FinetuneConfig:
+    """A config with a non-default value in every field the loop reads."""
+    return FinetuneConfig(
+        epochs=4,
+        lr=0.2,
+        batch_size=12,
+        optimizer="sgd",
+        momentum=0.7,
+        weight_decay=0.03,
+        decay_norm_and_bias=False,
+        decay_in_affine=False,
+        warmup_epochs=2,
+        min_lr=0.01,
+        distill_temperature=2.5,
+        seed=6,
+        workers=1,
+        stop_after=3,
+        quiet=True,
+        device="cpu",
+        channels_last=True,
+        amp=False,
+    )
+
+
 def test_every_config_field_reaches_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     """One run with a non-default value in every field; each is read where it acts."""
     optimizers: list = []
     loaders: list = []
     losses: list = []
     steps: list = []
-    for name, store in (("make_optimizer", optimizers), ("_epoch_loader", loaders),
-                        ("distillation_loss", losses), ("_step", steps)):  # fmt: skip
+    for name, store in (
+        ("make_optimizer", optimizers),
+        ("_epoch_loader", loaders),
+        ("distillation_loss", losses),
+        ("_step", steps),
+    ):
         _spy(monkeypatch, name, store)
-    config = FinetuneConfig(
-        epochs=4, lr=0.2, batch_size=12, optimizer="sgd", momentum=0.7, weight_decay=0.03,
-        decay_norm_and_bias=False, decay_in_affine=False, warmup_epochs=2, min_lr=0.01,
-        distill_temperature=2.5, seed=6, workers=1, stop_after=3, quiet=True, device="cpu",
-        channels_last=True, amp=False,
-    )  # fmt: skip
+    config = _every_field_changed()
     # Width 8, not 4: oneDNN's AVX2 1x1 stride-2 backward-weights kernel in channels_last
     # writes out of bounds when a conv has fewer than 8 input channels (uxlfoundation/oneDNN
     # #6035: a crash at 1 thread, wrong weight gradients at more), which CI's AVX2 run hits.
@@ -503,8 +526,9 @@ def test_every_config_field_reaches_the_loop(monkeypatch: pytest.MonkeyPatch) ->
     }
     assert {name for name, ok in checks.items() if not ok} == set()
     assert len(losses) == len(steps) == 12
-    adamw = finetune(tiny_converted(), tiny_data(n=16), epochs=1, batch_size=16, quiet=True,
-                     optimizer="adamw")  # fmt: skip
+    adamw = finetune(
+        tiny_converted(), tiny_data(n=16), epochs=1, batch_size=16, quiet=True, optimizer="adamw"
+    )
     assert adamw.completed and type(optimizers[-1][2]) is torch.optim.AdamW
     assert type(optimizer) is torch.optim.SGD
 
@@ -575,8 +599,9 @@ def test_the_loop_records_cross_entropy_and_accuracy_by_their_formulas() -> None
 def test_the_loop_records_the_distillation_loss_at_the_configured_temperature() -> None:
     generator = torch.Generator().manual_seed(3)
     images = torch.rand(4, 3, 2, 2, generator=generator)
-    data = ImageData(TensorDataset(images, torch.full((4,), -1)), (0.5,) * 3, (0.25,) * 3,
-                     None, False, "hand")  # fmt: skip
+    data = ImageData(
+        TensorDataset(images, torch.full((4,), -1)), (0.5,) * 3, (0.25,) * 3, None, False, "hand"
+    )
     student, teacher = _Linear(scale=1.0), _Linear(scale=-0.5)
     kl = 0.0
     for s_row, t_row in zip(
@@ -584,8 +609,17 @@ def test_the_loop_records_the_distillation_loss_at_the_configured_temperature() 
     ):
         log_s, log_t = _log_softmax(s_row, 3.0), _log_softmax(t_row, 3.0)
         kl += sum(math.exp(t) * (t - s) for s, t in zip(log_s, log_t, strict=True))
-    result = finetune(student, data, teacher=teacher, epochs=1, batch_size=4, lr=0.1,
-                      quiet=True, distill_temperature=3.0, small_batch_warning=0)  # fmt: skip
+    result = finetune(
+        student,
+        data,
+        teacher=teacher,
+        epochs=1,
+        batch_size=4,
+        lr=0.1,
+        quiet=True,
+        distill_temperature=3.0,
+        small_batch_warning=0,
+    )
     assert result.history[0]["loss"] == pytest.approx(9.0 * kl / 4, abs=1e-6)
     assert result.history[0]["metric"] == "teacher_agreement"
 
@@ -608,8 +642,15 @@ def test_finetune_hands_the_student_back_in_the_modes_it_came_in() -> None:
 
     model.eval()
     with pytest.raises(RuntimeError, match="stop"):
-        finetune(model, tiny_data(n=32), epochs=1, batch_size=16, quiet=True, on_epoch=boom,
-                 val_data=tiny_data(n=16))  # fmt: skip
+        finetune(
+            model,
+            tiny_data(n=32),
+            epochs=1,
+            batch_size=16,
+            quiet=True,
+            on_epoch=boom,
+            val_data=tiny_data(n=16),
+        )
     assert not any(m.training for m in model.modules())
 
 
@@ -619,8 +660,16 @@ def test_a_fresh_head_is_drawn_from_the_run_seed_not_the_callers_rng() -> None:
         torch.manual_seed(global_seed)
         model = tiny_converted()
         torch.manual_seed(global_seed + 10)
-        finetune(model, tiny_data(n=16), epochs=1, batch_size=16, quiet=True, num_classes=10,
-                 lr=1e-9, seed=7)  # fmt: skip
+        finetune(
+            model,
+            tiny_data(n=16),
+            epochs=1,
+            batch_size=16,
+            quiet=True,
+            num_classes=10,
+            lr=1e-9,
+            seed=7,
+        )
         heads.append(model.fc.weight.detach().clone())
     assert torch.equal(heads[0], heads[1])
 
