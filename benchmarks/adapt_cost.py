@@ -88,9 +88,11 @@ def main() -> None:
         order = names[index % len(names) :] + names[: index % len(names)]
         for name in order:
             seconds[name].append(_timed(runners[name]))
-        print(f"round {index + 1}: " + ", ".join(
-            f"{n} {1000 * seconds[n][-1] / args.images:.3f} ms/image" for n in names
-        ), flush=True)  # fmt: skip
+        print(
+            f"round {index + 1}: "
+            + ", ".join(f"{n} {1000 * seconds[n][-1] / args.images:.3f} ms/image" for n in names),
+            flush=True,
+        )
     rows = []
     for name in names[1:]:
         ratios = [a / b for a, b in zip(seconds[name], seconds["forward"], strict=True)]

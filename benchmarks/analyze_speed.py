@@ -62,11 +62,9 @@ def main() -> None:
     with torch.no_grad():  # warm-up: oneDNN builds its kernels on the first call
         warm = torch.rand(args.batch_size, 3, 224, 224)
         model(warm.contiguous(memory_format=torch.channels_last))
+    sizes = {"images": args.images, "batch_size": args.batch_size}
     started = time.perf_counter()
-    report = ibnify.analyze(
-        model, data, shifts=SHIFT, images=args.images, batch_size=args.batch_size,
-        progress=False, arch="tv:resnet50",
-    )  # fmt: skip
+    report = ibnify.analyze(model, data, shifts=SHIFT, progress=False, arch="tv:resnet50", **sizes)
     analyze_seconds = time.perf_counter() - started
     bare = ImageData(
         TensorDataset(images[: args.bare_images], labels[: args.bare_images]), MEAN, STD

@@ -26,11 +26,21 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 FONTS = (
-    "DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSerif.ttf",
-    "DejaVuSerif-Bold.ttf", "DejaVuSerif-Italic.ttf", "DejaVuSansMono.ttf",
-    "DejaVuSansMono-Bold.ttf", "STIXGeneral.ttf", "STIXGeneralBol.ttf", "STIXGeneralItalic.ttf",
-    "cmr10.ttf", "cmss10.ttf", "cmtt10.ttf",
-)  # fmt: skip
+    "DejaVuSans.ttf",
+    "DejaVuSans-Bold.ttf",
+    "DejaVuSans-Oblique.ttf",
+    "DejaVuSerif.ttf",
+    "DejaVuSerif-Bold.ttf",
+    "DejaVuSerif-Italic.ttf",
+    "DejaVuSansMono.ttf",
+    "DejaVuSansMono-Bold.ttf",
+    "STIXGeneral.ttf",
+    "STIXGeneralBol.ttf",
+    "STIXGeneralItalic.ttf",
+    "cmr10.ttf",
+    "cmss10.ttf",
+    "cmtt10.ttf",
+)
 PAPER = (0.3, 0.34, 0.42)
 INK = (0.72, 0.95, 0.82)
 
@@ -52,8 +62,9 @@ def printed_digit(digit: int, rng: random.Random) -> np.ndarray:
     box = canvas.getbbox() or (0, 0, 48, 48)
     glyph = canvas.crop(box)
     scale = 28 / max(glyph.size)  # the digits' bitmaps fill about 28 of 32 pixels
-    glyph = glyph.resize((max(1, round(glyph.width * scale)), max(1, round(glyph.height * scale))),
-                         Image.BILINEAR)  # fmt: skip
+    glyph = glyph.resize(
+        (max(1, round(glyph.width * scale)), max(1, round(glyph.height * scale))), Image.BILINEAR
+    )
     bitmap = Image.new("L", (32, 32), 0)
     bitmap.paste(glyph, ((32 - glyph.width) // 2, (32 - glyph.height) // 2))
     binary = (np.asarray(bitmap) > 127).astype(np.float32)
