@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import operator
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -124,3 +125,15 @@ def write_onnx_traps(folder: Path) -> dict[str, Path]:
         "domain": model("domain", None, ("Pwn", "com.example.custom")),
         "inside": model("inside", "w.bin"),
     }
+
+
+# Python internals that mean nothing to a user: addresses, builtin/function/class reprs.
+_INTERNALS = re.compile(r"0x[0-9a-f]{6,}|<built-in|<function |<bound method|<class '| object at ")
+
+
+def message_problems(stderr: str) -> list[str]:
+    """Lines that show Python internals, and lines printed more than once."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    shown = [line for line in lines if _INTERNALS.search(line)]
+    repeated = sorted({line for line in lines if lines.count(line) > 1})
+    return shown + [f"repeated: {line}" for line in repeated]

@@ -350,3 +350,33 @@ def test_no_import_cycle_between_modules() -> None:
         "ibnify.placement.candidates",
         "ibnify.placement.runs",
     ]
+
+
+def imports_of_test_modules(source: str) -> list[str]:
+    """``line: name`` for each import of a ``test_*`` module (shared test code goes to
+    ``tests/helpers.py``, never into a test module that others import)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            module = node.module or "" if isinstance(node, ast.ImportFrom) else ""
+            names = [f"{module}.{alias.name}" for alias in node.names]
+            if any(p.startswith("test_") for name in names for p in name.split(".")):
+                found.append(f"{node.lineno}: {', '.join(n.lstrip('.') for n in names)}")
+    return found
+
+
+def test_no_test_module_imports_another() -> None:
+    tests = PACKAGE.parent / "tests"
+    found = [
+        f"{path.name}:{where}"
+        for path in sorted(tests.rglob("*.py"))
+        for where in imports_of_test_modules(path.read_text())
+    ]
+    assert found == []
+    assert imports_of_test_modules("from tests.test_x import a\nfrom tests import helpers\n") == [
+        "1: tests.test_x.a"
+    ]
+    assert imports_of_test_modules("from .test_y import b\nimport tests.test_z\n") == [
+        "1: test_y.b",
+        "2: tests.test_z",
+    ]

@@ -23,7 +23,7 @@ import torchvision
 
 import ibnify
 from tests.cli_process import run_cli
-from tests.helpers import craft_checkpoint, write_onnx_traps
+from tests.helpers import craft_checkpoint, message_problems, write_onnx_traps
 
 SMALL = ["--input-size", "64"]
 
@@ -418,7 +418,7 @@ _MATRIX: dict[str, tuple[subprocess.CompletedProcess, bool, list[str]]] = {}
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, bool, list[str]]]:
-    """Every case's result (tests/test_messages.py reuses the same run)."""
+    """Every case's result, run once for the tests below."""
     return matrix_results(tmp_path_factory)
 
 
@@ -473,6 +473,13 @@ def test_bad_input(case: Case, results) -> None:
     assert case.message in lines[0], lines[0]
     assert unchanged, "a file was created or changed in the output directory"
     assert present == [], f"side effect happened: {present}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_bad_input_messages_show_no_internals(case: Case, results) -> None:
+    """No object reprs, memory addresses or repeated lines (tests/helpers.message_problems)."""
+    done = results[case.name][0]
+    assert message_problems(done.stderr) == [], done.stderr
 
 
 def test_assets_untouched(results) -> None:
