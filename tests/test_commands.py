@@ -4,7 +4,10 @@ is built, library messages that name Python parameters and a CLI that shows them
 from __future__ import annotations
 
 import ast
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ from PIL import Image
 import ibnify
 from ibnify.cli import cli
 from ibnify.cli._group import PARAMETER_FLAGS, to_flags
+from ibnify.commands.adapt import AdaptFiles, adapt_files
 from ibnify.commands.evaluate import EvaluateFiles, evaluate_files
 from ibnify.commands.finetune import FinetuneFiles, finetune_files
 from ibnify.commands.inputs import InputRequest, resolve_inputs
@@ -188,3 +192,56 @@ def test_evaluate_refuses_an_existing_plot_before_loading(tmp_path: Path) -> Non
         f"error: output file {str(plot)!r} already exists; pass --force to overwrite\n",
     )
     assert plot.read_bytes() == b"old"
+
+
+def test_an_os_error_names_the_users_path_never_a_temp_file(tmp_path: Path, monkeypatch) -> None:
+    from ibnify.cli._group import os_error_line
+
+    temp, target = tmp_path / ".m.safetensors.0a1b2c3d.tmp", tmp_path / "m.safetensors"
+    renamed = PermissionError(1, "Operation not permitted", str(temp), None, str(target))
+    assert os_error_line(renamed) == (
+        f"Operation not permitted: {str(target)!r} (rerun with --debug for the traceback)"
+    )
+    alone = PermissionError(13, "Permission denied", str(temp))
+    assert os_error_line(alone) == (
+        f"Permission denied: {str(target)!r} (rerun with --debug for the traceback)"
+    )
+    # End to end: the rename of convert's atomic write fails as on an immutable file.
+    real_replace = os.replace
+
+    def refuse(source: str, destination: str) -> None:
+        if str(destination).endswith("m.safetensors"):
+            raise PermissionError(1, "Operation not permitted", str(source), None, destination)
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", refuse)
+    small = ["--input-size", "16", "--num-classes", "3"]
+    result = CliRunner().invoke(cli, ["convert", "ibnify:digits_resnet", "-o", str(target), *small])
+    assert result.exit_code == 1 and ".tmp" not in result.output
+    assert result.output.splitlines()[-1] == (
+        f"error: Operation not permitted: {str(target)!r} (rerun with --debug for the traceback)"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_adapt_checks_its_options_before_importing_torch(tmp_path: Path) -> None:
+    """A bad --prior or a taken output is refused before torch (or any model) loads."""
+    code = (
+        "import sys; from click.testing import CliRunner; from ibnify.cli import cli; "
+        f"r = CliRunner().invoke(cli, ['adapt', 'no.safetensors', '--data', {str(tmp_path)!r}, "
+        "'-o', 'x.safetensors', '--prior', '2']); "
+        "print(r.exit_code, r.output.strip(), 'torch' in sys.modules)"
+    )
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert ran.stdout.strip() == "1 error: prior must be between 0 and 1, got '2' False"
+
+
+def test_adapt_refuses_a_taken_output_before_reading_the_checkpoint(tmp_path: Path) -> None:
+    taken = tmp_path / "a.safetensors"
+    taken.write_bytes(b"old")
+    missing = tmp_path / "no.safetensors"
+    with pytest.raises(ibnify.IbnifyError, match="already exists; pass `force=True`"):
+        adapt_files(AdaptFiles(missing, tmp_path, taken))
+    with pytest.raises(ibnify.IbnifyError, match=r"is not a \.safetensors file name"):
+        adapt_files(AdaptFiles(missing, tmp_path, tmp_path / "a.pt"))
+    assert taken.read_bytes() == b"old"

@@ -25,7 +25,7 @@ from ..models.checkpoint import input_size_for, load, needs_base, recipe_of_file
 from .offline import adapt_with, check_adaptable, target_subset
 from .options import AdaptOptions
 
-__all__ = ["AdaptResult", "adapt_file"]
+__all__ = ["AdaptResult", "adapt_file", "check_adapt_output"]
 
 
 @dataclass
@@ -60,7 +60,7 @@ def adapt_file(
     target's as a domain row when the target has labels.
     """
     options = options or AdaptOptions()
-    target_path = _check_output(checkpoint, output, force)
+    target_path = check_adapt_output(checkpoint, output, force)
     size = input_size_for(checkpoint, input_size)
     _check_base_given(checkpoint, base)
     model = load(checkpoint, base=base)
@@ -123,7 +123,7 @@ def _domain_name(target: ImageData) -> str:
     return target.name or "target"
 
 
-def _check_output(
+def check_adapt_output(
     checkpoint: str | os.PathLike[str], output: str | os.PathLike[str], force: bool
 ) -> Path:
     """The output path, refused before any work: not the source, a ``.safetensors`` name."""

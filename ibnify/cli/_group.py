@@ -27,6 +27,7 @@ __all__ = [
     "cli",
     "image_size_option",
     "invocation",
+    "os_error_line",
     "threads_option",
     "to_flags",
 ]
@@ -111,7 +112,9 @@ class IbnifyGroup(click.Group):
             _fail(exc.format_message(), exc.exit_code, debug)
         except IbnifyError as exc:
             _fail(str(exc), 1, debug)
-        except (OSError, ValueError, RuntimeError, TypeError, KeyError) as exc:
+        except OSError as exc:
+            _fail(os_error_line(exc), 1, debug)
+        except (ValueError, RuntimeError, TypeError, KeyError) as exc:
             message = first_line(exc, "")
             _fail(
                 f"{type(exc).__name__}: {message} (rerun with --debug for the traceback)",
@@ -122,6 +125,33 @@ class IbnifyGroup(click.Group):
         if standalone_mode:
             sys.exit(code)
         return code
+
+
+# The temp file beside an output that ibnify._io writes and renames: ``.NAME.<8 hex>.tmp``.
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{8}\.tmp$")
+
+
+def _user_path(path: object) -> str | None:
+    """The path as the user knows it: a temp file of ours is named by the output it becomes."""
+    if path is None:
+        return None
+    text = str(path)
+    head, _, name = text.rpartition("/")
+    match = _TEMP_NAME.match(name)
+    if match is None:
+        return text
+    return f"{head}/{match['name']}" if head else match["name"]
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for every OS error, in every command: the reason and the path the user gave
+    (never a temp file they did not make), e.g. ``Permission denied: 'out/m.onnx'``."""
+    path = _user_path(exc.filename)
+    if path is not None and exc.filename2 is not None and path != str(exc.filename):
+        path = _user_path(exc.filename2)
+    reason = exc.strerror or first_line(exc, type(exc).__name__)
+    where = f": {path!r}" if path is not None else ""
+    return f"{reason}{where} (rerun with --debug for the traceback)"
 
 
 class Interrupted(click.ClickException):

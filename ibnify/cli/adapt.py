@@ -78,23 +78,24 @@ def adapt_command(checkpoint: str, data: str, output: str, images: int | None, p
     """
     import json
 
-    from ..adaptation import AdaptOptions, adapt_file, adaptations, check_prior
+    # The options record is checked first; the adaptation package is imported after.
+    from ..adaptation.options import AdaptOptions, check_prior
     from ..errors import InvalidOptionError
 
     source = entropy.pop("source")
-    given = [
-        f"--{name}" for name in ("norms", "epochs", "steps", "lr") if entropy[name] is not None
-    ]
-    if entropy["method"] == "bn" and given:  # the library names parameters; here, the flags
-        raise InvalidOptionError(
-            f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to --method entropy "
-            "only (--method bn re-estimates statistics in one pass and learns nothing); add "
-            "--method entropy"
+    given = [name for name in ("norms", "epochs", "steps", "lr") if entropy[name] is not None]
+    if entropy["method"] == "bn" and given:
+        raise InvalidOptionError(  # a CLI-only combination: said with the flags
+            f"{', '.join(f'--{name}' for name in given)} "
+            f"{'applies' if len(given) == 1 else 'apply'} to --method entropy only (--method bn "
+            "re-estimates statistics in one pass and learns nothing); add --method entropy"
         )
     options = AdaptOptions(images, check_prior(prior), batch_size, seed, **entropy)  # type: ignore[arg-type]
-    result = adapt_file(
-        checkpoint, data, output, options, input_size=input_size, force=force, source=source
-    )
+    from ..adaptation import adaptations
+    from ..commands.adapt import AdaptFiles, adapt_files
+
+    files = AdaptFiles(checkpoint, data, output, options, input_size, force, source)
+    result = adapt_files(files)
     record = adaptations(result.model)[-1]
     if as_json:
         report = result.report.to_dict() if result.report is not None else None

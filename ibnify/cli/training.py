@@ -252,8 +252,10 @@ def demo_command(
     out_dir: str, seed: int, quick: bool, no_export: bool, force: bool, progress: bool
 ) -> None:
     """End-to-end demo on real digits: baseline, IBN conversion, control, shifts, ONNX."""
+    from ..commands.inputs import check_output_dir
     from ..demo import DemoConfig, run_demo
 
+    check_output_dir(out_dir)  # a read-only folder: one line before the first model is built
     config = DemoConfig.quick(seed) if quick else DemoConfig(seed=seed)
     config.export = not no_export
     result = run_demo(out_dir, config, force=force, quiet=not progress, echo=click.echo)
