@@ -380,3 +380,40 @@ def test_no_test_module_imports_another() -> None:
         "1: test_y.b",
         "2: tests.test_z",
     ]
+
+
+# Files that still pack lines under a formatter-skip comment, left to their owners' next change (the
+# placement search and the command line were being rewritten when the rest went, issue 23).
+FMT_SKIP_PENDING = {
+    "benchmarks/search_parallel.py",
+    "benchmarks/search_seeds.py",
+    "ibnify/cli/adapt.py",
+    "ibnify/cli/placement.py",
+    "ibnify/placement/divergence.py",
+    "ibnify/placement/divergence_report.py",
+    "ibnify/placement/runs.py",
+    "ibnify/placement/search.py",
+    "ibnify/placement/search_report.py",
+    "ibnify/placement/search_state.py",
+    "ibnify/placement/space.py",
+    "ibnify/placement/study.py",
+    "tests/test_divergence.py",
+    "tests/test_search.py",
+    "tests/test_search_outcomes.py",
+    "tests/test_search_readme.py",
+    "tests/test_search_study.py",
+}
+
+
+def test_no_fmt_skip_outside_the_pending_files() -> None:
+    """Size limits are met by parameter objects and plain formatting, not by lines the
+    formatter may not touch; the pending list only shrinks."""
+    root = PACKAGE.parent
+    marker = "# fmt: " + "skip"  # split, so this file does not match itself
+    found = {
+        str(path.relative_to(root))
+        for folder in ("ibnify", "tests", "benchmarks", "examples")
+        for path in (root / folder).rglob("*.py")
+        if marker in path.read_text()
+    }
+    assert found - FMT_SKIP_PENDING == set()
