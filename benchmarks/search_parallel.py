@@ -52,8 +52,9 @@ def busiest_worker_cpu(out: Path) -> float:
     """CPU seconds of the worker that spent the most on its trials: the wall time the search
     would take if every worker had a core of its own (the machine's other load aside)."""
     backend = optuna.storages.journal.JournalFileBackend(str(out / "study.journal"))
-    study = optuna.load_study(study_name="ibnify-search",
-                              storage=optuna.storages.JournalStorage(backend))  # fmt: skip
+    study = optuna.load_study(
+        study_name="ibnify-search", storage=optuna.storages.JournalStorage(backend)
+    )
     per_worker: dict[str, float] = {}
     for trial in study.get_trials():
         worker = trial.user_attrs.get("worker", "?")
@@ -86,8 +87,11 @@ def main() -> None:
     baseline = train_baseline(config)
     runs, best, busiest = {}, {}, {}
     with tempfile.TemporaryDirectory() as scratch:
-        for label, workers, pruner in (("one", 1, "none"), ("two", 2, "none"),
-                                       ("pruned", 1, "halving")):  # fmt: skip
+        for label, workers, pruner in (
+            ("one", 1, "none"),
+            ("two", 2, "none"),
+            ("pruned", 1, "halving"),
+        ):
             out = Path(scratch) / label
             runs[label] = timed_search(baseline, config, out, workers, pruner)
             report, wall, cpu = runs[label]

@@ -42,15 +42,22 @@ def one_seed(seed: int, out: Path) -> dict:
     config = DemoConfig(seed=seed)
     baseline = train_baseline(config)
     test = digits_data("test", seed=seed)
-    divergence = ibnify.analyze(baseline, test, shifts="all", images=None, seed=seed,
-                                progress=False, arch=SOURCE)  # fmt: skip
+    divergence = ibnify.analyze(
+        baseline, test, shifts="all", images=None, seed=seed, progress=False, arch=SOURCE
+    )
     content = divergence.stage_content
     stages = {str(k): v / content[k] for k, v in divergence.stage_divergence.items()}
     report = ibnify.search_placement(
-        baseline, digits_data("train", seed=seed), test, candidates=CANDIDATES,
-        config=search_schedule(config, seed), out_dir=out, arch=SOURCE, halving=False,
+        baseline,
+        digits_data("train", seed=seed),
+        test,
+        candidates=CANDIDATES,
+        config=search_schedule(config, seed),
+        out_dir=out,
+        arch=SOURCE,
+        halving=False,
         study=StudyOptions(workers=2, threads=1),
-    )  # fmt: skip
+    )
     return {
         "seed": seed,
         "capability": torch.backends.cpu.get_cpu_capability(),
@@ -79,9 +86,13 @@ def main() -> None:
         return
     if not args.no_kernels:
         env = {**os.environ, **OTHER_KERNELS}
-        done = subprocess.run([sys.executable, __file__, "--seeds", str(seeds[0]), "--emit-json",
-                               "--no-write"], env=env, capture_output=True, text=True,
-                              check=True)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, __file__, "--seeds", str(seeds[0]), "--emit-json", "--no-write"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         runs += [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     text = markdown(runs)
     print(text)

@@ -382,26 +382,11 @@ def test_no_test_module_imports_another() -> None:
     ]
 
 
-# Files that still pack lines under a formatter-skip comment, left to their owners' next change (the
-# placement search and the command line were being rewritten when the rest went, issue 23).
+# Files that still pack lines under a formatter-skip comment, left to their owners' next change
+# (the command line's adapt and the placement guide's test were being rewritten, issue 23).
 FMT_SKIP_PENDING = {
-    "benchmarks/search_parallel.py",
-    "benchmarks/search_seeds.py",
     "ibnify/cli/adapt.py",
-    "ibnify/cli/placement.py",
-    "ibnify/placement/divergence.py",
-    "ibnify/placement/divergence_report.py",
-    "ibnify/placement/runs.py",
-    "ibnify/placement/search.py",
-    "ibnify/placement/search_report.py",
-    "ibnify/placement/search_state.py",
-    "ibnify/placement/space.py",
-    "ibnify/placement/study.py",
-    "tests/test_divergence.py",
-    "tests/test_search.py",
-    "tests/test_search_outcomes.py",
     "tests/test_search_readme.py",
-    "tests/test_search_study.py",
 }
 
 

@@ -35,9 +35,14 @@ SOURCE = "ibnify:digits_resnet"
 
 def _tune(epochs: int, lr: float, seed: int) -> FinetuneConfig:
     return FinetuneConfig(
-        epochs=epochs, lr=lr, batch_size=64, weight_decay=5e-4, seed=seed, quiet=True,
+        epochs=epochs,
+        lr=lr,
+        batch_size=64,
+        weight_decay=5e-4,
+        seed=seed,
+        quiet=True,
         device="cpu",
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture(scope="module")
@@ -127,14 +132,27 @@ def test_suggestion_rule_is_the_longest_qualifying_prefix_without_the_last_stage
 
 def test_report_json_table_and_plot(trained, test_data, tmp_path) -> None:
     report = analyze_divergence(
-        trained, test_data, shifts="brightness_down,contrast_down", images=64, progress=False,
+        trained,
+        test_data,
+        shifts="brightness_down,contrast_down",
+        images=64,
+        progress=False,
         arch=SOURCE,
-    )  # fmt: skip
+    )
     data = json.loads(report.to_json())
     assert set(data) == {
-        "arch", "domain_a", "domain_b", "images", "shifts", "converted", "sites", "stages",
-        "suggested_stages", "rule", "command",
-    }  # fmt: skip
+        "arch",
+        "domain_a",
+        "domain_b",
+        "images",
+        "shifts",
+        "converted",
+        "sites",
+        "stages",
+        "suggested_stages",
+        "rule",
+        "command",
+    }
     assert data["images"] == 64 and data["shifts"] == ["brightness_down", "contrast_down"]
     site = data["sites"][1]
     assert site["name"] == "layer1.0.bn1" and site["site"] == "IBN-a default"
@@ -151,8 +169,18 @@ def test_cli_analyze_a_checkpoint_prints_the_command(trained, tmp_path) -> None:
     plan = ConversionPlan(arch=SOURCE, layout="none", stages=(), ratio=None, sites=())
     checkpoint = tmp_path / "baseline.safetensors"
     ibnify.save(ibnify.apply_plan(trained, plan), checkpoint)
-    args = ["analyze", str(checkpoint), "--dataset", "digits", "--shift", "brightness_down",
-            "--images", "128", "--plot", str(tmp_path / "d.png")]  # fmt: skip
+    args = [
+        "analyze",
+        str(checkpoint),
+        "--dataset",
+        "digits",
+        "--shift",
+        "brightness_down",
+        "--images",
+        "128",
+        "--plot",
+        str(tmp_path / "d.png"),
+    ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "suggested --stages 1-2" in result.output
@@ -170,8 +198,21 @@ def test_the_printed_convert_command_rebuilds_the_analysed_model(tmp_path, monke
     """A model built by name without weights (its init from --seed 3), analysed at
     --input-size 12: the printed command carries both and converts that very model."""
     monkeypatch.chdir(tmp_path)
-    args = ["analyze", SOURCE, "--dataset", "digits", "--shift", "brightness_down",
-            "--images", "32", "--input-size", "12", "--seed", "3", "--quiet"]  # fmt: skip
+    args = [
+        "analyze",
+        SOURCE,
+        "--dataset",
+        "digits",
+        "--shift",
+        "brightness_down",
+        "--images",
+        "32",
+        "--input-size",
+        "12",
+        "--seed",
+        "3",
+        "--quiet",
+    ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     line = next(x for x in result.output.splitlines() if x.startswith("run: "))
@@ -198,8 +239,10 @@ def test_weights_with_original_or_ibn_keys(tmp_path) -> None:
     assert ibnify.get_plan(load_model_or_checkpoint(SOURCE, str(plain)).model) is None
     loaded = load_model_or_checkpoint(SOURCE, str(converted))
     assert [s.name for s in ibnify.get_plan(loaded.model).sites] == [
-        "layer1.0.bn1", "layer2.0.bn1", "layer3.0.bn1",
-    ]  # fmt: skip
+        "layer1.0.bn1",
+        "layer2.0.bn1",
+        "layer3.0.bn1",
+    ]
     assert loaded.convert_args() == f"{SOURCE} --weights {converted}"
 
 

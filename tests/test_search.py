@@ -52,8 +52,15 @@ def setup():
 
 def _search(setup, out: Path, **kwargs):
     base, train, val, config = setup
-    options = {"candidates": CANDIDATES, "config": config, "shifts": SHIFTS, "out_dir": out,
-               "arch": SOURCE, "model_kwargs": KWARGS, **kwargs}  # fmt: skip
+    options = {
+        "candidates": CANDIDATES,
+        "config": config,
+        "shifts": SHIFTS,
+        "out_dir": out,
+        "arch": SOURCE,
+        "model_kwargs": KWARGS,
+        **kwargs,
+    }
     return search_placement(base, train, val, **options)
 
 
@@ -122,8 +129,9 @@ def test_search_is_deterministic_and_resumes(setup, tmp_path, monkeypatch) -> No
 
 def _study(journal: Path) -> optuna.Study:
     backend = optuna.storages.journal.JournalFileBackend(str(journal))
-    return optuna.load_study(study_name="ibnify-search",
-                             storage=optuna.storages.JournalStorage(backend))  # fmt: skip
+    return optuna.load_study(
+        study_name="ibnify-search", storage=optuna.storages.JournalStorage(backend)
+    )
 
 
 def test_other_settings_in_the_same_out_are_refused(setup, tmp_path) -> None:
@@ -151,14 +159,28 @@ def test_budget_stops_adding_candidates(setup, tmp_path) -> None:
 
 def test_cli_search_prints_ranking_and_reproduce_command(setup, tmp_path) -> None:
     base = setup[0]
-    plan = ConversionPlan(arch=SOURCE, layout="none", stages=(), ratio=None, sites=(),
-                          extras={"model_kwargs": KWARGS})  # fmt: skip
+    plan = ConversionPlan(
+        arch=SOURCE, layout="none", stages=(), ratio=None, sites=(), extras={"model_kwargs": KWARGS}
+    )
     checkpoint = tmp_path / "base.safetensors"
     ibnify.save(ibnify.apply_plan(base, plan), checkpoint)
     out = tmp_path / "search"
-    args = ["search", str(checkpoint), "--dataset", "digits", "--candidates", "a:1;b",
-            "--epochs", "1", "--lr", "0.05", "--shift", "brightness_down",
-            "--out", str(out)]  # fmt: skip
+    args = [
+        "search",
+        str(checkpoint),
+        "--dataset",
+        "digits",
+        "--candidates",
+        "a:1;b",
+        "--epochs",
+        "1",
+        "--lr",
+        "0.05",
+        "--shift",
+        "brightness_down",
+        "--out",
+        str(out),
+    ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "candidate 3 of 3: b done in" in result.output

@@ -37,10 +37,32 @@ def test_the_printed_reproduce_line_rebuilds_the_winner_bit_for_bit(tmp_path, mo
     """A model built by name without weights (its init from --seed), read at --input-size 12:
     the line must carry both, the data, the schedule and the seed."""
     monkeypatch.chdir(tmp_path)
-    args = ["search", "ibnify:digits_resnet", "--dataset", "digits", "--input-size", "12",
-            "--seed", "2", "--candidates", "a:1;b", "--epochs", "2", "--lr", "0.05",
-            "--warmup-epochs", "0.5", "--batch-size", "48", "--shift", "brightness_down",
-            "--max-clean-drop", "100", "--out", "search"]  # fmt: skip
+    args = [
+        "search",
+        "ibnify:digits_resnet",
+        "--dataset",
+        "digits",
+        "--input-size",
+        "12",
+        "--seed",
+        "2",
+        "--candidates",
+        "a:1;b",
+        "--epochs",
+        "2",
+        "--lr",
+        "0.05",
+        "--warmup-epochs",
+        "0.5",
+        "--batch-size",
+        "48",
+        "--shift",
+        "brightness_down",
+        "--max-clean-drop",
+        "100",
+        "--out",
+        "search",
+    ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     line = next(x for x in result.output.splitlines() if x.startswith("reproduce: "))
@@ -65,9 +87,14 @@ _MEASURED = {"control": (0.90, 0.50), "a:1": (0.85, 0.80), "b": (0.895, 0.70)}
 
 def _measured(self, candidate, model, seconds, rung=False) -> CandidateResult:
     clean, shifted = _MEASURED[candidate.name]
-    return CandidateResult(candidate.name, candidate.layout, list(candidate.stages),
-                           candidate.ratio, {"clean": clean, "brightness_down": shifted},
-                           seconds)  # fmt: skip
+    return CandidateResult(
+        candidate.name,
+        candidate.layout,
+        list(candidate.stages),
+        candidate.ratio,
+        {"clean": clean, "brightness_down": shifted},
+        seconds,
+    )
 
 
 @pytest.fixture
@@ -76,17 +103,26 @@ def tiny(monkeypatch):
     torch.manual_seed(0)
     base = digits_resnet(width=4)
     checkpoint_plan = ConversionPlan(
-        arch="ibnify:digits_resnet", layout="none", stages=(), ratio=None, sites=(),
+        arch="ibnify:digits_resnet",
+        layout="none",
+        stages=(),
+        ratio=None,
+        sites=(),
         extras={"model_kwargs": {"width": 4}},
-    )  # fmt: skip
+    )
     return base, checkpoint_plan
 
 
 def test_max_clean_drop_excludes_the_candidate_that_would_win(tiny, tmp_path) -> None:
     base, _plan = tiny
     config = FinetuneConfig(epochs=1, lr=0.05, quiet=True, device="cpu")
-    options = {"candidates": "a:1;b", "config": config, "shifts": "brightness_down",
-               "arch": "ibnify:digits_resnet", "model_kwargs": {"width": 4}}  # fmt: skip
+    options = {
+        "candidates": "a:1;b",
+        "config": config,
+        "shifts": "brightness_down",
+        "arch": "ibnify:digits_resnet",
+        "model_kwargs": {"width": 4},
+    }
     train, val = digits_data("train"), digits_data("test")
     limited = search_placement(base, train, val, out_dir=tmp_path, max_clean_drop=1.0, **options)
     assert [r.name for r in limited.ranked()] == ["b", "a:1"]
@@ -106,9 +142,22 @@ def test_cli_max_clean_drop_reaches_the_ranking(tiny, tmp_path) -> None:
     base, plan = tiny
     checkpoint = tmp_path / "base.safetensors"
     ibnify.save(ibnify.apply_plan(base, plan), checkpoint)
-    common = ["search", str(checkpoint), "--dataset", "digits", "--candidates", "a:1;b",
-              "--epochs", "1", "--lr", "0.05", "--shift", "brightness_down",
-              "--out", str(tmp_path / "s")]  # fmt: skip
+    common = [
+        "search",
+        str(checkpoint),
+        "--dataset",
+        "digits",
+        "--candidates",
+        "a:1;b",
+        "--epochs",
+        "1",
+        "--lr",
+        "0.05",
+        "--shift",
+        "brightness_down",
+        "--out",
+        str(tmp_path / "s"),
+    ]
     winners = {}
     for limit in ("1", "6"):
         result = CliRunner().invoke(cli, [*common, "--max-clean-drop", limit])
@@ -126,9 +175,10 @@ def test_cli_max_clean_drop_reaches_the_ranking(tiny, tmp_path) -> None:
 
 def _block(cin: int, cout: int, stride: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout),
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
         nn.ReLU(),
-    )  # fmt: skip
+    )
 
 
 class StudentNet(nn.Module):
@@ -165,8 +215,12 @@ def test_search_on_a_model_class_no_registry_knows(tmp_path) -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     config = FinetuneConfig(epochs=1, lr=0.05, quiet=True, device="cpu")
     train, val = digits_data("train"), digits_data("test")
-    options = {"candidates": "a:1;a:1-2", "config": config, "shifts": "brightness_down",
-               "max_clean_drop": None}  # fmt: skip
+    options = {
+        "candidates": "a:1;a:1-2",
+        "config": config,
+        "shifts": "brightness_down",
+        "max_clean_drop": None,
+    }
     bare = search_placement(model, train, val, **options)
     kept = search_placement(model, train, val, out_dir=tmp_path, **options)
     assert [r.accuracy for r in bare.results] == [r.accuracy for r in kept.results]
@@ -183,7 +237,13 @@ def test_a_model_that_cannot_be_searched_is_refused_before_training(tmp_path) ->
     out = tmp_path / "out"
     config = FinetuneConfig(epochs=1, quiet=True, device="cpu")
     with pytest.raises(IbnifyError, match="BatchNorm") as caught:
-        search_placement(NoNorm(), digits_data("train"), digits_data("test"), config=config,
-                         candidates="a:1", out_dir=out)  # fmt: skip
+        search_placement(
+            NoNorm(),
+            digits_data("train"),
+            digits_data("test"),
+            config=config,
+            candidates="a:1",
+            out_dir=out,
+        )
     assert "\n" not in str(caught.value) and "0x" not in str(caught.value)
     assert not out.exists()

@@ -66,8 +66,16 @@ def reference(setup, tmp_path_factory):
 
 def _search(setup, out: Path | None, study: StudyOptions | None = None, **kwargs):
     base, train, val, config = setup
-    options = {"candidates": CANDIDATES, "config": config, "shifts": SHIFTS, "out_dir": out,
-               "arch": SOURCE, "model_kwargs": KWARGS, "study": study, **kwargs}  # fmt: skip
+    options = {
+        "candidates": CANDIDATES,
+        "config": config,
+        "shifts": SHIFTS,
+        "out_dir": out,
+        "arch": SOURCE,
+        "model_kwargs": KWARGS,
+        "study": study,
+        **kwargs,
+    }
     return search_placement(base, train, val, **options)
 
 
@@ -203,9 +211,19 @@ def test_a_study_with_other_settings_is_refused(setup, reference, tmp_path) -> N
     base, train, val, config = setup
     other = FinetuneConfig(**{**config.__dict__, "lr": 0.07})
     with pytest.raises(InvalidOptionError, match=r"differs in: finetune\.lr 0\.05 → 0\.07\)"):
-        search_placement(base, train, val, candidates=CANDIDATES, config=other, shifts=SHIFTS,
-                         out_dir=tmp_path, arch=SOURCE, model_kwargs=KWARGS, halving=False,
-                         study=StudyOptions(storage=str(out / STUDY_FILE), join=True))  # fmt: skip
+        search_placement(
+            base,
+            train,
+            val,
+            candidates=CANDIDATES,
+            config=other,
+            shifts=SHIFTS,
+            out_dir=tmp_path,
+            arch=SOURCE,
+            model_kwargs=KWARGS,
+            halving=False,
+            study=StudyOptions(storage=str(out / STUDY_FILE), join=True),
+        )
     assert not any(tmp_path.iterdir())  # the refused worker wrote nothing
 
 
@@ -237,17 +255,41 @@ def test_space_seeds_its_first_trial_with_the_analyze_suggestion(setup, tmp_path
 
 def _cli(*args: str, cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "ibnify", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "ibnify", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_a_second_machine_joins_over_sqlite(tmp_path) -> None:
     """Two processes, one storage URL: the one that starts the study and one that ``--join``s
     it (started first, it waits); both take trials, each candidate runs once."""
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    common = ["search", SOURCE, "--dataset", "digits", "--candidates", "a:1;a:1-2;a:1@0.25;b",
-              "--epochs", "2", "--lr", "0.05", "--shift", "brightness_down", "--storage", url,
-              "--threads", "1", "--no-halving", "--input-size", "8"]  # fmt: skip
+    common = [
+        "search",
+        SOURCE,
+        "--dataset",
+        "digits",
+        "--candidates",
+        "a:1;a:1-2;a:1@0.25;b",
+        "--epochs",
+        "2",
+        "--lr",
+        "0.05",
+        "--shift",
+        "brightness_down",
+        "--storage",
+        url,
+        "--threads",
+        "1",
+        "--no-halving",
+        "--input-size",
+        "8",
+    ]
     joiner = _cli(*common, "--join", "--out", str(tmp_path / "b"), cwd=tmp_path)
     starter = _cli(*common, "--out", str(tmp_path / "a"), cwd=tmp_path)
     _out_a, err_a = starter.communicate(timeout=300)
@@ -279,8 +321,13 @@ def test_commands_that_do_not_search_do_not_import_optuna(tmp_path) -> None:
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'optuna'))\n"
     )
     out = tmp_path / "ibn.safetensors"
-    done = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True,
-                          cwd=ROOT, check=False)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert out.is_file()  # convert ran
     assert done.stdout.strip().splitlines()[-1] == "[]"

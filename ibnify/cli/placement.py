@@ -213,8 +213,10 @@ def search_command(model: str, as_json: bool, **options: Any) -> None:
     result = search_files(model, SearchOptions(**options), echo=echo)
     report = result.report
     if options["join"]:
-        click.echo(f"joined study {options['study']}: no trial is left; the starting command "
-                   "writes the report")  # fmt: skip
+        click.echo(
+            f"joined study {options['study']}: no trial is left; the starting command "
+            "writes the report"
+        )
         return
     if as_json:
         click.echo(report.to_json())

@@ -422,8 +422,9 @@ def _target_domain(
         target = image_folder_data(folder, model, input_size=size)
     except DataError as exc:
         raise DataError(f"domain {name!r}: {exc}") from exc
-    target = ImageData(target.dataset, target.mean, target.std, target.num_classes,
-                       target.labelled, name)  # fmt: skip
+    target = ImageData(
+        target.dataset, target.mean, target.std, target.num_classes, target.labelled, name
+    )
     check_same_classes(source, target)
     return target
 
@@ -449,9 +450,13 @@ def analyze_files(model: str, options: AnalyzeOptions | None = None) -> AnalyzeR
         check_same_classes(first, second, "domains")
     else:
         first = resolve_data_source(
-            options.data, options.dataset, source.model, split="test", seed=options.seed,
+            options.data,
+            options.dataset,
+            source.model,
+            split="test",
+            seed=options.seed,
             input_size=size,
-        )  # fmt: skip
+        )
         second = _target_domain(options.domains, source.model, first, size)
     report = analyze_divergence(
         source.model,

@@ -227,8 +227,15 @@ def _mark_stages(axes: Any, stages: list[int]) -> None:
     for index in range(1, len(stages) + 1):
         if index == len(stages) or stages[index] != stages[start]:
             label = "stem" if stages[start] == 0 else f"stage {stages[start]}"
-            axes.text((start + index - 1) / 2, 0.97, label, ha="center", va="top",
-                      fontsize="small", transform=axes.get_xaxis_transform())  # fmt: skip
+            axes.text(
+                (start + index - 1) / 2,
+                0.97,
+                label,
+                ha="center",
+                va="top",
+                fontsize="small",
+                transform=axes.get_xaxis_transform(),
+            )
             if index < len(stages):
                 axes.axvline(index - 0.5, color="grey", ls=":", lw=1)
             start = index

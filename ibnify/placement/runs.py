@@ -112,8 +112,9 @@ class Search:
         # noise seed 0, as `ibnify evaluate` and the demo use: the same table for the same
         # model; the global RNG is left as training had it (a rung sits inside a run)
         with torch.random.fork_rng(devices=[]):
-            report = evaluate({"m": model}, val, shifts=shifts, seed=0, device=device,
-                              domains=domains)  # fmt: skip
+            report = evaluate(
+                {"m": model}, val, shifts=shifts, seed=0, device=device, domains=domains
+            )
         accuracy = dict(report.accuracy["m"])
         domains = {name: accuracy.pop(name) for name in domains}
         return CandidateResult(

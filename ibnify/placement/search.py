@@ -133,15 +133,17 @@ def search_placement(
     rule = _objective(objective, targets, max_clean_drop)
     if options.workers > 1 and out_dir is None and options.storage is None:
         raise InvalidOptionError("several workers need an output folder or a storage")
-    items, chosen, seed_params = _candidates(model, val, shift_names, config.seed, candidates,
-                                             options)  # fmt: skip
+    items, chosen, seed_params = _candidates(
+        model, val, shift_names, config.seed, candidates, options
+    )
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         if force:
             shutil.rmtree(out / "runs", ignore_errors=True)
-    search = Search(model, train, val, config, shift_names, out, arch, model_kwargs, say,
-                     targets, *rule)  # fmt: skip
+    search = Search(
+        model, train, val, config, shift_names, out, arch, model_kwargs, say, targets, *rule
+    )
     count = len(chosen) if items is None else options.trials or 0
     pruner_name = options.pruner or _pruner_name(halving, count)
     first = math.floor(config.warmup_epochs) + 1  # a rung inside the warmup ranks by noise
@@ -149,8 +151,9 @@ def search_placement(
     settings = search_settings(search, described)
     if options.space is not None:
         settings["space"] = options.space.strip().lower()
-    run = StudyRun(search, [CONTROL, *chosen], options, settings, rungs, pruner, items,
-                   seed_params, budget_min)  # fmt: skip
+    run = StudyRun(
+        search, [CONTROL, *chosen], options, settings, rungs, pruner, items, seed_params, budget_min
+    )
     the_study = open_study(run, open_storage(options.storage, out, options.grace_s), force)
     before = set(study_results(the_study))
     try:
@@ -224,9 +227,15 @@ def _report(
 ) -> SearchReport:
     """The report of the study's finished candidates; the budget line when it stopped one."""
     results = study_results(study)
-    report = SearchReport(list(results.values()), shifts, run.settings,
-                          objective=run.search.objective, max_clean_drop=max_clean_drop,
-                          domains=domains, halving=run.rungs)  # fmt: skip
+    report = SearchReport(
+        list(results.values()),
+        shifts,
+        run.settings,
+        objective=run.search.objective,
+        max_clean_drop=max_clean_drop,
+        domains=domains,
+        halving=run.rungs,
+    )
     report.reused = [name for name in results if name in before]
     waiting = waiting_candidates(study)
     if waiting and run.budget_min is not None:  # only the budget leaves trials waiting
@@ -240,8 +249,9 @@ def _report(
         index = 1 + next(i for i, c in enumerate(queue) if c.name in waiting)
         timings = [r.seconds for r in results.values()]
         estimate = sum(timings) / max(len(timings), 1)
-        budget_stop(report, queue, (index, time.perf_counter() - run.started, estimate),
-                    run.budget_min)  # fmt: skip
+        budget_stop(
+            report, queue, (index, time.perf_counter() - run.started, estimate), run.budget_min
+        )
     return report
 
 
@@ -325,16 +335,30 @@ class SearchOptions:
     def study_options(self) -> StudyOptions:
         """How the search runs as a study (storage, workers, pruner, space)."""
         devices = tuple(d.strip() for d in (self.devices or "").split(",") if d.strip())
-        return StudyOptions(storage=self.storage, study=self.study, workers=self.workers,
-                            devices=devices, threads=self.threads, join=self.join,
-                            pruner=self.pruner, space=self.space, trials=self.trials,
-                            analyze_first=self.analyze_first)  # fmt: skip
+        return StudyOptions(
+            storage=self.storage,
+            study=self.study,
+            workers=self.workers,
+            devices=devices,
+            threads=self.threads,
+            join=self.join,
+            pruner=self.pruner,
+            space=self.space,
+            trials=self.trials,
+            analyze_first=self.analyze_first,
+        )
 
     def finetune_config(self) -> FinetuneConfig:
         """The schedule every candidate and the control are fine-tuned with."""
-        return FinetuneConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
-                              weight_decay=self.weight_decay, warmup_epochs=self.warmup_epochs,
-                              seed=self.seed, quiet=not self.progress)  # fmt: skip
+        return FinetuneConfig(
+            epochs=self.epochs,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            weight_decay=self.weight_decay,
+            warmup_epochs=self.warmup_epochs,
+            seed=self.seed,
+            quiet=not self.progress,
+        )
 
 
 @dataclass(frozen=True)
@@ -393,23 +417,36 @@ def search_files(
     size = input_size_for(source.model, options.input_size)
     if options.dataset is not None:
         train, val = (
-            resolve_data_source(None, options.dataset, source.model, split=split,
-                                seed=options.seed, input_size=size)
+            resolve_data_source(
+                None, options.dataset, source.model, split=split, seed=options.seed, input_size=size
+            )
             for split in ("train", "test")
-        )  # fmt: skip
+        )
         data_args = f"--dataset {options.dataset}"
     else:
         train = image_folder_data(options.data, source.model, train=True, input_size=size)  # type: ignore[arg-type]
         val = image_folder_data(options.val_data, source.model, input_size=size)  # type: ignore[arg-type]
         data_args = f"--data {options.data} --val-data {options.val_data}"
     report = search_placement(
-        source.model, train, val, candidates=options.candidates,
-        config=options.finetune_config(), shifts=options.shifts, budget_min=options.budget_min,
-        out_dir=options.out_dir, force=options.force, arch=source.source,
-        model_kwargs=source.model_kwargs or None, echo=echo, domains=list(options.domains),
-        objective=options.objective, max_clean_drop=options.max_clean_drop,
-        halving=options.halving, input_size=size, study=options.study_options(),
-    )  # fmt: skip
+        source.model,
+        train,
+        val,
+        candidates=options.candidates,
+        config=options.finetune_config(),
+        shifts=options.shifts,
+        budget_min=options.budget_min,
+        out_dir=options.out_dir,
+        force=options.force,
+        arch=source.source,
+        model_kwargs=source.model_kwargs or None,
+        echo=echo,
+        domains=list(options.domains),
+        objective=options.objective,
+        max_clean_drop=options.max_clean_drop,
+        halving=options.halving,
+        input_size=size,
+        study=options.study_options(),
+    )
     size = tuple(train.dataset[0][0].shape)  # type: ignore[assignment]
     threads = options.threads
     if threads is None and options.workers > 1:  # what each worker ran with

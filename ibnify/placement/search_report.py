@@ -331,8 +331,13 @@ class SearchReport:
             marker = "s" if r.name == CONTROL_NAME else ("o" if r.full else "x")
             color = "tab:red" if r.name == CONTROL_NAME else "tab:blue"
             axes.scatter(x_of(r), 100 * r.clean, marker=marker, color=color, zorder=3)
-            axes.annotate(r.name, (x_of(r), 100 * r.clean), textcoords="offset points",
-                          xytext=(5, 4 if index % 2 else -11), fontsize="small")  # fmt: skip
+            axes.annotate(
+                r.name,
+                (x_of(r), 100 * r.clean),
+                textcoords="offset points",
+                xytext=(5, 4 if index % 2 else -11),
+                fontsize="small",
+            )
         points = sorted((x_of(r), 100 * r.clean) for r in self.results if r.name in front)
         if len(points) > 1:
             axes.plot(*zip(*points, strict=True), "--", color="grey", lw=1, label="Pareto front")

@@ -30,9 +30,20 @@ def search_settings(search: Search, pruner: dict[str, Any] | None = None) -> dic
     config = search.config
     tune = {
         k: getattr(config, k)
-        for k in ("epochs", "lr", "batch_size", "optimizer", "momentum", "weight_decay",
-                  "decay_norm_and_bias", "decay_in_affine", "warmup_epochs", "min_lr", "seed")
-    }  # fmt: skip
+        for k in (
+            "epochs",
+            "lr",
+            "batch_size",
+            "optimizer",
+            "momentum",
+            "weight_decay",
+            "decay_norm_and_bias",
+            "decay_in_affine",
+            "warmup_epochs",
+            "min_lr",
+            "seed",
+        )
+    }
     settings = {
         "base_weights": weights_digest(search.model),
         "train": f"{search.train.name} ({len(search.train)} images)",

@@ -105,8 +105,7 @@ def resolve_space(items: list[SpaceItem], stages: int) -> list[SpaceItem]:
     resolved = []
     for item in items:
         if item.layout == "a" and item.depths is None:
-            item = SpaceItem(item.text, "a", (1, max(1, stages - 1)), item.ratio_range,
-                             item.ratios)  # fmt: skip
+            item = SpaceItem(item.text, "a", (1, max(1, stages - 1)), item.ratio_range, item.ratios)
         if item.depths is not None and item.depths[1] > stages:
             raise InvalidOptionError(
                 f"space item {item.text!r}: stage {item.depths[1]} is out of range (the model "

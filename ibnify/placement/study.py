@@ -221,9 +221,14 @@ def open_study(run: StudyRun, storage: BaseStorage, force: bool = False) -> optu
     else:
         if force:
             _delete_study(options.study, storage)
-        study = optuna.create_study(study_name=options.study, storage=storage,
-                                    direction="maximize", load_if_exists=True,
-                                    sampler=run.sampler(), pruner=run.pruner)  # fmt: skip
+        study = optuna.create_study(
+            study_name=options.study,
+            storage=storage,
+            direction="maximize",
+            load_if_exists=True,
+            sampler=run.sampler(),
+            pruner=run.pruner,
+        )
     recorded = study.user_attrs.get("fingerprint")
     if recorded is None:
         study.set_user_attr("fingerprint", run.settings)
@@ -251,8 +256,12 @@ def _wait_for_study(run: StudyRun, storage: BaseStorage, where: str) -> optuna.S
     deadline = time.monotonic() + run.options.join_wait_s
     while True:
         try:
-            study = optuna.load_study(study_name=run.options.study, storage=storage,
-                                      sampler=run.sampler(), pruner=run.pruner)  # fmt: skip
+            study = optuna.load_study(
+                study_name=run.options.study,
+                storage=storage,
+                sampler=run.sampler(),
+                pruner=run.pruner,
+            )
             if "queue" in study.user_attrs:
                 return study
         except KeyError:
@@ -524,8 +533,9 @@ def _worker_main(run: StudyRun, index: int) -> None:
     run.search.say = lambda line: say(f"{label}{line}")
     try:
         storage = open_storage(options.storage, run.search.out, options.grace_s)
-        study = optuna.load_study(study_name=options.study, storage=storage,
-                                  sampler=run.sampler(), pruner=run.pruner)  # fmt: skip
+        study = optuna.load_study(
+            study_name=options.study, storage=storage, sampler=run.sampler(), pruner=run.pruner
+        )
         work(study, run)
     except KeyboardInterrupt:
         _exit(130)
