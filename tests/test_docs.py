@@ -16,19 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 MAX_README_LINES = 180
-# The placement section stays in the README until the search work moves it into docs/search.md;
-# until then it is not counted (the lead tightens this when it moves).
-UNCOUNTED = ("<!-- placement:start -->", "<!-- placement:end -->")
 LINK = re.compile(r"\]\(([^)\s]+)\)")
-
-
-def front_page_lines(text: str) -> list[str]:
-    """The README's lines outside the UNCOUNTED section (both marker lines left out too)."""
-    lines = text.splitlines()
-    if UNCOUNTED[0] not in lines:
-        return lines
-    start, end = lines.index(UNCOUNTED[0]), lines.index(UNCOUNTED[1])
-    return lines[:start] + lines[end + 1 :]
 
 
 def slug(heading: str) -> str:
@@ -64,11 +52,9 @@ def broken_links(page: Path) -> list[str]:
     return broken
 
 
-def test_the_helpers_read_headings_links_and_the_uncounted_section() -> None:
+def test_the_helpers_read_headings_and_links() -> None:
     text = "# A b\n```\n# not a heading\n```\n## Where should IN go? `analyze` and `search`\n"
     assert anchors(text) == {"a-b", "where-should-in-go-analyze-and-search"}
-    page = "a\n<!-- placement:start -->\nx\ny\n<!-- placement:end -->\nb\n"
-    assert front_page_lines(page) == ["a", "b"]
     assert LINK.findall("[x](docs/a.md) and [y](../R.md#h) [z](https://e.org)") == [
         "docs/a.md",
         "../R.md#h",
@@ -77,7 +63,7 @@ def test_the_helpers_read_headings_links_and_the_uncounted_section() -> None:
 
 
 def test_the_readme_is_a_front_page_of_at_most_180_lines() -> None:
-    lines = front_page_lines(README.read_text(encoding="utf-8"))
+    lines = README.read_text(encoding="utf-8").splitlines()
     assert len(lines) <= MAX_README_LINES, len(lines)
     headings = [line for line in lines if line.startswith("## ")]
     for heading in ("## Install", "## Quickstart", "## Guides", "## Tests"):
