@@ -70,12 +70,23 @@ _NORMS_TEXT = {"bn": "the BN", "in": "the IN", "both": "the BN and IN"}
 @click.option("--force", is_flag=True, help="Overwrite the output file if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the before/after report as JSON.")
 @threads_option
-def adapt_command(checkpoint: str, data: str, output: str, images: int | None, prior: str,
-                  batch_size: int, input_size: tuple[int, int, int] | None, seed: int,
-                  force: bool, as_json: bool, **entropy: object) -> None:  # fmt: skip
+def adapt_command(
+    checkpoint: str,
+    data: str,
+    output: str,
+    images: int | None,
+    prior: str,
+    batch_size: int,
+    input_size: tuple[int, int, int] | None,
+    seed: int,
+    force: bool,
+    as_json: bool,
+    **entropy: object,
+) -> None:
     """Adapt CHECKPOINT to unlabelled target images and write the adapted model to a new file;
     the source checkpoint is left untouched.
     """
+    # Many parameters only by its option list: each goes into AdaptOptions or AdaptFiles.
     import json
 
     # The options record is checked first; the adaptation package is imported after.
