@@ -29,11 +29,10 @@ from pathlib import Path
 import torch
 
 import ibnify
-from ibnify.data.digits import digits_data
+from ibnify.data import digits_data
 from ibnify.demo import DemoConfig
-from ibnify.models.registry import build_model
-from ibnify.placement.search import StudyOptions
-from ibnify.train.config import FinetuneConfig
+from ibnify.models import build_model
+from ibnify.placement import StudyOptions
 
 SOURCE = "ibnify:digits_resnet"
 CANDIDATES = "a:1;a:1-2;a:1-3;a:1-2@0.25;b"
@@ -43,7 +42,7 @@ def train_baseline(config: DemoConfig) -> torch.nn.Module:
     """The demo's baseline: same seed, epochs, learning rate and weight decay."""
     torch.manual_seed(config.seed)
     model, _ = build_model(SOURCE)
-    schedule = FinetuneConfig(
+    schedule = ibnify.FinetuneConfig(
         epochs=config.baseline_epochs,
         lr=config.baseline_lr,
         batch_size=config.batch_size,
@@ -56,9 +55,9 @@ def train_baseline(config: DemoConfig) -> torch.nn.Module:
     return model
 
 
-def search_schedule(config: DemoConfig, seed: int) -> FinetuneConfig:
+def search_schedule(config: DemoConfig, seed: int) -> ibnify.FinetuneConfig:
     """Every candidate's fine-tuning schedule: the demo's settings, seeded with ``seed + 1``."""
-    return FinetuneConfig(
+    return ibnify.FinetuneConfig(
         epochs=config.finetune_epochs,
         lr=config.finetune_lr,
         batch_size=config.batch_size,

@@ -60,16 +60,8 @@ _EXPORTS = {
     **{name: "errors" for name in _ERRORS},
 }
 
-# Internal names that still resolve at the root, outside ``__all__``, until their last users
-# (tests of the placement search, owned elsewhere) import them from ``ibnify.core``.
-_KEPT = {
-    "apply_plan": "core.surgery",
-    "get_plan": "core.surgery",
-    "list_norm_layers": "core.graph",
-}
-
 __all__ = ["__version__", *sorted(_EXPORTS)]
-__getattr__, _dir = lazy_exports(__name__, {**_EXPORTS, **_KEPT})
+__getattr__, _dir = lazy_exports(__name__, _EXPORTS)
 
 
 def __dir__() -> list[str]:

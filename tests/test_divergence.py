@@ -17,6 +17,7 @@ from torch.distributions import Normal, kl_divergence
 
 import ibnify
 from ibnify.cli import cli
+from ibnify.core import apply_plan, get_plan, list_norm_layers
 from ibnify.core.plans import ConversionPlan
 from ibnify.data.digits import digits_data
 from ibnify.models.small import digits_resnet
@@ -77,7 +78,7 @@ def test_symmetric_kl_is_the_gaussian_kl_both_ways() -> None:
 
 def test_self_divergence_is_zero_and_content_baseline_small(trained, test_data) -> None:
     same = analyze_divergence(trained, test_data, test_data, images=256, progress=False)
-    assert [s.name for s in same.sites] == ibnify.list_norm_layers(trained)
+    assert [s.name for s in same.sites] == list_norm_layers(trained)
     assert max(s.divergence for s in same.sites) < 1e-9
     shifted = analyze_divergence(
         trained, test_data, shifts="brightness_down", images=256, progress=False
@@ -106,7 +107,7 @@ def test_ibn_a_and_finetune_lower_divergence_at_converted_sites(trained, test_da
     train = digits_data("train")
     ibnify.finetune(ibn, train, _tune(2, 0.02, 1))
     ibnify.finetune(control, train, _tune(2, 0.02, 1))
-    sites = [s.name for s in ibnify.get_plan(ibn).sites]
+    sites = [s.name for s in get_plan(ibn).sites]
     assert sites == ["layer1.0.bn1", "layer2.0.bn1"]
 
     def at_sites(model) -> dict[str, float]:
@@ -168,7 +169,7 @@ def test_report_json_table_and_plot(trained, test_data, tmp_path) -> None:
 def test_cli_analyze_a_checkpoint_prints_the_command(trained, tmp_path) -> None:
     plan = ConversionPlan(arch=SOURCE, layout="none", stages=(), ratio=None, sites=())
     checkpoint = tmp_path / "baseline.safetensors"
-    ibnify.save(ibnify.apply_plan(trained, plan), checkpoint)
+    ibnify.save(apply_plan(trained, plan), checkpoint)
     args = [
         "analyze",
         str(checkpoint),
@@ -236,9 +237,9 @@ def test_weights_with_original_or_ibn_keys(tmp_path) -> None:
     plain, converted = tmp_path / "plain.pth", tmp_path / "ibn.pth"
     torch.save(digits_resnet().state_dict(), plain)
     torch.save(ibnify.convert(SOURCE).state_dict(), converted)  # default layout: stages 1-3
-    assert ibnify.get_plan(load_model_or_checkpoint(SOURCE, str(plain)).model) is None
+    assert get_plan(load_model_or_checkpoint(SOURCE, str(plain)).model) is None
     loaded = load_model_or_checkpoint(SOURCE, str(converted))
-    assert [s.name for s in ibnify.get_plan(loaded.model).sites] == [
+    assert [s.name for s in get_plan(loaded.model).sites] == [
         "layer1.0.bn1",
         "layer2.0.bn1",
         "layer3.0.bn1",

@@ -16,7 +16,7 @@ import pytest
 import ibnify
 
 ROOT = Path(ibnify.__file__).parent.parent
-FACES = ("core", "models", "data", "train", "deploy", "adaptation")
+FACES = ("core", "models", "data", "train", "placement", "deploy", "adaptation")
 # The root's public names: what the README and the guides call (issue 23), nothing internal.
 ROOT_NAMES = {
     "__version__",
@@ -44,16 +44,9 @@ PROBES = {
     "models": ("build_model", "ibnify.models.registry"),
     "data": ("ImageData", "ibnify.data.images"),
     "train": ("FinetuneConfig", "ibnify.train.config"),
+    "placement": ("SearchReport", "ibnify.placement.search_report"),
     "deploy": ("export_onnx", "ibnify.deploy.export"),
     "adaptation": ("OnlineAdapter", "ibnify.adaptation.entropy"),
-}
-# Deep imports in files other sessions are rewriting (issue 23's docs split and the placement
-# search); each pair goes when its file imports from the face.
-PENDING = {
-    ("examples/placement_search.py", "ibnify.data.digits"),
-    ("examples/placement_search.py", "ibnify.models.registry"),
-    ("examples/placement_search.py", "ibnify.placement.search"),
-    ("examples/placement_search.py", "ibnify.train.config"),
 }
 
 
@@ -79,6 +72,9 @@ def test_the_root_exports_what_the_readme_uses_and_nothing_internal() -> None:
     assert set(ibnify.__all__) <= set(dir(ibnify))
     with pytest.raises(AttributeError, match="module 'ibnify' has no attribute 'resolve_model'"):
         ibnify.resolve_model  # noqa: B018
+    for name in MOVED:  # gone from the root, not kept there as hidden aliases
+        with pytest.raises(AttributeError, match=f"module 'ibnify' has no attribute '{name}'"):
+            getattr(ibnify, name)
 
 
 @pytest.mark.parametrize("face", ["", *FACES])
@@ -88,8 +84,8 @@ def test_every_name_a_face_exports_resolves_to_its_modules_object(face: str) -> 
     package = importlib.import_module(f"ibnify.{face}" if face else "ibnify")
     assert package.__all__ == sorted(package.__all__, key=lambda n: (n != "__version__", n))
     submodules = {info.name for info in pkgutil.iter_modules(package.__path__)}
-    exports = {**package._EXPORTS, **getattr(package, "_KEPT", {})}
-    assert set(package.__all__) - {"__version__"} <= set(exports)
+    exports = package._EXPORTS
+    assert set(package.__all__) - {"__version__"} == set(exports)
     for name, target in exports.items():
         module_name, _, attribute = target.partition(":")
         module = importlib.import_module(f"{package.__name__}.{module_name}")
@@ -153,7 +149,7 @@ def test_readme_docs_and_examples_import_only_from_faces() -> None:
     }
     assert "README.md" in sources and len(sources) >= 8
     found = {(where, name) for where, text in sources.items() for name in deep_imports(text)}
-    assert found - PENDING == set()
+    assert found == set()
 
 
 def test_the_deep_import_check_catches_them() -> None:

@@ -23,6 +23,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 import ibnify
 from ibnify.cli import cli
+from ibnify.core import get_plan
 from ibnify.core.layers import IBN, IBNAct, InstanceNormAct2d, instance_norm_from_batchnorm
 from ibnify.core.reasons import Reason, ReasonCode
 from ibnify.errors import CheckpointError, WeightsError
@@ -205,7 +206,7 @@ def test_resnet_ibn_b_moves_the_stem_and_adds_fresh_post_addition_ins() -> None:
 def test_densenet_reversed_order_sites_take_the_leading_channels_for_bn() -> None:
     original = _randomized(torchvision.models.densenet121()).eval()
     converted = ibnify.convert(original, input_size=SMALL)
-    sites = ibnify.get_plan(converted).sites
+    sites = get_plan(converted).sites
     assert len(sites) == 14
     for site in sites[:3]:
         bn, ibn = original.get_submodule(site.name), converted.get_submodule(site.name)
@@ -248,7 +249,7 @@ def test_convert_and_plan_keep_each_submodules_mode_and_leave_the_model_alone(la
     for name, training in modes.items():
         if name in after:
             assert after[name] == training, name
-    sites = ibnify.get_plan(converted).sites
+    sites = get_plan(converted).sites
     for site in sites:
         was = modes.get(site.name, modes[site.name.rpartition(".")[0]])  # a new IN: its block's
         new = converted.get_submodule(site.name)
@@ -343,7 +344,7 @@ def test_timm_norm_act_sites_of_a_whole_model_keep_their_own_activation_and_slic
         _fill(module, index)
         module.eps, module.momentum = EPS, MOMENTUM
     converted = ibnify.convert(original, input_size=SMALL)
-    sites = ibnify.get_plan(converted).sites
+    sites = get_plan(converted).sites
     acts = {type(original.get_submodule(s.name).act) for s in sites}
     assert len(sites) == 7 and acts == {nn.ReLU, nn.Hardswish}, "both activations are covered"
     for site in sites:

@@ -19,6 +19,7 @@ import ibnify
 import ibnify.placement.candidates as candidates
 import ibnify.placement.runs as runs
 from ibnify.cli import cli
+from ibnify.core import apply_plan
 from ibnify.core.plans import ConversionPlan
 from ibnify.data.digits import digits_data
 from ibnify.errors import InvalidOptionError
@@ -163,7 +164,7 @@ def test_cli_search_prints_ranking_and_reproduce_command(setup, tmp_path) -> Non
         arch=SOURCE, layout="none", stages=(), ratio=None, sites=(), extras={"model_kwargs": KWARGS}
     )
     checkpoint = tmp_path / "base.safetensors"
-    ibnify.save(ibnify.apply_plan(base, plan), checkpoint)
+    ibnify.save(apply_plan(base, plan), checkpoint)
     out = tmp_path / "search"
     args = [
         "search",

@@ -16,6 +16,7 @@ from torch import nn
 import ibnify
 import ibnify.placement.runs as runs
 from ibnify.cli import cli
+from ibnify.core import apply_plan
 from ibnify.core.plans import ConversionPlan
 from ibnify.data.digits import digits_data
 from ibnify.errors import IbnifyError
@@ -141,7 +142,7 @@ def test_max_clean_drop_excludes_the_candidate_that_would_win(tiny, tmp_path) ->
 def test_cli_max_clean_drop_reaches_the_ranking(tiny, tmp_path) -> None:
     base, plan = tiny
     checkpoint = tmp_path / "base.safetensors"
-    ibnify.save(ibnify.apply_plan(base, plan), checkpoint)
+    ibnify.save(apply_plan(base, plan), checkpoint)
     common = [
         "search",
         str(checkpoint),

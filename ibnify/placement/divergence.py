@@ -10,8 +10,8 @@ finds (converted or not, in execution order, with its stage), plus a content bas
 measure between two random halves of one domain — so divergence can be read against noise. The
 report suggests ``--stages`` from it (rule in :data:`SUGGESTION_RULE`).
 
-This module measures; :mod:`ibnify.divergence_report` holds the report (table, JSON, plot) and
-the suggestion rule, whose names are re-exported here.
+This module measures; :mod:`ibnify.placement.divergence_report` holds the report (table, JSON,
+plot) and the suggestion rule, whose names are re-exported here.
 """
 
 from __future__ import annotations

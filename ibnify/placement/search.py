@@ -8,8 +8,8 @@ training. The search is one Optuna study (:mod:`ibnify.placement.study`): finish
 stay in its storage (``OUT/study.journal`` by default) and are never rerun, so a search can be
 interrupted and resumed, widened with more candidates, or shared by workers on many machines.
 
-This module runs the search; :mod:`ibnify.search_report` holds the results, their ranking and
-output (table, JSON, Pareto plot, reproduce command).
+This module runs the search; :mod:`ibnify.placement.search_report` holds the results, their
+ranking and output (table, JSON, Pareto plot, reproduce command).
 """
 
 from __future__ import annotations
