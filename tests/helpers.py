@@ -19,6 +19,20 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 
+class ResidualBlock(nn.Module):
+    """A residual block written by hand (a user's own code, no timm/torchvision class)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every norm non-trivial affine parameters and running statistics.
 

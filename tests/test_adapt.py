@@ -35,7 +35,7 @@ from ibnify.data.images import ImageData
 from ibnify.errors import InvalidOptionError
 from ibnify.models.registry import build_model
 from tests.cli_process import check_bad_inputs
-from tests.helpers import randomize_norms
+from tests.helpers import ResidualBlock, randomize_norms
 
 SOURCE = "ibnify:digits_resnet"
 KWARGS = {"width": 4}
@@ -374,27 +374,15 @@ def test_cli_adapt_entropy_bad_inputs_end_in_one_error_line(checkpoint, tmp_path
     assert checkpoint.read_bytes() == source_bytes
 
 
-class _OwnBlock(nn.Module):
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
-
-
 class OwnNet(nn.Module):
     """A class no registry knows: a stem, two residual stages, a 10-class head."""
 
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
-        self.block1 = _OwnBlock(8)
+        self.block1 = ResidualBlock(8)
         self.down = nn.Sequential(nn.Conv2d(8, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8))
-        self.block2 = _OwnBlock(8)
+        self.block2 = ResidualBlock(8)
         self.fc = nn.Linear(8, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

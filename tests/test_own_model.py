@@ -25,22 +25,9 @@ from ibnify.core.layers import IBN
 from ibnify.core.recipe import get_recipe
 from ibnify.data.images import ImageData
 from ibnify.errors import CheckpointError
+from tests.helpers import ResidualBlock
 
 SIZE = (3, 16, 16)
-
-
-class Block(nn.Module):
-    """A residual block written by hand (no timm/torchvision class)."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
 
 
 class MyNet(nn.Module):
@@ -49,9 +36,9 @@ class MyNet(nn.Module):
     def __init__(self, classes: int = 5) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
-        self.block1 = Block(8)
+        self.block1 = ResidualBlock(8)
         self.down = nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16))
-        self.block2 = Block(16)
+        self.block2 = ResidualBlock(16)
         self.fc = nn.Linear(16, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
