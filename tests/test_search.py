@@ -8,6 +8,7 @@ candidates are never rerun, the budget stops the queue, bad inputs end in one er
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -25,8 +26,10 @@ from ibnify.data.digits import digits_data
 from ibnify.errors import InvalidOptionError
 from ibnify.models.small import digits_resnet
 from ibnify.placement.candidates import Candidate, parse_candidates
-from ibnify.placement.search import search_placement
-from ibnify.placement.study import STUDY_FILE
+from ibnify.placement.runs import Search
+from ibnify.placement.search import SearchInputs, SearchOptions, search_placement
+from ibnify.placement.search_state import differences, search_settings
+from ibnify.placement.study import STUDY_FILE, StudyOptions
 from ibnify.train.config import FinetuneConfig
 from tests.cli_process import check_bad_inputs
 from tests.helpers import bad_class_folders
@@ -235,3 +238,101 @@ def test_bad_inputs_end_in_one_error_line(tmp_path) -> None:
 
     check_bad_inputs(forked, in_process, argv)
     assert sorted(tmp_path.rglob("*")) == before
+
+
+# A study's fingerprint as the search recorded it before its fine-tuning fields were derived
+# from train/config.TRAJECTORY_FIELDS: a rerun of such a study must still match it.
+RECORDED_FINETUNE = {
+    "epochs": 1,
+    "lr": 0.05,
+    "batch_size": 64,
+    "optimizer": "sgd",
+    "momentum": 0.9,
+    "weight_decay": 1e-4,
+    "decay_norm_and_bias": True,
+    "decay_in_affine": True,
+    "warmup_epochs": 1.0,
+    "min_lr": 0.0,
+    "seed": 3,
+}
+
+
+def test_the_fingerprint_records_the_same_finetune_keys_as_existing_studies(setup) -> None:
+    base, train, val, config = setup
+    search = Search(
+        model=base,
+        train=train,
+        val=val,
+        config=config,
+        shifts=["brightness_down"],
+        out=None,
+        arch=SOURCE,
+        model_kwargs=KWARGS,
+        say=lambda _line: None,
+    )
+    settings = search_settings(search)
+    assert settings["finetune"] == RECORDED_FINETUNE
+    assert list(settings["finetune"]) == list(RECORDED_FINETUNE)
+    assert differences({**settings, "finetune": dict(RECORDED_FINETUNE)}, settings) == []
+    other = search_settings(replace(search, config=replace(config, momentum=0.8, min_lr=1e-3)))
+    assert differences(settings, other) == [
+        "finetune.min_lr 0.0 → 0.001",
+        "finetune.momentum 0.9 → 0.8",
+    ]
+
+
+def test_search_options_give_the_schedule_field_by_field() -> None:
+    options = SearchOptions(
+        epochs=3, lr=0.05, batch_size=16, weight_decay=5e-4, warmup_epochs=0.5, seed=7
+    )
+    assert options.finetune_config() == FinetuneConfig(
+        epochs=3, lr=0.05, batch_size=16, weight_decay=5e-4, warmup_epochs=0.5, seed=7, quiet=True
+    )
+    assert SearchOptions(progress=True).finetune_config() == FinetuneConfig(quiet=False)
+
+
+def test_options_and_keywords_ask_the_same_search() -> None:
+    """The record ``ibnify search`` holds and the Python keywords become the same inputs;
+    keywords add to the record; an unknown keyword is refused."""
+    options = SearchOptions(
+        candidates=CANDIDATES,
+        shifts=SHIFTS,
+        epochs=2,
+        lr=0.05,
+        seed=3,
+        out_dir="o",
+        domains=("x=dx",),
+        objective="both",
+        max_clean_drop=2.0,
+        halving=True,
+        budget_min=1.5,
+        force=True,
+        workers=2,
+        devices="cpu, cpu",
+        pruner="hyperband",
+    )
+    study = StudyOptions(workers=2, devices=("cpu", "cpu"), pruner="hyperband")
+    config = FinetuneConfig(epochs=2, lr=0.05, seed=3, quiet=True)
+    keywords = {
+        "candidates": CANDIDATES,
+        "config": config,
+        "shifts": SHIFTS,
+        "budget_min": 1.5,
+        "out_dir": "o",
+        "force": True,
+        "domains": ["x=dx"],
+        "objective": "both",
+        "max_clean_drop": 2.0,
+        "halving": True,
+        "study": study,
+    }
+    assert SearchInputs.of(options, {}) == SearchInputs.of(None, keywords)
+    added = SearchInputs.of(
+        options, {"arch": SOURCE, "model_kwargs": KWARGS, "input_size": (1, 8, 8)}
+    )
+    assert added == SearchInputs.of(
+        None, {**keywords, "arch": SOURCE, "model_kwargs": KWARGS, "input_size": (1, 8, 8)}
+    )
+    assert SearchInputs.of(None, {}) == SearchInputs(max_clean_drop=1.0, shifts="all")
+    with pytest.raises(TypeError, match="epochs"):
+        SearchInputs.of(None, {"epochs": 3})

@@ -26,6 +26,7 @@ _EXPORTS = {
     "auto_candidates": "candidates",
     "choose_candidates": "candidates",
     "parse_candidates": "candidates",
+    "SearchInputs": "search",
     "SearchOptions": "search",
     "SearchResult": "search",
     "search_files": "search",

@@ -264,6 +264,8 @@ def analyze_divergence(
 
     Cost: ``(1 + len(shifts)) × images`` forward passes (two-folder mode: ``2 × images``).
     """
+    # Nine parameters by its reason: this is ``ibnify.analyze``, whose keywords the docs and
+    # examples call (seven of them keyword-only); its length is mostly the docstring.
     views = [CLEAN] if data_b is not None else [CLEAN, *parse_shifts(shifts)]
     if len(views) == 1 and data_b is None:
         raise InvalidOptionError("give a second domain or at least one shift")

@@ -21,7 +21,7 @@ import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from ..data.shifts import parse_shifts
 from ..data.sources import as_image_data, check_data_source, resolve_data_source
 from ..errors import InvalidOptionError
 from ..models.checkpoint import input_size_for
-from ..train.config import FinetuneConfig
+from ..train.config import TRAJECTORY_FIELDS, FinetuneConfig
 from .candidates import CONTROL, Candidate, choose_candidates, parse_candidates
 from .divergence import ModelSource, analyze_divergence, load_model_or_checkpoint
 from .runs import Search
@@ -57,38 +57,105 @@ from .study import (
     waiting_candidates,
 )
 
-__all__ = ["SearchOptions", "SearchResult", "StudyOptions", "search_files", "search_placement"]
+__all__ = [
+    "SearchInputs",
+    "SearchOptions",
+    "SearchResult",
+    "StudyOptions",
+    "search_files",
+    "search_placement",
+]
 
 
 def search_placement(
     model: nn.Module,
     train_data: ImageData | str | os.PathLike[str],
     val_data: ImageData | str | os.PathLike[str],
+    options: SearchOptions | None = None,
     *,
-    candidates: str | Sequence[Candidate] = "auto",
-    config: FinetuneConfig | None = None,
-    shifts: str | Sequence[str] | None = "all",
-    budget_min: float | None = None,
-    out_dir: str | os.PathLike[str] | None = None,
-    force: bool = False,
-    arch: str | None = None,
-    model_kwargs: dict[str, Any] | None = None,
     echo: Callable[[str], None] | None = None,
-    domains: Mapping[str, ImageData | str | os.PathLike[str]] | Sequence[str] | None = None,
-    objective: str | None = None,
-    max_clean_drop: float | None = 1.0,
-    halving: bool | None = None,
-    input_size: Sequence[int] | None = None,
-    study: StudyOptions | None = None,
+    **keywords: Any,
 ) -> SearchReport:
     """Try candidate IBN layouts on ``model`` and rank them by accuracy under shift or on the
     user's target domains.
+
+    The search is asked either by ``options`` (a :class:`SearchOptions`, as ``ibnify search``
+    holds it; ``keywords`` may then add ``arch``, ``model_kwargs``, ``config`` or
+    ``input_size``) or by the keywords below alone; both become one :class:`SearchInputs`.
 
     Args:
         model: the unconverted, trained base model (left untouched).
         train_data: labelled training images for the fine-tune (same for every candidate), or
             an image folder path (or ``"digits"``).
         val_data: labelled images (or a folder) for the clean and shifted evaluation.
+        options: the search as ``ibnify search`` is asked it.
+        echo: called with one progress line per step.
+        **keywords: the fields of :class:`SearchInputs` (``candidates``, ``config``,
+            ``shifts``, ``budget_min``, ``out_dir``, ``force``, ``arch``, ``model_kwargs``,
+            ``domains``, ``objective``, ``max_clean_drop``, ``halving``, ``input_size``,
+            ``study``), each described there.
+    """
+    # Long by its reason (a 28-line docstring, ~50 of code): every check comes first, so that
+    # bad input fails before any training, then the study runs in one visible sequence.
+    asked = SearchInputs.of(options, keywords)
+    say = echo or (lambda _line: None)
+    study = asked.study or StudyOptions()
+    study.validate()
+    config = copy.deepcopy(asked.config or FinetuneConfig(quiet=True))
+    config.out_dir, config.resume, config.stop_after = None, False, None
+    config.validate()
+    search, shift_names = _prepare(model, train_data, val_data, asked, config, say)
+    if study.workers > 1 and asked.out_dir is None and study.storage is None:
+        raise InvalidOptionError("several workers need an output folder or a storage")
+    items, chosen, seed_params = _candidates(
+        model, search.val, shift_names, config.seed, asked.candidates, study
+    )
+    out = Path(asked.out_dir) if asked.out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        if asked.force:
+            shutil.rmtree(out / "runs", ignore_errors=True)
+    search.out = out
+    count = len(chosen) if items is None else study.trials or 0
+    pruner_name = study.pruner or _pruner_name(asked.halving, count)
+    first = math.floor(config.warmup_epochs) + 1  # a rung inside the warmup ranks by noise
+    pruner, described, rungs = make_pruner(pruner_name, first, config.epochs)
+    settings = search_settings(search, described)
+    if study.space is not None:
+        settings["space"] = study.space.strip().lower()
+    run = StudyRun(
+        search=search,
+        queue=[CONTROL, *chosen],
+        options=study,
+        settings=settings,
+        rungs=rungs,
+        pruner=pruner,
+        items=items,
+        seed_params=seed_params,
+        budget_min=asked.budget_min,
+    )
+    the_study = open_study(run, open_storage(study.storage, out, study.grace_s), asked.force)
+    before = set(study_results(the_study))
+    try:
+        run_study(the_study, run)
+    except KeyboardInterrupt as exc:
+        raise SearchInterrupted(_interrupted_line(the_study, out, study)) from exc
+    report = _report(
+        the_study, run, shift_names, list(search.domains), asked.max_clean_drop, before
+    )
+    if out is not None and not study.join:
+        _write_outputs(out, report, study)
+    return report
+
+
+@dataclass(frozen=True)
+class SearchInputs:
+    """What one :func:`search_placement` call is asked, in Python's terms (data sets as
+    :class:`ImageData` or folders, candidates as a list or a string, the schedule as a
+    :class:`FinetuneConfig`): built from a :class:`SearchOptions` or from keywords, in
+    :meth:`of` only.
+
+    Attributes:
         candidates: ``"auto"`` (:func:`auto_candidates`), a ``--candidates`` string, or a list.
         config: the fine-tune schedule and seed (:class:`ibnify.train.FinetuneConfig`), used
             unchanged for every candidate and the control.
@@ -101,7 +168,6 @@ def search_placement(
         force: start the study over (its finished candidates are discarded).
         arch, model_kwargs: recorded in the candidates' checkpoints so ``ibnify.load`` can
             rebuild them (``source:name`` and constructor arguments of the base model).
-        echo: called with one progress line per step.
         domains: labelled target domains (``{name: folder or ImageData}`` or ``NAME=FOLDER``
             strings) with the classes of ``val_data``, evaluated for every candidate.
         objective: ``"shifts"``, ``"domains"`` or ``"both"`` (default: domains when given).
@@ -115,55 +181,79 @@ def search_placement(
         study: storage, study name, workers, devices, join, pruner, space
             (:class:`StudyOptions`).
     """
-    # Long by its reason: the checks come first, so that bad input fails before any training.
-    say = echo or (lambda _line: None)
-    options = study or StudyOptions()
-    options.validate()
-    config = copy.deepcopy(config or FinetuneConfig(quiet=True))
-    config.out_dir, config.resume, config.stop_after = None, False, None
-    config.validate()
-    require_batchnorm(model, arch or type(model).__name__)
-    shift_names = list(parse_shifts(shifts))
-    train = as_image_data(train_data, model, "train", input_size=input_size)
-    val = as_image_data(val_data, model, "test", input_size=input_size)
+
+    candidates: str | Sequence[Candidate] = "auto"
+    config: FinetuneConfig | None = None
+    shifts: str | Sequence[str] | None = "all"
+    budget_min: float | None = None
+    out_dir: str | os.PathLike[str] | None = None
+    force: bool = False
+    arch: str | None = None
+    model_kwargs: dict[str, Any] | None = None
+    domains: Mapping[str, ImageData | str | os.PathLike[str]] | Sequence[str] | None = None
+    objective: str | None = None
+    max_clean_drop: float | None = 1.0
+    halving: bool | None = None
+    input_size: Sequence[int] | None = None
+    study: StudyOptions | None = None
+
+    @classmethod
+    def of(cls, options: SearchOptions | None, keywords: Mapping[str, Any]) -> SearchInputs:
+        """The one place a search's inputs are built: from ``options`` (then ``keywords``
+        add to or replace its fields) or from ``keywords`` alone (an unknown one: TypeError)."""
+        if options is None:
+            return cls(**keywords)
+        asked = cls(
+            candidates=options.candidates,
+            config=options.finetune_config(),
+            shifts=options.shifts,
+            budget_min=options.budget_min,
+            out_dir=options.out_dir,
+            force=options.force,
+            domains=list(options.domains),
+            objective=options.objective,
+            max_clean_drop=options.max_clean_drop,
+            halving=options.halving,
+            input_size=options.input_size,
+            study=options.study_options(),
+        )
+        return replace(asked, **keywords)
+
+
+def _prepare(
+    model: nn.Module,
+    train_data: ImageData | str | os.PathLike[str],
+    val_data: ImageData | str | os.PathLike[str],
+    asked: SearchInputs,
+    config: FinetuneConfig,
+    say: Callable[[str], None],
+) -> tuple[Search, list[str]]:
+    """The checked data, shifts, domains and rule as the search's fixed inputs (no output
+    folder yet), so that bad input fails before any training."""
+    require_batchnorm(model, asked.arch or type(model).__name__)
+    shift_names = list(parse_shifts(asked.shifts))
+    train = as_image_data(train_data, model, "train", input_size=asked.input_size)
+    val = as_image_data(val_data, model, "test", input_size=asked.input_size)
     check_same_classes(train, val, "training and validation folders")
     if not train.labelled or not val.labelled:
         raise InvalidOptionError("search needs labelled training and validation data")
-    targets = load_domains(domains, model, val, input_size)
-    rule = _objective(objective, targets, max_clean_drop)
-    if options.workers > 1 and out_dir is None and options.storage is None:
-        raise InvalidOptionError("several workers need an output folder or a storage")
-    items, chosen, seed_params = _candidates(
-        model, val, shift_names, config.seed, candidates, options
-    )
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        if force:
-            shutil.rmtree(out / "runs", ignore_errors=True)
+    targets = load_domains(asked.domains, model, val, asked.input_size)
+    objective, max_clean_drop = _objective(asked.objective, targets, asked.max_clean_drop)
     search = Search(
-        model, train, val, config, shift_names, out, arch, model_kwargs, say, targets, *rule
+        model=model,
+        train=train,
+        val=val,
+        config=config,
+        shifts=shift_names,
+        out=None,
+        arch=asked.arch,
+        model_kwargs=asked.model_kwargs,
+        say=say,
+        domains=targets,
+        objective=objective,
+        max_clean_drop=max_clean_drop,
     )
-    count = len(chosen) if items is None else options.trials or 0
-    pruner_name = options.pruner or _pruner_name(halving, count)
-    first = math.floor(config.warmup_epochs) + 1  # a rung inside the warmup ranks by noise
-    pruner, described, rungs = make_pruner(pruner_name, first, config.epochs)
-    settings = search_settings(search, described)
-    if options.space is not None:
-        settings["space"] = options.space.strip().lower()
-    run = StudyRun(
-        search, [CONTROL, *chosen], options, settings, rungs, pruner, items, seed_params, budget_min
-    )
-    the_study = open_study(run, open_storage(options.storage, out, options.grace_s), force)
-    before = set(study_results(the_study))
-    try:
-        run_study(the_study, run)
-    except KeyboardInterrupt as exc:
-        raise SearchInterrupted(_interrupted_line(the_study, out, options)) from exc
-    report = _report(the_study, run, shift_names, list(targets), max_clean_drop, before)
-    if out is not None and not options.join:
-        _write_outputs(out, report, options)
-    return report
+    return search, shift_names
 
 
 def _pruner_name(halving: bool | None, count: int) -> str:
@@ -290,6 +380,10 @@ def _write_outputs(out: Path, report: SearchReport, options: StudyOptions) -> No
     )
 
 
+# The fine-tuning defaults (constants.FINETUNE_DEFAULTS, as the config declares them).
+_SCHEDULE = FinetuneConfig()
+
+
 @dataclass(frozen=True)
 class SearchOptions:
     """What ``ibnify search`` is asked, as one record (its options map one to one).
@@ -309,15 +403,15 @@ class SearchOptions:
     max_clean_drop: float | None = 1.0
     halving: bool | None = None
     candidates: str = "auto"
-    epochs: int = 5
-    lr: float = 0.01
-    batch_size: int = 64
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
+    epochs: int = _SCHEDULE.epochs
+    lr: float = _SCHEDULE.lr
+    batch_size: int = _SCHEDULE.batch_size
+    weight_decay: float = _SCHEDULE.weight_decay
+    warmup_epochs: float = _SCHEDULE.warmup_epochs
     shifts: str = "all"
     budget_min: float | None = None
     out_dir: str | None = None
-    seed: int = 0
+    seed: int = _SCHEDULE.seed
     force: bool = False
     progress: bool = False
     input_size: tuple[int, int, int] | None = None
@@ -349,16 +443,11 @@ class SearchOptions:
         )
 
     def finetune_config(self) -> FinetuneConfig:
-        """The schedule every candidate and the control are fine-tuned with."""
-        return FinetuneConfig(
-            epochs=self.epochs,
-            lr=self.lr,
-            batch_size=self.batch_size,
-            weight_decay=self.weight_decay,
-            warmup_epochs=self.warmup_epochs,
-            seed=self.seed,
-            quiet=not self.progress,
-        )
+        """The schedule every candidate and the control are fine-tuned with: each fine-tuning
+        field (``TRAJECTORY_FIELDS``) this record has, the rest at their defaults."""
+        mine = {f.name for f in fields(self)}
+        schedule = {name: getattr(self, name) for name in TRAJECTORY_FIELDS if name in mine}
+        return FinetuneConfig(**schedule, quiet=not self.progress)
 
 
 @dataclass(frozen=True)
@@ -431,21 +520,10 @@ def search_files(
         source.model,
         train,
         val,
-        candidates=options.candidates,
-        config=options.finetune_config(),
-        shifts=options.shifts,
-        budget_min=options.budget_min,
-        out_dir=options.out_dir,
-        force=options.force,
+        replace(options, input_size=size),
+        echo=echo,
         arch=source.source,
         model_kwargs=source.model_kwargs or None,
-        echo=echo,
-        domains=list(options.domains),
-        objective=options.objective,
-        max_clean_drop=options.max_clean_drop,
-        halving=options.halving,
-        input_size=size,
-        study=options.study_options(),
     )
     size = tuple(train.dataset[0][0].shape)  # type: ignore[assignment]
     threads = options.threads

@@ -8,11 +8,24 @@ from typing import Any
 
 from torch import nn
 
+from ..train.config import TRAJECTORY_FIELDS
 from .candidates import Candidate
 from .runs import Search
 from .search_report import SearchReport
 
-__all__ = ["budget_stop", "differences", "duration", "search_settings", "weights_digest"]
+__all__ = [
+    "FINGERPRINT_FIELDS",
+    "budget_stop",
+    "differences",
+    "duration",
+    "search_settings",
+    "weights_digest",
+]
+
+# The fine-tuning fields a study's fingerprint records: every trajectory field but the
+# distillation temperature, which a search (labelled fine-tunes) never uses and which the
+# fingerprints of existing studies do not hold, so that their reruns still match.
+FINGERPRINT_FIELDS = tuple(name for name in TRAJECTORY_FIELDS if name != "distill_temperature")
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -28,22 +41,7 @@ def search_settings(search: Search, pruner: dict[str, Any] | None = None) -> dic
     """The study's fingerprint: what makes results comparable (base weights, data, shifts,
     domains, schedule, seed, and the rule and rungs of a pruner), recorded once per study."""
     config = search.config
-    tune = {
-        k: getattr(config, k)
-        for k in (
-            "epochs",
-            "lr",
-            "batch_size",
-            "optimizer",
-            "momentum",
-            "weight_decay",
-            "decay_norm_and_bias",
-            "decay_in_affine",
-            "warmup_epochs",
-            "min_lr",
-            "seed",
-        )
-    }
+    tune = {k: getattr(config, k) for k in FINGERPRINT_FIELDS}
     settings = {
         "base_weights": weights_digest(search.model),
         "train": f"{search.train.name} ({len(search.train)} images)",
