@@ -71,8 +71,9 @@ def test_the_readme_tables_make_the_claims_they_state() -> None:
     section = _section()
     stages, candidates, spread_stages, spread = _tables(section)
     check_stage_claims({_stage_key(r[0]): _number(r[4]) for r in stages})
-    check_candidate_claims({r[1]: _number(r[2]) for r in candidates},
-                           {r[1]: _number(r[3]) for r in candidates})  # fmt: skip
+    check_candidate_claims(
+        {r[1]: _number(r[2]) for r in candidates}, {r[1]: _number(r[3]) for r in candidates}
+    )
     assert "suggested --stages 1-2" in section
     # the measured spread, worst case of each claim over the runs
     assert min(_number(r[1]) for r in spread_stages) >= 100
@@ -88,14 +89,19 @@ def test_the_readme_tables_make_the_claims_they_state() -> None:
 @pytest.mark.slow
 def test_a_live_run_of_the_example_makes_the_same_claims(tmp_path: Path) -> None:
     """The example from a fresh output folder, then rerun (the study is reused)."""
-    command = [sys.executable, str(ROOT / "examples" / "placement_search.py"),
-               "--out", str(tmp_path / "placement")]  # fmt: skip
+    command = [
+        sys.executable,
+        str(ROOT / "examples" / "placement_search.py"),
+        "--out",
+        str(tmp_path / "placement"),
+    ]
     first = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=True)
     tables = _tables(first.stdout)
     stages, candidates = tables[1], tables[2]  # after the per-layer table
     check_stage_claims({_stage_key(r[0]): _number(r[4]) for r in stages})
-    check_candidate_claims({r[1]: _number(r[2]) for r in candidates},
-                           {r[1]: _number(r[3]) for r in candidates})  # fmt: skip
+    check_candidate_claims(
+        {r[1]: _number(r[2]) for r in candidates}, {r[1]: _number(r[3]) for r in candidates}
+    )
     assert "suggested --stages 1-2" in first.stdout
     again = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=True)
     assert _tables(again.stdout)[2] == candidates  # the finished study, reused
