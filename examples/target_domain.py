@@ -11,7 +11,7 @@ of source); the stroke and ground colours are a constructed change, as another s
     python examples/target_domain.py [--out printed-digits] [--per-class 60] [--seed 0]
 
 Writes ``OUT/CLASS/NNN.png`` (16×16 RGB): a folder `ibnify evaluate --domain` and
-`ibnify adapt --data` read. See README.md, "Your own target domain".
+`ibnify adapt --data` read. See docs/adapt.md, "Your own target domain".
 """
 
 from __future__ import annotations

@@ -117,7 +117,7 @@ def platform_line(record: dict[str, Any]) -> str:
     return (
         f"ran with torch {record.get('torch')}, CPU capability {record.get('cpu_capability')}, "
         f"{threads} thread{'s' if threads != 1 else ''}; another CPU or torch build prints "
-        "other figures (see the README for their spread)"
+        "other figures (docs/demo.md shows their spread)"
     )
 
 

@@ -273,8 +273,8 @@ def test_python_search_takes_folder_paths(trained, files) -> None:
 
 
 def test_the_readme_target_domain_folder_is_deterministic(tmp_path) -> None:
-    """examples/target_domain.py (README "Your own target domain"): ten class folders of 16×16
-    RGB images, the same bytes every run."""
+    """examples/target_domain.py (docs/adapt.md "Your own target domain"): ten class folders
+    of 16×16 RGB images, the same bytes every run."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
     try:
         import target_domain
