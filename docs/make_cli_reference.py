@@ -10,8 +10,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import click
-
 from ibnify._io import atomic_write_bytes
 from ibnify.cli import cli
 
@@ -32,15 +30,18 @@ everything else, no traceback unless `--debug` is given.
 
 
 def command_help(name: str | None) -> str:
-    """The ``--help`` text of ``ibnify NAME`` (of ``ibnify`` itself when ``name`` is None)."""
-    root = click.Context(cli, info_name="ibnify", terminal_width=WIDTH, max_content_width=WIDTH)
-    if name is None:
-        return cli.get_help(root)
-    command = cli.commands[name]
-    with click.Context(
-        command, info_name=name, parent=root, terminal_width=WIDTH, max_content_width=WIDTH
-    ) as ctx:
-        return command.get_help(ctx)
+    """The ``--help`` text of ``ibnify NAME`` (of ``ibnify`` itself when ``name`` is None).
+
+    Contexts come from ``make_context`` so that the group's ``context_settings`` (``-h``) apply
+    as they do on the command line, whatever ran in this process before.
+    """
+    width = {"terminal_width": WIDTH, "max_content_width": WIDTH, "resilient_parsing": True}
+    with cli.make_context("ibnify", [], **width) as root:
+        if name is None:
+            return cli.get_help(root)
+        command = cli.commands[name]
+        with command.make_context(name, [], parent=root, **width) as ctx:
+            return command.get_help(ctx)
 
 
 def reference() -> str:
