@@ -33,6 +33,28 @@ class ResidualBlock(nn.Module):
         return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
 
 
+def digits_search_argv(model: str | Path, out: str | Path, *extra: str) -> list[str]:
+    """``ibnify search`` argv the CLI tests share: MODEL on digits, candidates ``a:1;b``, one
+    epoch at lr 0.05, one shift, results in OUT; ``extra`` options come before ``--out``."""
+    return [
+        "search",
+        str(model),
+        "--dataset",
+        "digits",
+        "--candidates",
+        "a:1;b",
+        "--epochs",
+        "1",
+        "--lr",
+        "0.05",
+        "--shift",
+        "brightness_down",
+        *extra,
+        "--out",
+        str(out),
+    ]
+
+
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every norm non-trivial affine parameters and running statistics.
 

@@ -32,7 +32,7 @@ from ibnify.placement.search_state import differences, search_settings
 from ibnify.placement.study import STUDY_FILE, StudyOptions
 from ibnify.train.config import FinetuneConfig
 from tests.cli_process import check_bad_inputs
-from tests.helpers import bad_class_folders
+from tests.helpers import bad_class_folders, digits_search_argv
 
 SOURCE = "ibnify:digits_resnet"
 KWARGS = {"width": 4}
@@ -169,22 +169,7 @@ def test_cli_search_prints_ranking_and_reproduce_command(setup, tmp_path) -> Non
     checkpoint = tmp_path / "base.safetensors"
     ibnify.save(apply_plan(base, plan), checkpoint)
     out = tmp_path / "search"
-    args = [
-        "search",
-        str(checkpoint),
-        "--dataset",
-        "digits",
-        "--candidates",
-        "a:1;b",
-        "--epochs",
-        "1",
-        "--lr",
-        "0.05",
-        "--shift",
-        "brightness_down",
-        "--out",
-        str(out),
-    ]
+    args = digits_search_argv(checkpoint, out)
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "candidate 3 of 3: b done in" in result.output

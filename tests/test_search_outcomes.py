@@ -24,6 +24,7 @@ from ibnify.models.small import digits_resnet
 from ibnify.placement.search import search_placement
 from ibnify.placement.search_report import CandidateResult
 from ibnify.train.config import FinetuneConfig
+from tests.helpers import digits_search_argv
 
 
 @pytest.fixture(autouse=True)
@@ -143,22 +144,7 @@ def test_cli_max_clean_drop_reaches_the_ranking(tiny, tmp_path) -> None:
     base, plan = tiny
     checkpoint = tmp_path / "base.safetensors"
     ibnify.save(apply_plan(base, plan), checkpoint)
-    common = [
-        "search",
-        str(checkpoint),
-        "--dataset",
-        "digits",
-        "--candidates",
-        "a:1;b",
-        "--epochs",
-        "1",
-        "--lr",
-        "0.05",
-        "--shift",
-        "brightness_down",
-        "--out",
-        str(tmp_path / "s"),
-    ]
+    common = digits_search_argv(checkpoint, tmp_path / "s")
     winners = {}
     for limit in ("1", "6"):
         result = CliRunner().invoke(cli, [*common, "--max-clean-drop", limit])

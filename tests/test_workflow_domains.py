@@ -28,6 +28,7 @@ from ibnify.placement.search import search_placement
 from ibnify.placement.search_report import CandidateResult, SearchReport
 from ibnify.train.config import FinetuneConfig
 from tests.cli_process import check_bad_inputs
+from tests.helpers import digits_search_argv
 
 SOURCE = "ibnify:digits_resnet"
 KWARGS = {"width": 4}
@@ -171,24 +172,7 @@ def test_max_clean_drop_excludes_a_candidate_that_loses_clean_accuracy() -> None
 
 def test_cli_search_with_a_domain_ranks_by_it(files, tmp_path) -> None:
     out = tmp_path / "search"
-    args = [
-        "search",
-        str(files["base"]),
-        "--dataset",
-        "digits",
-        "--candidates",
-        "a:1;b",
-        "--epochs",
-        "1",
-        "--lr",
-        "0.05",
-        "--shift",
-        "brightness_down",
-        "--domain",
-        f"inv={files['inverted']}",
-        "--out",
-        str(out),
-    ]
+    args = digits_search_argv(files["base"], out, "--domain", f"inv={files['inverted']}")
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
