@@ -100,7 +100,8 @@ def build_base(recipe: Recipe, where: str) -> nn.Module:
 def _check_base(recipe: Recipe, base: nn.Module, where: str) -> nn.Module:
     """``base`` unwrapped, refused when the file names another class than the one given."""
     base = unwrap(base)[0]
-    if get_recipe(base) is not None and get_recipe(base).plans:  # type: ignore[union-attr]
+    converted = get_recipe(base)
+    if converted is not None and converted.plans:
         raise CheckpointError(
             f"{where}: base must be the unconverted model, but the given "
             f"{type(base).__name__} is already converted"
