@@ -198,7 +198,7 @@ def test_adapted_ibn_model_records_the_adaptation_exports_and_verifies(tmp_path:
     ]
     assert adaptations(converted) == []
     path = ibnify.save(adapted, tmp_path / "adapted.safetensors")
-    assert ibnify.read_recipe(path)["adaptations"] == adaptations(adapted)
+    assert ibnify.read_recipe(path).adaptations == tuple(adaptations(adapted))
     loaded = ibnify.load(path).eval()
     with torch.no_grad():
         assert torch.equal(loaded(x[:2]), adapted.eval()(x[:2]))
@@ -244,7 +244,7 @@ def test_cli_adapt_writes_a_new_file_and_a_before_after_table(checkpoint, tmp_pa
     loaded = ibnify.load(out)
     for key, value in expected.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
-    assert ibnify.read_recipe(out)["adaptations"][0]["images"] == 50
+    assert ibnify.read_recipe(out).adaptations[0]["images"] == 50
 
 
 def test_cli_adapt_bad_inputs_end_in_one_error_line(checkpoint, tmp_path) -> None:
@@ -300,7 +300,7 @@ def test_cli_adapt_entropy_writes_what_python_computes_and_a_source_check(
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    record = ibnify.read_recipe(out)["adaptations"][-1]
+    record = ibnify.read_recipe(out).adaptations[-1]
     assert lines[0] == (
         f"adapted the BN affine by entropy minimisation on 60 images of {target} "
         f"(2 epochs, {record['updates']} updates, {record['kept']} of 120 samples under the "
@@ -418,7 +418,7 @@ def test_own_model_class_adapts_in_python_and_from_files(tmp_path) -> None:
     assert path.read_bytes() == source_bytes
     loaded = ibnify.load(out, base=OwnNet())
     assert all(torch.equal(v, done.model.state_dict()[k]) for k, v in loaded.state_dict().items())
-    assert ibnify.read_recipe(out)["adaptations"][-1]["kind"] == "entropy"
+    assert ibnify.read_recipe(out).adaptations[-1]["kind"] == "entropy"
     expected = ibnify.adapt(
         ibnify.load(path, base=OwnNet()), str(target), method="entropy", lr=0.05, batch_size=4
     )

@@ -357,7 +357,7 @@ def test_entropy_adapted_ibn_model_exports_and_verifies(tmp_path) -> None:
     verified = ibnify.verify_onnx(tmp_path / "adapted.onnx", adapted)
     assert verified.passed
     path = ibnify.save(adapted, tmp_path / "adapted.safetensors")
-    assert ibnify.read_recipe(path)["adaptations"][-1]["kind"] == "entropy"
+    assert ibnify.read_recipe(path).adaptations[-1]["kind"] == "entropy"
     loaded = ibnify.load(path).eval()
     with torch.no_grad():
         assert torch.equal(loaded(x[:4]), adapted.eval()(x[:4]))

@@ -151,8 +151,8 @@ def test_save_load_round_trip_rebuilds_from_the_file_alone(tmp_path) -> None:
     ibnify.save(converted, path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]  # no temp left
     recipe = ibnify.read_recipe(path)
-    assert recipe["source"] == "tv:resnet18" and recipe["layout"] == "resnet-b"
-    assert recipe["stages"] == [1, 2] and recipe["ibnify_version"] == ibnify.__version__
+    assert recipe.source == "tv:resnet18" and recipe.layout == "resnet-b"
+    assert recipe.stages == [1, 2] and recipe.ibnify_version == ibnify.__version__
     loaded = ibnify.load(path).eval()
     assert get_plan(loaded) == get_plan(converted)
     x = torch.randn(2, 3, 64, 64)
@@ -164,7 +164,7 @@ def test_model_kwargs_are_part_of_the_recipe(tmp_path) -> None:
     converted = ibnify.convert("resnet18", model_kwargs={"num_classes": 7}, input_size=SMALL)
     path = tmp_path / "m.safetensors"
     ibnify.save(converted, path)
-    assert ibnify.read_recipe(path)["model_kwargs"] == {"num_classes": 7}
+    assert ibnify.read_recipe(path).model_kwargs == {"num_classes": 7}
     assert ibnify.load(path).fc.out_features == 7
 
 

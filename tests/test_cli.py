@@ -123,7 +123,7 @@ def test_real_console_script(tmp_path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "6 sites; per stage: 1: 2, 2: 2, 3: 2; parameter delta +0" in done.stdout
-    assert ibnify.read_recipe(out)["source"] == "tv:resnet18"
+    assert ibnify.read_recipe(out).source == "tv:resnet18"
     bad = subprocess.run(
         [*command, "convert", "nosuchnet", "-o", str(tmp_path / "x.safetensors")],
         capture_output=True,

@@ -224,11 +224,8 @@ def test_the_printed_convert_command_rebuilds_the_analysed_model(tmp_path, monke
     stages = tuple(int(s) for s in line.split("--stages ")[1].split()[0].split("-"))
     expected = ibnify.convert(digits_resnet(), stages=tuple(range(stages[0], stages[-1] + 1)))
     rebuilt = ibnify.load(tmp_path / "digits_resnet_ibn.safetensors")
-    assert ibnify.read_recipe(tmp_path / "digits_resnet_ibn.safetensors")["input_size"] == [
-        3,
-        12,
-        12,
-    ]
+    recipe = ibnify.read_recipe(tmp_path / "digits_resnet_ibn.safetensors")
+    assert recipe.input_size == (3, 12, 12)
     state = rebuilt.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in expected.state_dict().items())
 

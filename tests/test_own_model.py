@@ -76,8 +76,8 @@ def test_own_class_saves_with_its_class_and_loads_with_a_base(tmp_path) -> None:
     assert [n for n, m in converted.named_modules() if isinstance(m, IBN)] == ["block1.bn1"]
     path = ibnify.save(converted, tmp_path / "mine.safetensors")
     recipe = ibnify.read_recipe(path)
-    assert recipe["source"] is None
-    assert recipe["base_class"] == f"{__name__}.MyNet"
+    assert recipe.source is None
+    assert recipe.base_class == f"{__name__}.MyNet"
     x = torch.randn(3, *SIZE)
     loaded = ibnify.load(path, base=MyNet())  # an untrained base: every tensor comes from the file
     assert torch.equal(_out(loaded, x), _out(converted, x))
@@ -160,7 +160,7 @@ def test_the_readme_block_for_your_own_class_runs(tmp_path, monkeypatch) -> None
     exec(compile(block, "README own class", "exec"), namespace)
     x = torch.randn(2, *SIZE)
     assert torch.equal(_out(namespace["same"], x), _out(namespace["ibn"], x))
-    assert ibnify.read_recipe(tmp_path / "mine.safetensors")["base_class"] == f"{__name__}.MyNet"
+    assert ibnify.read_recipe(tmp_path / "mine.safetensors").base_class == f"{__name__}.MyNet"
 
 
 def test_a_run_that_gave_your_own_class_another_head_loads_with_the_original_base(

@@ -104,7 +104,7 @@ def test_search_is_deterministic_and_resumes(setup, tmp_path, monkeypatch) -> No
     assert first.winner is not None and first.winner.name == first.ranked()[0].name
     best = tmp_path / "one" / "best.safetensors"
     assert best.read_bytes() == Path(first.winner.checkpoint).read_bytes()
-    assert ibnify.read_recipe(best)["layout"] in ("resnet-a", "resnet-b")
+    assert ibnify.read_recipe(best).layout in ("resnet-a", "resnet-b")
     assert (tmp_path / "one" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
 
     calls: list[str] = []

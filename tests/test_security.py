@@ -280,7 +280,7 @@ def test_recipe_stores_model_kwargs_once_and_reads_old_files(
     base_checkpoint: Path, tmp_path: Path
 ) -> None:
     recipe = ibnify.read_recipe(base_checkpoint)
-    assert recipe["format"] == FORMAT and recipe["model_kwargs"] == {"width": 4}
+    assert recipe.format == FORMAT and recipe.model_kwargs == {"width": 4}
     with safe_open(str(base_checkpoint), framework="pt") as handle:
         stored = json.loads(handle.metadata()["ibnify_recipe"])
     assert "model_kwargs" not in stored["plans"][0].get("extras", {})
@@ -291,7 +291,7 @@ def test_recipe_stores_model_kwargs_once_and_reads_old_files(
     model = ibnify.load(old)
     resaved = tmp_path / "resaved.safetensors"
     ibnify.save(model, resaved)
-    assert ibnify.read_recipe(resaved)["model_kwargs"] == {"width": 4}
+    assert ibnify.read_recipe(resaved).model_kwargs == {"width": 4}
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(
@@ -300,7 +300,7 @@ def test_recipe_stores_model_kwargs_once_and_reads_old_files(
 
 
 def test_recipe_round_trips_as_data(base_checkpoint: Path) -> None:
-    recipe = Recipe.from_dict(ibnify.read_recipe(base_checkpoint))
+    recipe = Recipe.from_dict(ibnify.read_recipe(base_checkpoint).to_dict())
     assert Recipe.from_dict(recipe.to_dict()) == recipe
     assert recipe.source == "ibnify:digits_resnet" and recipe.model_kwargs == {"width": 4}
 

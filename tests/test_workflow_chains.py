@@ -73,8 +73,8 @@ def test_cli_chain_convert_stack_finetune_evaluate_adapt_analyze_export_verify(t
     assert "epoch 1/1" in out and "finished: wrote" in out
     tuned = tmp_path / "run" / "model.safetensors"
     recipe = ibnify.read_recipe(tuned)
-    assert [p["layout"] for p in recipe["plans"]] == ["resnet-a", "resnet-b"]
-    assert recipe["input_size"] == [3, 32, 32] and recipe["num_classes"] == 10
+    assert [p.layout for p in recipe.plans] == ["resnet-a", "resnet-b"]
+    assert recipe.input_size == (3, 32, 32) and recipe.num_classes == 10
 
     printed = _printed_folder(tmp_path / "printed")
     out = _invoke(["evaluate", tuned, "--dataset", "digits", "--domain", f"printed={printed}"])
@@ -82,7 +82,7 @@ def test_cli_chain_convert_stack_finetune_evaluate_adapt_analyze_export_verify(t
     adapted = tmp_path / "adapted.safetensors"
     out = _invoke(["adapt", tuned, "--data", printed, "-o", adapted])
     assert "adapted the BN statistics on 60 images" in out
-    assert ibnify.read_recipe(adapted)["adaptations"][0]["images"] == 60
+    assert ibnify.read_recipe(adapted).adaptations[0]["images"] == 60
 
     out = _invoke(
         [

@@ -274,7 +274,7 @@ def test_finetune_and_analyze_feed_the_input_size(small_r18, monkeypatch, given)
     """32-px images reach a model converted at 32 px at 32 px, not upsampled to 224."""
     checkpoint = str(small_r18 / "r18.safetensors")
     # format 2 records the input size: a checkpoint without it would make this test vacuous
-    assert ibnify.read_recipe(checkpoint)["input_size"] == [3, 32, 32]
+    assert ibnify.read_recipe(checkpoint).input_size == (3, 32, 32)
     seen = _sizes_seen(monkeypatch)
     images = str(small_r18 / "images")
     tuned = CliRunner().invoke(

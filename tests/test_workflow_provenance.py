@@ -83,7 +83,7 @@ def test_stacked_conversions_save_and_load_exactly(tmp_path, second, layouts, si
     assert [len(p.sites) for p in recipe.plans] == sites
     path = ibnify.save(twice, tmp_path / "twice.safetensors")
     stored = ibnify.read_recipe(path)
-    assert stored["format"] == FORMAT and [p["layout"] for p in stored["plans"]] == layouts
+    assert stored.format == FORMAT and [p.layout for p in stored.plans] == layouts
     loaded = ibnify.load(path)
     assert get_recipe(loaded).plans == recipe.plans
     x = torch.randn(3, 3, 16, 16)
@@ -95,7 +95,7 @@ def test_torchvision_model_converted_twice_loads(tmp_path) -> None:
     twice = ibnify.convert(ibnify.convert("resnet18", input_size=(3, 64, 64)), stages=(4,))
     assert get_recipe(twice).input_size == (3, 64, 64)  # the second conversion reused it
     path = ibnify.save(twice, tmp_path / "r18.safetensors")
-    assert ibnify.read_recipe(path)["stages"] == [1, 2, 3, 4]
+    assert ibnify.read_recipe(path).stages == [1, 2, 3, 4]
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(
         _outputs(ibnify.load(path), x), _outputs(twice, x), atol=1e-6, rtol=0
@@ -117,8 +117,8 @@ def test_model_converted_from_an_instance_saves_its_class_or_its_source(tmp_path
     converted = ibnify.convert(digits_resnet(**TINY))
     x = torch.randn(2, 3, 16, 16)
     by_class = ibnify.save(converted, tmp_path / "by_class.safetensors")
-    assert ibnify.read_recipe(by_class)["source"] is None
-    assert ibnify.read_recipe(by_class)["base_class"] == "ibnify.models.small.DigitsResNet"
+    assert ibnify.read_recipe(by_class).source is None
+    assert ibnify.read_recipe(by_class).base_class == "ibnify.models.small.DigitsResNet"
     with pytest.raises(CheckpointError) as raised:
         ibnify.load(by_class)
     assert str(raised.value) == (
@@ -150,8 +150,8 @@ def test_cli_convert_adds_stages_to_a_checkpoint(tmp_path) -> None:
     assert result.exit_code == 0, result.output
     assert "recipe: resnet-a stages 1,2 then resnet-a stages 3\n" in result.stdout
     recipe = ibnify.read_recipe(second)
-    assert [p["stages"] for p in recipe["plans"]] == [[1, 2], [3]]
-    assert recipe["input_size"] == [3, 16, 16]
+    assert [p.stages for p in recipe.plans] == [(1, 2), (3,)]
+    assert recipe.input_size == (3, 16, 16)
     x = torch.randn(2, 3, 16, 16)
     assert ibnify.load(second).layer3[0].bn1.IN.num_features == 32
     assert _outputs(ibnify.load(second), x).shape == (2, 10)
@@ -191,8 +191,8 @@ def test_cli_convert_num_classes_gives_a_fresh_head(tmp_path) -> None:
     assert result.exit_code == 0, result.output
     assert "head fc: 10 → 3 classes, fresh weights\n" in result.stdout
     recipe = ibnify.read_recipe(out)
-    assert recipe["model_kwargs"] == {"num_classes": 3} and recipe["num_classes"] == 3
-    assert recipe["head"] == {"name": "fc", "from_classes": 10, "num_classes": 3}
+    assert recipe.model_kwargs == {"num_classes": 3} and recipe.num_classes == 3
+    assert recipe.head == {"name": "fc", "from_classes": 10, "num_classes": 3}
     loaded = ibnify.load(out)
     assert loaded.fc.out_features == 3
     assert torch.equal(loaded.conv1.weight, original.conv1.weight)
@@ -255,9 +255,7 @@ def test_adaptation_records_travel_with_the_file(tmp_path) -> None:
     converted = ibnify.convert(DIGITS, model_kwargs=TINY)
     with_adaptation(converted, {"kind": "adabn", "images": 64, "prior": 0.0})
     path = ibnify.save(converted, tmp_path / "adapted.safetensors")
-    assert ibnify.read_recipe(path)["adaptations"] == [
-        {"kind": "adabn", "images": 64, "prior": 0.0}
-    ]
+    assert ibnify.read_recipe(path).adaptations == ({"kind": "adabn", "images": 64, "prior": 0.0},)
     assert get_recipe(ibnify.load(path)).adaptations == get_recipe(converted).adaptations
     with pytest.raises(ValueError, match="is a list, not a plain value"):
         with_adaptation(converted, {"kind": ["adabn"]})
@@ -311,5 +309,5 @@ def test_readme_quickstart_and_finetune_blocks_run_in_order(tmp_path, monkeypatc
     assert len(namespace["result"].history) == 5
     saved = tmp_path / "runs" / "r50" / "model.safetensors"
     recipe = ibnify.read_recipe(saved)
-    assert recipe["source"] == "tv:resnet18" and recipe["model_kwargs"] == {"num_classes": 10}
+    assert recipe.source == "tv:resnet18" and recipe.model_kwargs == {"num_classes": 10}
     assert ibnify.load(saved).fc.out_features == 10

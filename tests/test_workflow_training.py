@@ -144,7 +144,7 @@ def test_cli_finetune_refuses_a_head_that_does_not_fit_then_num_classes_fixes_it
     out = tmp_path / "o2"
     fixed = runner.invoke(cli, [*base, "--quiet", "--num-classes", "10", "--out", str(out)])
     assert fixed.exit_code == 0, fixed.output
-    assert read_recipe(out / MODEL_FILE)["model_kwargs"]["num_classes"] == 10
+    assert read_recipe(out / MODEL_FILE).model_kwargs["num_classes"] == 10
     loaded = ibnify.load(out / MODEL_FILE)
     assert loaded.fc.out_features == 10 and isinstance(loaded.layer1[0].bn1, IBN)
     # evaluate: the 5-class checkpoint is refused on the 10-class folder, the new one scores.

@@ -21,7 +21,7 @@ from ..data.images import ImageData
 from ..data.sources import as_image_data
 from ..errors import CheckpointError, InvalidOptionError
 from ..evaluation import RobustnessReport, evaluate
-from ..models.checkpoint import input_size_for, load, needs_base, recipe_of_file, save
+from ..models.checkpoint import input_size_for, load, needs_base, read_recipe, save
 from .offline import adapt_with, check_adaptable, target_subset
 from .options import AdaptOptions
 
@@ -82,7 +82,7 @@ def adapt_file(
 
 def _check_base_given(checkpoint: str | os.PathLike[str], base: nn.Module | None) -> None:
     """A checkpoint of a class no registry builds needs its base model: say how, for adapt."""
-    recipe = recipe_of_file(checkpoint)
+    recipe = read_recipe(checkpoint)
     if base is None and needs_base(recipe):
         name = recipe.base_class_name
         raise CheckpointError(

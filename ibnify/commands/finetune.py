@@ -15,7 +15,7 @@ from ..api import resolve_model
 from ..core.recipe import Recipe
 from ..data.images import image_folder_data
 from ..errors import CheckpointError, InvalidOptionError, WeightsError
-from ..models.checkpoint import load, needs_base, read_recipe, recipe_of_file
+from ..models.checkpoint import load, needs_base, read_recipe
 from ..models.registry import build_model
 from ..models.weights import load_state_dict_file, load_weights
 from ..train.config import FinetuneConfig
@@ -50,7 +50,7 @@ class FinetuneFiles:
         check_output_dir(config.out_dir)
 
 
-def load_teacher(spec: str, recipe: Recipe | dict[str, Any]) -> nn.Module:
+def load_teacher(spec: str, recipe: Recipe) -> nn.Module:
     """The original (unconverted) model for ``distill_from``.
 
     ``spec`` is an ibnify checkpoint, a plain weights file of the student's base architecture
@@ -58,14 +58,13 @@ def load_teacher(spec: str, recipe: Recipe | dict[str, Any]) -> nn.Module:
     library's pretrained weights and its own head, by :func:`ibnify.api.resolve_model`;
     offline, the advice names a local file for ``distill_from``).
     """
-    fields = recipe.to_dict() if isinstance(recipe, Recipe) else recipe
     path = Path(spec)
-    kwargs = dict(fields.get("model_kwargs", {}))
+    kwargs = dict(recipe.model_kwargs)
     if path.is_file():
         try:
             read_recipe(path)
         except CheckpointError:
-            model, _ = build_model(fields["source"], **kwargs)
+            model, _ = build_model(recipe.source, **kwargs)
             load_weights(model, load_state_dict_file(path), what=f"teacher weights {spec!r}")
             return model
         return load(path)
@@ -88,7 +87,7 @@ def _teacher_advice(message: str) -> str:
 def _load_student(checkpoint: str | os.PathLike[str]) -> nn.Module:
     """The checkpoint's model; one made from a class no registry knows is refused with the
     Python call that fine-tunes it (the command cannot build its base model)."""
-    recipe = recipe_of_file(checkpoint)
+    recipe = read_recipe(checkpoint)
     if needs_base(recipe):
         raise CheckpointError(
             f"{str(checkpoint)!r} holds a {recipe.base_class_name} ({recipe.base_class}), a "

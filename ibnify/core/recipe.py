@@ -102,19 +102,35 @@ class Recipe:
         """This recipe with one adaptation record (plain JSON values) appended."""
         return replace(self, adaptations=(*self.adaptations, _plain_record(record, "adaptation")))
 
-    def summary(self) -> dict[str, Any]:
-        """``layout``, ``stages`` and ``ratio`` over every plan, for readers that parse no plan.
+    @property
+    def layout(self) -> str:
+        """The layouts of every plan in order, joined by ``+`` (``resnet-a+resnet-b``)."""
+        return "+".join(dict.fromkeys(p.layout for p in self.plans))
 
-        One plan gives its own values; stacked plans give the layouts joined by ``+``, the
-        union of their stages and the last ratio.
-        """
-        layouts = list(dict.fromkeys(p.layout for p in self.plans))
-        stages = sorted({s for p in self.plans for s in p.stages})
+    @property
+    def stages(self) -> list[int]:
+        """The union of every plan's stages, sorted."""
+        return sorted({s for p in self.plans for s in p.stages})
+
+    @property
+    def ratio(self) -> float | None:
+        """The last plan's IN ratio (None without a plan)."""
+        return self.plans[-1].ratio if self.plans else None
+
+    @property
+    def sites(self) -> int:
+        """How many norm layers every plan converted together."""
+        return sum(len(p.sites) for p in self.plans)
+
+    def summary(self) -> dict[str, Any]:
+        """``layout``, ``stages``, ``ratio`` and ``sites`` over every plan, for readers that
+        parse no plan (the ONNX metadata, reports): one plan gives its own values; stacked
+        plans the layouts joined by ``+``, the union of their stages and the last ratio."""
         return {
-            "layout": "+".join(layouts),
-            "stages": stages,
-            "ratio": self.plans[-1].ratio if self.plans else None,
-            "sites": sum(len(p.sites) for p in self.plans),
+            "layout": self.layout,
+            "stages": self.stages,
+            "ratio": self.ratio,
+            "sites": self.sites,
         }
 
     def conversions(self) -> str:

@@ -51,7 +51,6 @@ __all__ = [
     "needs_base",
     "read_recipe",
     "recipe_input_size",
-    "recipe_of_file",
     "save",
     "saved_recipe",
 ]
@@ -233,20 +232,14 @@ def save(
     return atomic_write_bytes(path, serialize(tensors, metadata=metadata))
 
 
-def read_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Return the checked recipe stored in an ibnify checkpoint (without loading tensors).
+def read_recipe(path: str | os.PathLike[str]) -> Recipe:
+    """The checked :class:`Recipe` stored in an ibnify checkpoint: no tensor is read, nothing
+    built (``.source``, ``.plans``, ``.input_size``, ``.adaptations``; ``.layout``,
+    ``.stages``, ``.ratio``, ``.sites`` over every plan; ``.to_dict()`` for JSON).
 
-    The dict is :meth:`Recipe.to_dict` of the checked recipe (format 2, whatever format the
-    file has) plus ``layout``/``stages``/``ratio``/``sites`` summed over its plans
-    (:meth:`Recipe.summary`). Raises CheckpointError for a missing file, a file without a
-    recipe, or a recipe :meth:`Recipe.from_dict` refuses.
+    Raises CheckpointError for a missing file, a file without a recipe, or a recipe
+    :meth:`Recipe.from_dict` refuses (format 1 files are read as format 2).
     """
-    recipe = recipe_of_file(path)
-    return {**recipe.to_dict(), **recipe.summary()}
-
-
-def recipe_of_file(path: str | os.PathLike[str]) -> Recipe:
-    """The checked :class:`Recipe` of an ibnify checkpoint; no tensor is read, nothing built."""
     file = Path(path)
     if not file.is_file():
         raise CheckpointError(f"checkpoint {str(file)!r} does not exist or is not a file")
@@ -284,7 +277,7 @@ def recipe_input_size(
         recipe = get_recipe(model_or_path)
     else:
         try:
-            recipe = recipe_of_file(model_or_path)
+            recipe = read_recipe(model_or_path)
         except CheckpointError:
             return None
     return None if recipe is None else recipe.input_size
@@ -326,7 +319,7 @@ def load(
     """
     if model is not None and base is not None:
         raise TypeError("give base (the unconverted model) once, not base and model")
-    recipe = recipe_of_file(path)
+    recipe = read_recipe(path)
     where = f"checkpoint {str(path)!r}"
     converted = _rebuild(recipe, where, base if base is not None else model)
     try:
