@@ -70,6 +70,22 @@ class ResolvedModel:
         """The model's recipe (a checkpoint's, or one a conversion made), else None."""
         return get_recipe(self.model)
 
+    @property
+    def label(self) -> str:
+        """The model as reports name it: its checkpoint path, else its ``source:name``."""
+        return self.checkpoint or self.source
+
+    def rebuild_arguments(self) -> dict[str, Any]:
+        """What rebuilds this model's weights by name before any conversion, in
+        :func:`resolve_model`'s terms: ``spec`` (the source), ``weights`` (the weights file, or
+        the checkpoint itself), ``model_kwargs`` (the constructor arguments, classes included).
+        ``weights`` None: the model was built with a random init."""
+        return {
+            "spec": self.source,
+            "weights": self.weights or self.checkpoint,
+            "model_kwargs": dict(self.model_kwargs),
+        }
+
 
 def is_checkpoint_spec(spec: str | os.PathLike[str]) -> bool:
     """Whether a model spec names an ibnify checkpoint (an existing file or ``*.safetensors``)."""
@@ -267,6 +283,8 @@ def convert(
     options: PlanOptions | None = None,
 ) -> nn.Module:
     """Convert a BatchNorm CNN into its IBN-Net form and return it.
+    Reason: nine parameters, the public keywords of ``ibnify.convert`` (``ibnify convert``'s
+    options; ``options=`` takes the four plan options as one record).
 
     The input module is left untouched unless ``inplace=True``. Trained BN weights move into the
     new layers (see ``IBN.from_batchnorm``). A model converted before (it carries a recipe) is
@@ -353,6 +371,7 @@ def convert_named(
     options: PlanOptions | None = None,
 ) -> nn.Module:
     """Build a model by name, load weights, convert it: what ``ibnify convert`` does.
+    Reason: nine parameters, :func:`convert`'s plan keywords and the weights source.
 
     ``name`` may also be an ibnify checkpoint, which is converted further (its recipe then
     holds both plans). ``weights`` may hold the original architecture's keys (loaded before
@@ -371,23 +390,39 @@ def convert_named(
     kwargs = dict(model_kwargs or {})
     base, source, head = _build(name, pretrained, kwargs)
     conversion = plan(base, arch=source, model_kwargs=kwargs, options=chosen)
-    what = f"weights {os.fspath(weights)!r}" if weights is not None else ""
-    base_keys = base.state_dict()  # before the conversion changes the names
-    if state is not None and set(state) == set(base_keys):
-        head = _load_fitting(base, state, what, fresh_head="num_classes" in kwargs)
-        state = None
-    converted = apply_plan(base, conversion, inplace=True)
-    if state is not None:
-        converted_keys = converted.state_dict()
-        if set(state) != set(converted_keys):
-            more = _overlap(state, converted_keys) > _overlap(state, base_keys)
-            raise WeightsError(
-                f"weights {os.fspath(weights)!r} do not fit {source}: "
-                + describe_key_mismatch(converted_keys if more else base_keys, state)
-            )
-        head = _load_fitting(converted, state, what, fresh_head="num_classes" in kwargs)
+    if state is None:
+        converted = apply_plan(base, conversion, inplace=True)
+    else:
+        what = f"weights {os.fspath(weights)!r}"
+        converted, head = _convert_with_weights(base, conversion, state, what, kwargs)
     _finish(converted, source, kwargs, chosen.input_size, head)
     return converted
+
+
+def _convert_with_weights(
+    base: nn.Module,
+    conversion: ConversionPlan,
+    state: dict[str, Any],
+    what: str,
+    kwargs: dict[str, Any],
+) -> tuple[nn.Module, dict[str, Any] | None]:
+    """Apply ``conversion`` to ``base`` in place and load ``state`` where its keys fit: before
+    the conversion (the original architecture's keys) or after it (the converted IBN keys).
+    Returns the converted model and a fresh head's record (``num_classes`` in ``kwargs``)."""
+    fresh_head = "num_classes" in kwargs
+    base_keys = base.state_dict()  # before the conversion changes the names
+    if set(state) == set(base_keys):
+        head = _load_fitting(base, state, what, fresh_head=fresh_head)
+        return apply_plan(base, conversion, inplace=True), head
+    converted = apply_plan(base, conversion, inplace=True)
+    converted_keys = converted.state_dict()
+    if set(state) != set(converted_keys):
+        more = _overlap(state, converted_keys) > _overlap(state, base_keys)
+        raise WeightsError(
+            f"{what} do not fit {conversion.arch}: "
+            + describe_key_mismatch(converted_keys if more else base_keys, state)
+        )
+    return converted, _load_fitting(converted, state, what, fresh_head=fresh_head)
 
 
 def _overlap(state: dict[str, Any], expected: dict[str, Any]) -> int:

@@ -21,12 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._io import atomic_write_bytes, check_output_path
+from ._io import atomic_write_bytes, check_output_dir, check_output_path, output_lock
 from .api import convert
-from .core.plans import ConversionPlan
-from .core.surgery import apply_plan, get_plan
+from .core.surgery import get_plan
 from .data.digits import digits_data
-from .data.images import Normalize
+from .data.images import ImageData, Normalize
 from .deploy.export import export_onnx
 from .deploy.ort import open_session
 from .deploy.verify import verify_onnx
@@ -136,18 +135,6 @@ def demo_outputs(out_dir: str | Path, export: bool = True) -> dict[str, Path]:
     return files
 
 
-def _save_unconverted(model: nn.Module, path: Path) -> None:
-    """Save a plain model as an ibnify checkpoint with an empty plan (layout ``none``).
-
-    ``ibnify.load`` rebuilds it by name and applies no change, so ``ibnify evaluate`` can put the
-    baseline and the control beside the IBN model.
-    """
-    plan = ConversionPlan(
-        arch=SOURCE, layout="none", stages=(), ratio=None, sites=(), family="resnet"
-    )
-    save(apply_plan(model, plan), path)
-
-
 def run_demo(
     out_dir: str | Path = "ibnify-demo",
     config: DemoConfig | None = None,
@@ -166,23 +153,22 @@ def run_demo(
     """
     config = config or DemoConfig()
     say = echo or logger.info
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    files = demo_outputs(out, export=config.export)
-    for path in files.values():
-        check_output_path(path, force=force)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
-    try:
-        return _run(config, files, force, quiet, say)
-    finally:
-        torch.set_num_threads(threads)
+    out = check_output_dir(out_dir)
+    with output_lock(out):  # a second demo writing this folder is refused while this one runs
+        files = demo_outputs(out, export=config.export)
+        for path in files.values():
+            check_output_path(path, force=force)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(config.threads)
+        try:
+            return _run(config, files, quiet, say)
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _run(
     config: DemoConfig,
     files: dict[str, Path],
-    force: bool,
     quiet: bool,
     say: Callable[[str], None],
 ) -> DemoResult:
@@ -195,32 +181,8 @@ def _run(
         f"digits: {len(train_data)} training and {len(test_data)} test images, 3×16×16 "
         f"(scikit-learn load_digits); seed {config.seed}"
     )
-
-    baseline, _ = build_model(SOURCE)
-    base_config = _finetune_config(config, config.baseline_epochs, config.baseline_lr, 0, quiet)
-    step = time.perf_counter()
-    finetune(baseline, train_data, base_config)
-    seconds = time.perf_counter() - step
-    say(f"1. trained the BN baseline: {config.baseline_epochs} epochs in {seconds:.0f} s")
-
-    ibn = convert(baseline, layout="a", stages=config.stages, ratio=config.ratio, arch=SOURCE)
-
-    plan = get_plan(ibn)
-    sites = ", ".join(site.name for site in plan.sites) if plan else ""
-    say(f"2. converted with ibnify: IBN-a in stages {config.stages}, sites {sites}")
-    control = copy.deepcopy(baseline)
-    tune = _finetune_config(config, config.finetune_epochs, config.finetune_lr, 1, quiet)
-    step = time.perf_counter()
-    finetune(ibn, train_data, tune)
-    finetune(control, train_data, tune)
-    say(
-        f"3. fine-tuned the IBN model and an identical copy of the baseline (control) for the "
-        f"same {config.finetune_epochs} epochs in {time.perf_counter() - step:.0f} s"
-    )
-
-    report = evaluate(
-        {"baseline": baseline, "control": control, "ibn": ibn}, test_data, shifts="all"
-    )
+    models = _train_models(config, train_data, quiet, say)
+    report = evaluate(models, test_data, shifts="all")
     report.extras["demo"] = {
         "seed": config.seed,
         "baseline_epochs": config.baseline_epochs,
@@ -233,15 +195,43 @@ def _run(
 
     onnx: dict[str, Any] = {}
     if config.export:
-        onnx = _export_and_verify(ibn, files["onnx"], test_data)
+        onnx = _export_and_verify(models["ibn"], files["onnx"], test_data)
         say(f"5. exported the IBN model to {files['onnx'].name} and verified it in onnxruntime")
     report.plot(files["plot"], title="digits: accuracy under appearance shift")
-
     atomic_write_bytes(files["report"], (report.to_json() + "\n").encode())
-    _save_unconverted(copy.deepcopy(baseline), files["baseline"])
-    _save_unconverted(copy.deepcopy(control), files["control"])
-    save(ibn, files["ibn"])
+    # The baseline and the control are never converted: saved with no plan, they load as built.
+    save(models["baseline"], files["baseline"], source=SOURCE)
+    save(models["control"], files["control"], source=SOURCE)
+    save(models["ibn"], files["ibn"])
     return DemoResult(report, time.perf_counter() - started, files, onnx)
+
+
+def _train_models(
+    config: DemoConfig, train_data: ImageData, quiet: bool, say: Callable[[str], None]
+) -> dict[str, nn.Module]:
+    """Steps 1-3: the trained BN baseline, its IBN conversion and an all-BN copy (the
+    control), both fine-tuned alike; ``{"baseline", "control", "ibn"}`` (the table's columns)."""
+    baseline, _ = build_model(SOURCE)
+    base_config = _finetune_config(config, config.baseline_epochs, config.baseline_lr, 0, quiet)
+    step = time.perf_counter()
+    finetune(baseline, train_data, base_config)
+    seconds = time.perf_counter() - step
+    say(f"1. trained the BN baseline: {config.baseline_epochs} epochs in {seconds:.0f} s")
+
+    ibn = convert(baseline, layout="a", stages=config.stages, ratio=config.ratio, arch=SOURCE)
+    plan = get_plan(ibn)
+    sites = ", ".join(site.name for site in plan.sites) if plan else ""
+    say(f"2. converted with ibnify: IBN-a in stages {config.stages}, sites {sites}")
+    control = copy.deepcopy(baseline)
+    tune = _finetune_config(config, config.finetune_epochs, config.finetune_lr, 1, quiet)
+    step = time.perf_counter()
+    finetune(ibn, train_data, tune)
+    finetune(control, train_data, tune)
+    say(
+        f"3. fine-tuned the IBN model and an identical copy of the baseline (control) for the "
+        f"same {config.finetune_epochs} epochs in {time.perf_counter() - step:.0f} s"
+    )
+    return {"baseline": baseline, "control": control, "ibn": ibn}
 
 
 def _finetune_config(
@@ -259,7 +249,7 @@ def _finetune_config(
     )
 
 
-def _export_and_verify(model: nn.Module, path: Path, test_data) -> dict[str, Any]:
+def _export_and_verify(model: nn.Module, path: Path, test_data: ImageData) -> dict[str, Any]:
     """Export with ``ibnify.export_onnx`` and verify against PyTorch on random and real digits."""
     export_onnx(model, path, input_size=(3, 16, 16))
     verification = verify_onnx(path, model, batch_sizes=(1, 8))

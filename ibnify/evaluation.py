@@ -183,21 +183,31 @@ def _check_head(name: str, logits: torch.Tensor, num_classes: int | None) -> Non
     )
 
 
+@dataclass(frozen=True)
+class _Pass:
+    """How the images are fed: batch size, the device they go to, noise seed, loader workers."""
+
+    batch_size: int
+    target: torch.device
+    seed: int
+    workers: int
+
+
 def _count_correct(
     named: dict[str, nn.Module],
     data: ImageData,
     shift_names: Sequence[str],
-    options: tuple[int, torch.device, int, int],
+    feed: _Pass,
 ) -> tuple[dict[str, dict[str, int]], int]:
     """Correct predictions per model and shift on ``data``, and the number of images."""
-    batch_size, target, seed, workers = options
+    target = feed.target
     normalize = Normalize(data.mean, data.std).to(target)
     correct = {name: dict.fromkeys(shift_names, 0) for name in named}
     total = 0
-    for batch_index, (images, labels) in enumerate(_loader(data, batch_size, workers)):
+    for batch_index, (images, labels) in enumerate(_loader(data, feed.batch_size, feed.workers)):
         labels = labels.to(target)
         for shift in shift_names:
-            shifted = apply_shift(shift, images.float(), seed=seed, batch_index=batch_index)
+            shifted = apply_shift(shift, images.float(), seed=feed.seed, batch_index=batch_index)
             inputs = normalize(shifted.to(target))
             for name, model in named.items():
                 logits = model(inputs.to(device_of(model, target)))
@@ -221,6 +231,7 @@ def evaluate(
     input_size: Sequence[int] | None = None,
 ) -> RobustnessReport:
     """Top-1 accuracy of each model on ``data``, clean and under each shift, and on each domain.
+    Reason: nine parameters, the public ``ibnify.evaluate`` keywords (``ibnify evaluate``'s).
 
     Args:
         models: ``{name: model}`` (the table's column names), a list, or one model.
@@ -234,7 +245,7 @@ def evaluate(
 
     Every model sees exactly the same shifted pixels. Models are put in eval mode and restored.
     """
-    # Long by its reason: the argument checks come first so that nothing runs on bad input.
+    # The argument checks come first, so that nothing runs on bad input.
     named = _named_models(models)
     if not named:
         raise InvalidOptionError("no models to evaluate")
@@ -245,19 +256,31 @@ def evaluate(
     shift_names = [CLEAN, *parse_shifts(shifts)]
     domain_data = load_domains(domains, first, data, input_size)
     target = torch.device(device) if device is not None else _default_device()
-    options = (batch_size, target, seed, workers)
+    feed = _Pass(batch_size, target, seed, workers)
     with modes_restored(*named.values()):
         for model in named.values():
             model.eval()
-        correct, total = _count_correct(named, data, shift_names, options)
-        if total == 0:
-            raise InvalidOptionError("the evaluation data is empty")
-        table = {name: {s: correct[name][s] / total for s in shift_names} for name in named}
-        counts = {}
-        for domain, images in domain_data.items():
-            found, counts[domain] = _count_correct(named, images, [CLEAN], options)
-            for name in named:
-                table[name][domain] = found[name][CLEAN] / max(counts[domain], 1)
+        return _measure(named, data, shift_names, domain_data, feed)
+
+
+def _measure(
+    named: dict[str, nn.Module],
+    data: ImageData,
+    shift_names: list[str],
+    domain_data: Mapping[str, ImageData],
+    feed: _Pass,
+) -> RobustnessReport:
+    """The report of models already in eval mode: ``data`` under every shift, then each
+    domain clean."""
+    correct, total = _count_correct(named, data, shift_names, feed)
+    if total == 0:
+        raise InvalidOptionError("the evaluation data is empty")
+    table = {name: {s: correct[name][s] / total for s in shift_names} for name in named}
+    counts = {}
+    for domain, images in domain_data.items():
+        found, counts[domain] = _count_correct(named, images, [CLEAN], feed)
+        for name in named:
+            table[name][domain] = found[name][CLEAN] / max(counts[domain], 1)
     return RobustnessReport(
         list(named),
         shift_names,

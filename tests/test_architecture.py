@@ -393,7 +393,7 @@ def test_no_fmt_skip_outside_the_pending_files() -> None:
     marker = "# fmt: " + "skip"  # split, so this file does not match itself
     found = {
         str(path.relative_to(root))
-        for folder in ("ibnify", "tests", "benchmarks", "examples")
+        for folder in ("ibnify", "tests", "benchmarks", "examples", "docs")
         for path in (root / folder).rglob("*.py")
         if marker in path.read_text()
     }

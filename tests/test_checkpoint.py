@@ -12,10 +12,11 @@ import torchvision
 
 import ibnify
 from ibnify.api import convert_named
-from ibnify.core import get_plan
+from ibnify.core import IBN, Recipe, get_plan, get_recipe
 from ibnify.errors import CheckpointError, ModelNotFoundError, WeightsError
-from ibnify.models.registry import resolve_name
+from ibnify.models.registry import build_model, resolve_name
 from ibnify.models.weights import clean_state_dict, load_state_dict_file
+from tests.helpers import ResidualBlock, randomize_norms
 from tests.reference_ibn import resnet_ibn
 
 SMALL = (3, 64, 64)
@@ -168,10 +169,95 @@ def test_model_kwargs_are_part_of_the_recipe(tmp_path) -> None:
     assert ibnify.load(path).fc.out_features == 7
 
 
-def test_save_needs_a_converted_model(tmp_path) -> None:
-    with pytest.raises(CheckpointError, match="carries no ibnify plan"):
-        ibnify.save(torchvision.models.resnet18(), tmp_path / "x.safetensors")
+def _digits_model(seed: int) -> torch.nn.Module:
+    """A small unconverted model with non-trivial norms (a broken round trip shows)."""
+    torch.manual_seed(seed)
+    model, _ = build_model("ibnify:digits_resnet", num_classes=7)
+    return randomize_norms(model, seed)
+
+
+def test_an_unconverted_model_saves_with_no_plan_and_loads_unchanged(tmp_path) -> None:
+    """Issue 23: a model with no plan saves without a fake one; load rebuilds it by name and
+    applies nothing; the model passed in is untouched (no recipe attached, mode kept)."""
+    model = _digits_model(3).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    path = ibnify.save(
+        model,
+        tmp_path / "plain.safetensors",
+        source="ibnify:digits_resnet",
+        model_kwargs={"num_classes": 7},
+    )
+    recipe = ibnify.read_recipe(path)
+    assert recipe.plans == () and recipe.plan is None
+    assert (recipe.source, recipe.model_kwargs, recipe.num_classes) == (
+        "ibnify:digits_resnet",
+        {"num_classes": 7},
+        7,
+    )
+    assert (recipe.layout, recipe.stages, recipe.sites, recipe.conversions()) == (
+        "",
+        [],
+        0,
+        "no conversion",
+    )
+    assert get_recipe(model) is None and model.training
+    loaded = ibnify.load(path)
+    assert list(loaded.state_dict()) == list(model.state_dict())
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert not any(isinstance(m, IBN) for m in loaded.modules())
+    assert get_recipe(loaded).plans == ()
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
+    # converted later, the plan is the first one, the source the recorded one
+    again = ibnify.convert(loaded, stages=(1,))
+    assert len(get_recipe(again).plans) == 1 and get_recipe(again).source == recipe.source
+    assert ibnify.read_recipe(ibnify.save(again, tmp_path / "ibn.safetensors")).stages == [1]
+
+
+def test_an_unconverted_model_the_source_does_not_build_is_refused(tmp_path) -> None:
+    model = _digits_model(1)  # 7 classes; the source's default builds 10
+    with pytest.raises(CheckpointError, match=r"is not this model \(2 wrong shape"):
+        ibnify.save(model, tmp_path / "x.safetensors", source="ibnify:digits_resnet")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unconverted_instance_of_an_own_class_loads_with_its_base(tmp_path) -> None:
+    """No source: the file records the class, as for a converted instance, and loads with
+    ``base=`` (a copy is filled; the given base is left as it was)."""
+    model = randomize_norms(ResidualBlock(4), 5).eval()
+    path = ibnify.save(model, tmp_path / "own.safetensors")
+    recipe = ibnify.read_recipe(path)
+    assert (recipe.plans, recipe.source, recipe.base_class) == (
+        (),
+        None,
+        "tests.helpers.ResidualBlock",
+    )
+    with pytest.raises(CheckpointError, match=r"ibnify.load\(path, base=ResidualBlock\("):
+        ibnify.load(path)
+    base = ResidualBlock(4)
+    fresh = {k: v.clone() for k, v in base.state_dict().items()}
+    loaded = ibnify.load(path, base=base).eval()
+    assert all(torch.equal(v, fresh[k]) for k, v in base.state_dict().items())
+    x = torch.rand(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
+
+
+def test_recipe_from_dict_reads_an_empty_plan_list_and_refuses_a_malformed_one() -> None:
+    record = Recipe(source="tv:resnet18", num_classes=1000).to_dict()
+    assert record["plans"] == []
+    assert Recipe.from_dict(record).plans == ()
+    with pytest.raises(CheckpointError, match=r"damaged ibnify recipe \(no list of at most 16"):
+        Recipe.from_dict({**record, "plans": None})
+    with pytest.raises(CheckpointError, match=r"damaged ibnify recipe \(no list of at most 16"):
+        Recipe.from_dict({**record, "plans": [record] * 17})
+    legacy = {**record, "format": "ibnify.checkpoint/1"}
+    del legacy["plans"]  # format 1 always held one plan: none is a damaged file
+    with pytest.raises(CheckpointError, match=r"\(a plan is not a JSON object\)"):
+        Recipe.from_dict(legacy)
 
 
 def test_load_rejects_plain_weights_and_damaged_recipes(tmp_path) -> None:

@@ -30,10 +30,22 @@ def test_cli_demo_quick_runs_end_to_end(tmp_path: Path) -> None:
     for shift in ("brightness_down", "contrast_down"):
         assert report["drop"]["ibn"][shift] < report["drop"]["control"][shift], shift
     assert "PASS" in result.output and "599/599" in result.output
-    # The written checkpoints rebuild: the IBN model by recipe, the control with no change.
+    # The written checkpoints rebuild: the IBN model by recipe, the control and the baseline
+    # with no plan at all (issue 23: no made-up "none" plan), by name.
     assert type(ibnify.load(tmp_path / "ibn.safetensors").layer1[0].bn1).__name__ == "IBN"
+    assert [p.layout for p in ibnify.read_recipe(tmp_path / "ibn.safetensors").plans] == [
+        "resnet-a"
+    ]
+    for name in ("control", "baseline"):
+        recipe = ibnify.read_recipe(tmp_path / f"{name}.safetensors")
+        assert (recipe.plans, recipe.source, recipe.num_classes) == (
+            (),
+            "ibnify:digits_resnet",
+            10,
+        )
     control = ibnify.load(tmp_path / "control.safetensors")
     assert type(control.layer1[0].bn1).__name__ == "BatchNorm2d"
+    assert not any(type(m).__name__ == "IBN" for m in control.modules())
     again = CliRunner().invoke(cli, ["demo", "--quick", "--out", str(tmp_path)])
     assert again.exit_code == 1 and "--force" in again.output
 

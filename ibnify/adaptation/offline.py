@@ -131,8 +131,7 @@ def adapt(
     input_size: Sequence[int] | None = None,
 ) -> nn.Module:
     """An adapted copy of ``model`` on unlabelled target ``data``: AdaBN or entropy minimisation.
-
-    Many parameters by its reason: they are the CLI's options, one to one (AdaptOptions holds
+    Reason: twelve parameters, ``ibnify adapt``'s options one to one (``AdaptOptions`` holds
     them as one record for callers that keep one).
 
     Args:

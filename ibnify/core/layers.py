@@ -88,6 +88,11 @@ class IBN(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
+        """Build the IN and BN halves for ``num_features`` channels.
+        Reason: BatchNorm2d's constructor keywords, plus ``ratio`` and ``order``, so that
+        ``functools.partial(IBN, ratio=0.5)`` is a ``norm_layer`` torchvision and timm call as
+        they call BatchNorm2d.
+        """
         super().__init__()
         in_channels, bn_channels = ibn_split_sizes(num_features, ratio, order)
         self.num_features = num_features

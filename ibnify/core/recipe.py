@@ -53,8 +53,8 @@ class Recipe:
     ``source`` names the base model (``tv:resnet50``; None when converted from an instance of a
     class no registry knows), ``base_class`` that instance's class (``mypkg.nets.MyNet``: a name
     for messages, never imported; loading such a file needs the base model given in Python),
-    ``model_kwargs`` its constructor arguments, ``plans`` every
-    conversion applied in order, ``input_size`` the (C, H, W) it was converted for,
+    ``model_kwargs`` its constructor arguments, ``plans`` every conversion applied in order
+    (none for a model saved unconverted), ``input_size`` the (C, H, W) it was converted for,
     ``num_classes`` its classifier's outputs, ``head`` the classifier reset at conversion
     (``{"name", "from_classes", "num_classes"}``), ``adaptations`` records such as
     ``{"kind": "adabn", "images": 200}`` appended by ``ibnify.adapt``.
@@ -184,8 +184,8 @@ class Recipe:
         source, base_class = _read_source(data, where)
         damaged = f"{where} has a damaged ibnify recipe"
         raw_plans = [data.get("plan")] if fmt == LEGACY_FORMAT else data.get("plans")
-        if not isinstance(raw_plans, list) or not 0 < len(raw_plans) <= _MAX_PLANS:
-            raise CheckpointError(f"{damaged} (no plan)")
+        if not isinstance(raw_plans, list) or len(raw_plans) > _MAX_PLANS:  # [] = unconverted
+            raise CheckpointError(f"{damaged} (no list of at most {_MAX_PLANS} plans)")
         check = check_kwargs or _check_form
         kwargs = _recorded_kwargs(data, raw_plans, where, check)
         plans = tuple(_read_plan(p, damaged) for p in raw_plans)
@@ -330,7 +330,7 @@ def set_recipe(model: nn.Module, recipe: Recipe) -> None:
 def with_adaptation(model: nn.Module, record: Mapping[str, Any]) -> None:
     """Append an adaptation record to ``model``'s recipe, in place (call it on your own copy).
 
-    A model without a recipe gets one with no plans (it cannot be saved until converted).
+    A model without a recipe gets one with no plans (``ibnify.save`` writes it unconverted).
 
     Raises:
         ValueError: ``record`` is not a small mapping of names to plain JSON values.

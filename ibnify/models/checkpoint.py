@@ -9,7 +9,8 @@ network). It then builds the base model from its source, replays the plans in or
 the tensors with ``strict=True``: no pickled modules, no other file opened, no connection made.
 
 ``save`` refuses to write a file ``load`` would refuse: it rebuilds the base model from the
-recipe, replays the plans and compares every tensor name and shape before writing.
+recipe, replays the plans and compares every tensor name and shape before writing. A model
+never converted saves with no plan (a control model beside its IBN twin) and loads unchanged.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from torch import nn
 
 from .. import __version__
 from .._io import atomic_write_bytes
-from ..core.modules import unwrap
+from ..core.modules import class_path, unwrap
 from ..core.plans import as_input_size
 from ..core.recipe import FORMAT, FORMATS, Recipe, get_recipe, set_recipe
 from ..core.surgery import apply_plan
@@ -146,21 +147,17 @@ def saved_recipe(
     runs that save later (fine-tuning with an output folder) call before any work.
 
     Raises:
-        CheckpointError: no recipe, no buildable source (with how to give one), refused
+        CheckpointError: no buildable source (with how to give one), refused
             constructor arguments, or a rebuilt model whose tensors differ from ``model``'s.
     """
-    recipe = get_recipe(model)
-    if recipe is None or not recipe.plans:
-        raise CheckpointError(
-            "the model carries no ibnify plan; convert it with ibnify.convert before saving"
-        )
+    recipe = _recipe_of(model, source)
     chosen = source or recipe.source or _source_of_plan(recipe)
     if chosen is None and recipe.base_class is not None and model_kwargs is None:
         # a class no registry knows: the file records the class; load needs the base model
         return replace(recipe, format=FORMAT, ibnify_version=__version__)
     if chosen is None:
         raise CheckpointError(
-            f"cannot save {recipe.label}: it was converted from a model instance, so ibnify "
+            f"cannot save {recipe.label}: it was made from a model instance, so ibnify "
             f"cannot rebuild it by name; {_SOURCE_HINT}"
         )
     try:
@@ -190,9 +187,18 @@ def saved_recipe(
     return recipe
 
 
+def _recipe_of(model: nn.Module, source: str | None) -> Recipe:
+    """The recipe ``model`` carries; for a model never converted, one with no plans (its class
+    recorded when no source names it, as :func:`ibnify.convert` records an instance's)."""
+    recipe = get_recipe(model) or Recipe(num_classes=num_classes_of(model))
+    if recipe.plans or recipe.source or recipe.base_class or source:
+        return recipe
+    return replace(recipe, base_class=class_path(model))
+
+
 def _source_of_plan(recipe: Recipe) -> str | None:
     """A hand-made plan's ``arch`` when it names a source (``tv:resnet18``), else None."""
-    arch = recipe.plans[0].arch
+    arch = recipe.plans[0].arch if recipe.plans else ""
     return arch if _SOURCE_FORM.match(arch) else None
 
 
@@ -203,13 +209,15 @@ def save(
     extra_metadata: dict[str, str] | None = None,
     model_kwargs: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a converted model to ``path`` as safetensors with its recipe; atomic.
+    """Write a model to ``path`` as safetensors with its recipe; atomic.
 
     Nothing is written that :func:`load` would refuse: the base model is rebuilt from the
-    recipe and every tensor name and shape compared first.
+    recipe and every tensor name and shape compared first. A model never converted is saved
+    with no plan (``plans=()``) and :func:`load` rebuilds it unchanged.
 
     Args:
-        model: a model returned by ``ibnify.convert`` (or ``ibnify.load``).
+        model: a model returned by ``ibnify.convert`` (or ``ibnify.load``), or an unconverted
+            one (give ``source`` when a registry builds it).
         path: output file (``.safetensors``).
         source: ``source:name`` of the base model, for a model converted from an instance of a
             registry's class; without it, an instance of a class no registry knows is saved
