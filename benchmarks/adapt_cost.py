@@ -45,67 +45,85 @@ def _timed(function: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--images", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-write", action="store_true", help="Print only; leave RESULTS.md.")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    return parser.parse_args()
+
+
+def _runners(images: int, batch: int) -> dict[str, Callable[[], object]]:
+    """The timed calls on one seeded model and one set of images: ``forward`` (the unit) first,
+    then each adaptation method."""
     torch.manual_seed(0)
     base, source = build_model("ibnify:digits_resnet")
     model = randomize_norms(ibnify.convert(base, stages=(1, 2), arch=source)).eval()
-    x = torch.rand(args.images, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    labels = torch.zeros(args.images, dtype=torch.long)
+    x = torch.rand(images, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.zeros(images, dtype=torch.long)
     data = ImageData(TensorDataset(x, labels), (0.0,) * 3, (1.0,) * 3, labelled=False)
-    batches = x.split(args.batch)
+    batches = x.split(batch)
 
     @torch.no_grad()
     def forward() -> None:
-        for batch in batches:
-            model(batch)
+        for chunk in batches:
+            model(chunk)
 
     def online() -> None:
         adapter = OnlineAdapter(model)
-        for batch in batches:
-            adapter(batch)
+        for chunk in batches:
+            adapter(chunk)
 
-    runners = {
+    return {
         "forward": forward,
-        "bn": lambda: ibnify.adapt(model, data, batch_size=args.batch),
-        "entropy (1 epoch)": lambda: ibnify.adapt(
-            model, data, method="entropy", batch_size=args.batch
-        ),
+        "bn": lambda: ibnify.adapt(model, data, batch_size=batch),
+        "entropy (1 epoch)": lambda: ibnify.adapt(model, data, method="entropy", batch_size=batch),
         "online": online,
     }
+
+
+def _time_rounds(
+    runners: dict[str, Callable[[], object]], rounds: int, images: int
+) -> dict[str, list[float]]:
+    """Seconds per runner and round, after one warm-up call each; the order rotates per round."""
     for runner in runners.values():  # warm up allocator and kernels
         runner()
     seconds: dict[str, list[float]] = {name: [] for name in runners}
     names = list(runners)
-    for index in range(args.rounds):
+    for index in range(rounds):
         order = names[index % len(names) :] + names[: index % len(names)]
         for name in order:
             seconds[name].append(_timed(runners[name]))
         print(
             f"round {index + 1}: "
-            + ", ".join(f"{n} {1000 * seconds[n][-1] / args.images:.3f} ms/image" for n in names),
+            + ", ".join(f"{n} {1000 * seconds[n][-1] / images:.3f} ms/image" for n in names),
             flush=True,
         )
+    return seconds
+
+
+def _rows(seconds: dict[str, list[float]], images: int) -> list[str]:
+    """One table row per method: median ms/image, the median ratio to the forward in the same
+    round (with its range) and the verdict against TARGETS."""
     rows = []
-    for name in names[1:]:
+    for name in [n for n in seconds if n != "forward"]:
         ratios = [a / b for a, b in zip(seconds[name], seconds["forward"], strict=True)]
         ratio = statistics.median(ratios)
         verdict = "meets" if ratio <= TARGETS[name] else "MISSES"
-        per_image = 1000 * statistics.median(seconds[name]) / args.images
+        per_image = 1000 * statistics.median(seconds[name]) / images
         rows.append(
             f"| {name} | {per_image:.3f} | **{ratio:.2f}** ({min(ratios):.2f}-{max(ratios):.2f}) "
             f"| ≤ {TARGETS[name]:.2f}: {verdict} |"
         )
-    forward_ms = 1000 * statistics.median(seconds["forward"]) / args.images
+    return rows
+
+
+def _markdown(args: argparse.Namespace, rows: list[str], forward_ms: float) -> str:
+    """The RESULTS.md section: the command, the setup, the table and how to read it."""
     command = "python benchmarks/adapt_cost.py " + " ".join(sys.argv[1:])
-    markdown = f"""## Adaptation cost per image, relative to one forward pass
+    return f"""## Adaptation cost per image, relative to one forward pass
 
 Command: `{command.strip()}` ({machine_line()}).
 Model: `ibnify:digits_resnet` converted to IBN-a (stages 1-2), random norm values; {args.images}
@@ -133,6 +151,14 @@ normalises, where an eval-mode BN only scales and shifts, and in this narrow 16-
 norms are a large share of the work: the statistics pass alone, without copy or loader, measured
 1.2-1.4 forwards. The 1.25 target assumed a forward's cost for it; on this model it is not met.
 """
+
+
+def main() -> None:
+    args = _arguments()
+    torch.set_num_threads(args.threads)
+    seconds = _time_rounds(_runners(args.images, args.batch), args.rounds, args.images)
+    forward_ms = 1000 * statistics.median(seconds["forward"]) / args.images
+    markdown = _markdown(args, _rows(seconds, args.images), forward_ms)
     print(markdown)
     if not args.no_write:
         update_section("adapt_cost", markdown)

@@ -1,12 +1,13 @@
 """Cost of the two IBN-site forms (concat vs split-next-conv) in onnxruntime CPU.
 
-Usage: python benchmarks/fold_forms.py [--runs 40] [--runs-batch8 12] [--threads 2]
-Writes the `fold_forms` section of benchmarks/RESULTS.md. Part 1 exports ResNet-50 IBN-a with
-the split form at no site, at sites of ≥ 56×56, of ≥ 28×28 and of any size (the threshold of
-``choose_form``) and times them interleaved with resnet50. Part 2 times one ResNet-50
-bottleneck head (conv 1×1 → IBN-a → ReLU → conv 3×3 → BN → ReLU) at each resolution and width
-where ResNet-50 IBN-a has sites, in both forms. All timing: spinning off, order alternating,
-median of per-run ratios. This is the measurement behind ``ibnify.deploy.fold.choose_form``.
+Usage: python benchmarks/fold_forms.py [--runs 40] [--runs-batch8 12] [--threads 2] [--no-write]
+Writes the `fold_forms` section of benchmarks/RESULTS.md (``--no-write``: prints it instead).
+Part 1 exports ResNet-50 IBN-a with the split form at no site, at sites of ≥ 56×56, of
+≥ 28×28 and of any size (the threshold of ``choose_form``) and times them interleaved with
+resnet50. Part 2 times one ResNet-50 bottleneck head (conv 1×1 → IBN-a → ReLU → conv 3×3 →
+BN → ReLU) at each resolution and width where ResNet-50 IBN-a has sites, in both forms. All
+timing: spinning off, order alternating, median of per-run ratios. This is the measurement
+behind ``ibnify.deploy.fold.choose_form``.
 """
 
 from __future__ import annotations
@@ -75,43 +76,49 @@ def network_sweep(directory: Path, args: argparse.Namespace) -> list[str]:
     return ["| " + " | ".join([name, *ratio_cells(reports, name)]) + " |" for name in THRESHOLDS]
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--runs-batch8", type=int, default=12)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        sweep = network_sweep(Path(tmp), args)
-        for resolution, in_channels, channels in CASES:
-            torch.manual_seed(0)
-            model = randomize_norms(site(in_channels, channels)).eval()
-            size = (in_channels, resolution, resolution)
-            files = {}
-            for form in ("split", "concat"):
-                files[form] = Path(tmp) / f"{resolution}_{in_channels}_{channels}_{form}.onnx"
-                export_onnx(model, files[form], input_size=size, fold_form=form)
-                verify_onnx(files[form], model, batch_sizes=(1, 2))
-            report = bench_onnx(
-                [files["split"], files["concat"]],
-                batch=args.batch,
-                threads=args.threads,
-                warmup=args.warmup,
-                runs=args.runs,
-                names=["split", "concat"],
-            )
-            split, concat = report.timings
-            ratio = report.paired["concat"]
-            print(f"{resolution}x{resolution} {in_channels}->{channels}: split/concat {ratio:.3f}")
-            rows.append(
-                f"| {resolution}×{resolution} | {in_channels} → {channels} | "
-                f"{concat.median_ms * 1000:.0f} | {split.median_ms * 1000:.0f} | {ratio:.3f} | "
-                f"{choose_form(resolution, resolution)} |"
-            )
+    parser.add_argument("--no-write", action="store_true", help="Print only; leave RESULTS.md.")
+    return parser.parse_args()
+
+
+def site_row(directory: Path, case: tuple[int, int, int], args: argparse.Namespace) -> str:
+    """One bottleneck head (``case``: resolution, input channels, IBN channels) exported in
+    both forms, verified, timed interleaved; its table row."""
+    resolution, in_channels, channels = case
+    torch.manual_seed(0)
+    model = randomize_norms(site(in_channels, channels)).eval()
+    size = (in_channels, resolution, resolution)
+    files = {}
+    for form in ("split", "concat"):
+        files[form] = directory / f"{resolution}_{in_channels}_{channels}_{form}.onnx"
+        export_onnx(model, files[form], input_size=size, fold_form=form)
+        verify_onnx(files[form], model, batch_sizes=(1, 2))
+    report = bench_onnx(
+        [files["split"], files["concat"]],
+        batch=args.batch,
+        threads=args.threads,
+        warmup=args.warmup,
+        runs=args.runs,
+        names=["split", "concat"],
+    )
+    split, concat = report.timings
+    ratio = report.paired["concat"]
+    print(f"{resolution}x{resolution} {in_channels}->{channels}: split/concat {ratio:.3f}")
+    return (
+        f"| {resolution}×{resolution} | {in_channels} → {channels} | "
+        f"{concat.median_ms * 1000:.0f} | {split.median_ms * 1000:.0f} | {ratio:.3f} | "
+        f"{choose_form(resolution, resolution)} |"
+    )
+
+
+def _markdown(args: argparse.Namespace, sweep: list[str], rows: list[str]) -> str:
+    """The RESULTS.md section: the command and machine, the network table, the site table."""
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     command = (
         f"python benchmarks/fold_forms.py --runs {args.runs} --warmup {args.warmup} "
@@ -140,7 +147,20 @@ def main() -> None:
         "|---|---|---|---|---|---|",
         *rows,
     ]
-    update_section("fold_forms", "\n".join(markdown))
+    return "\n".join(markdown)
+
+
+def main() -> None:
+    args = _arguments()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        sweep = network_sweep(Path(tmp), args)
+        rows = [site_row(Path(tmp), case, args) for case in CASES]
+    markdown = _markdown(args, sweep, rows)
+    if args.no_write:
+        print(markdown)
+    else:
+        update_section("fold_forms", markdown)
 
 
 if __name__ == "__main__":

@@ -292,7 +292,7 @@ def _load_results() -> dict[str, dict]:
     return results
 
 
-def main(argv: list[str] | None = None) -> None:
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--source", choices=("all", "timm", "tv"), default="all")
@@ -305,14 +305,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fresh", action="store_true", help="ignore earlier results")
     parser.add_argument("--retry", help="comma-separated statuses to run again (failed,refused)")
     parser.add_argument("--report-only", action="store_true")
-    args = parser.parse_args(argv)
-    if args.worker:
-        worker()
-        return
-    command = shlex.join(
-        ["python", "benchmarks/zoo_sweep.py", *(argv if argv is not None else sys.argv[1:])]
-    )
-    every_model = _torchvision_models() + _timm_models()  # the report always covers them all
+    return parser.parse_args(argv)
+
+
+def _selected(
+    every_model: list[tuple[str, str]], args: argparse.Namespace
+) -> list[tuple[str, str]]:
+    """The ``(model id, family)`` pairs ``--source``, ``--families`` and ``--models`` choose."""
     models = [m for m in every_model if args.source == "all" or m[0].startswith(args.source)]
     if args.families:
         wanted = set(args.families.split(","))
@@ -320,11 +319,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.models:
         wanted = set(args.models.split(","))
         models = [m for m in models if m[0] in wanted]
-    cache = json.loads(SCAN.read_text()) if SCAN.exists() else {}
-    if not args.report_only:
-        print(f"scanning {len(models)} models on the meta device ...", flush=True)
-        scan(models, cache)
-        SCAN.write_text(json.dumps(cache, indent=0, sort_keys=True))
+    return models
+
+
+def _earlier_results(args: argparse.Namespace) -> dict[str, dict]:
+    """The results this sweep resumes from: none with ``--fresh`` (whose files are removed),
+    else the recorded ones less the statuses ``--retry`` names."""
     results = {} if args.fresh else _load_results()
     if args.retry:
         again = set(args.retry.split(","))
@@ -332,54 +332,78 @@ def main(argv: list[str] | None = None) -> None:
     if args.fresh:
         RESULTS.unlink(missing_ok=True)
         RUNS.unlink(missing_ok=True)
+    return results
+
+
+def _todo(
+    models: list[tuple[str, str]], cache: dict, results: dict, args: argparse.Namespace
+) -> list[str]:
+    """The models to run: not done yet, with BatchNorm, within ``--max-params``; small ones
+    first (the most coverage per minute), at most ``--limit``."""
+    todo = [
+        m
+        for m, _ in models
+        if m not in results
+        and cache.get(m, {}).get("batchnorm") is not False
+        and (cache.get(m, {}).get("params") or 0) <= args.max_params
+    ]
+    todo.sort(key=lambda m: (cache.get(m, {}).get("params") or 10**12, m))
+    return todo if args.limit is None else todo[: args.limit]
+
+
+def _sweep(todo: list[str], results: dict, args: argparse.Namespace) -> None:
+    """Run each model in the worker until ``--budget-min`` is spent; every record is appended
+    to RESULTS as it comes (a sweep resumes from there) and put into ``results``."""
+    deadline = time.time() + 60 * args.budget_min if args.budget_min else None
+    pool = Worker(args.max_params)
+    try:
+        with RESULTS.open("a") as sink:
+            for i, model_id in enumerate(todo, 1):
+                if deadline is not None and time.time() > deadline:
+                    print("time budget reached", flush=True)
+                    break
+                record = pool.run(model_id, args.timeout)
+                results[model_id] = record
+                sink.write(json.dumps(record) + "\n")
+                sink.flush()
+                print(
+                    f"[{i}/{len(todo)}] {model_id}: {record['status']} {record.get('reason', '')}",
+                    flush=True,
+                )
+    finally:
+        pool.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _arguments(argv)
+    if args.worker:
+        worker()
+        return
+    command = shlex.join(
+        ["python", "benchmarks/zoo_sweep.py", *(argv if argv is not None else sys.argv[1:])]
+    )
+    every_model = _torchvision_models() + _timm_models()  # the report always covers them all
+    models = _selected(every_model, args)
+    cache = json.loads(SCAN.read_text()) if SCAN.exists() else {}
+    if not args.report_only:
+        print(f"scanning {len(models)} models on the meta device ...", flush=True)
+        scan(models, cache)
+        SCAN.write_text(json.dumps(cache, indent=0, sort_keys=True))
+    results = _earlier_results(args)
     if not args.report_only:
         with RUNS.open("a") as runs:
             runs.write(command + "\n")
-    if not args.report_only:
-        todo = [
-            m
-            for m, _ in models
-            if m not in results
-            and cache.get(m, {}).get("batchnorm") is not False
-            and (cache.get(m, {}).get("params") or 0) <= args.max_params
-        ]
-        # Small models first: the most coverage per minute.
-        todo.sort(key=lambda m: (cache.get(m, {}).get("params") or 10**12, m))
-        if args.limit is not None:
-            todo = todo[: args.limit]
-        deadline = time.time() + 60 * args.budget_min if args.budget_min else None
-        pool = Worker(args.max_params)
-        try:
-            with RESULTS.open("a") as sink:
-                for i, model_id in enumerate(todo, 1):
-                    if deadline is not None and time.time() > deadline:
-                        print("time budget reached", flush=True)
-                        break
-                    record = pool.run(model_id, args.timeout)
-                    results[model_id] = record
-                    sink.write(json.dumps(record) + "\n")
-                    sink.flush()
-                    print(
-                        f"[{i}/{len(todo)}] {model_id}: {record['status']} "
-                        f"{record.get('reason', '')}",
-                        flush=True,
-                    )
-        finally:
-            pool.stop()
+        _sweep(_todo(models, cache, results, args), results, args)
     write_report(every_model, cache, results, args)
 
 
 # --------------------------------------------------------------------------- report
 
 
-def write_report(models, cache, results, args) -> None:
-    """Write ZOO.md: coverage summary, per-family table, every failure and refusal."""
-    import timm
-    import torch
-    import torchvision
-
-    commands = RUNS.read_text().splitlines() if RUNS.exists() else []
-    limit = max((_max_params_of(c) for c in commands), default=args.max_params)
+def _family_counts(
+    models: list[tuple[str, str]], cache: dict, results: dict, limit: float
+) -> tuple[Counter, list[str], dict[str, list[str]]]:
+    """(totals, one table row per family, the detail rows of the models tried per family)."""
     by_family: dict[str, list[str]] = defaultdict(list)
     for model_id, family in models:
         by_family[family].append(model_id)
@@ -409,11 +433,16 @@ def write_report(models, cache, results, args) -> None:
             f"{counts['not_run']} | {counts['tried']} | {counts['converted']} | "
             f"{counts['refused']} | {counts['failed']} | {counts['skipped']} |"
         )
-    tried = totals["tried"]
-    rate = 100.0 * totals["converted"] / tried if tried else 0.0
-    times = sorted(r["convert_s"] for r in results.values() if "convert_s" in r)
-    median = times[len(times) // 2] if times else 0.0
-    lines = [
+    return totals, family_rows, detail
+
+
+def _method_lines(commands: list[str], limit: float) -> list[str]:
+    """The report's head: the commands that ran, the machine and versions, the method."""
+    import timm
+    import torch
+    import torchvision
+
+    return [
         "# Zoo coverage: the generic IBN-a rule over timm and torchvision",
         "",
         "Commands, in the order they ran (each resumes from `benchmarks/zoo_results.jsonl`; "
@@ -433,7 +462,16 @@ def write_report(models, cache, results, args) -> None:
         "accepts, planned with `ibnify.plan` (default layout `a`, default stages) and "
         "converted; the converted model must run forward in train mode and in eval mode "
         "(batch 2) with the original's output shapes and finite outputs.",
-        "",
+    ]
+
+
+def _coverage_lines(models: list[tuple[str, str]], totals: Counter, results: dict) -> list[str]:
+    """The coverage summary: what was enumerated, skipped, tried and converted."""
+    tried = totals["tried"]
+    rate = 100.0 * totals["converted"] / tried if tried else 0.0
+    times = sorted(r["convert_s"] for r in results.values() if "convert_s" in r)
+    median = times[len(times) // 2] if times else 0.0
+    return [
         "## Coverage",
         "",
         f"- architectures enumerated: {len(models)} "
@@ -446,6 +484,20 @@ def write_report(models, cache, results, args) -> None:
         f"refused with a clear error: {totals['refused']}; failed: {totals['failed']}; "
         f"skipped (no valid input size): {totals['skipped']}",
         f"- median plan+convert time: {median:.2f} s",
+    ]
+
+
+def write_report(
+    models: list[tuple[str, str]], cache: dict, results: dict, args: argparse.Namespace
+) -> None:
+    """Write ZOO.md: coverage summary, per-family table, every failure and refusal."""
+    commands = RUNS.read_text().splitlines() if RUNS.exists() else []
+    limit = max((_max_params_of(c) for c in commands), default=args.max_params)
+    totals, family_rows, detail = _family_counts(models, cache, results, limit)
+    lines = [
+        *_method_lines(commands, limit),
+        "",
+        *_coverage_lines(models, totals, results),
         "",
         "## Not converted",
         "",
@@ -479,7 +531,7 @@ def write_report(models, cache, results, args) -> None:
             *sorted(detail[family]),
         ]
     REPORT.write_text("\n".join(lines) + "\n")
-    print(f"wrote {REPORT} ({tried} tried, {totals['converted']} converted)", flush=True)
+    print(f"wrote {REPORT} ({totals['tried']} tried, {totals['converted']} converted)", flush=True)
 
 
 def _max_params_of(command: str) -> float:

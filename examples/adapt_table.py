@@ -21,7 +21,6 @@ import torch
 
 import ibnify
 from ibnify.demo import DemoConfig, run_demo
-from ibnify.evaluation import evaluate
 
 # (row label, adapt() keyword arguments; None = the model as trained)
 METHODS = {
@@ -57,7 +56,7 @@ def measure(work: Path, target: str, seed: int) -> dict[tuple[str, str], tuple[f
             if name == "control" and label == "entropy --norms both":
                 continue  # no IN: both is bn
             runs[label] = model if kwargs is None else ibnify.adapt(model, target, **kwargs)
-        report = evaluate(runs, "digits", shifts="none", domains={"target": target})
+        report = ibnify.evaluate(runs, "digits", shifts="none", domains={"target": target})
         for label in runs:
             accuracy = report.accuracy[label]
             found[(name, label)] = (100 * accuracy["target"], 100 * accuracy["clean"])

@@ -58,6 +58,7 @@ _EXPORTS = {
     "ExportOptions": "deploy.export",
     "verify_onnx": "deploy.verify",
     **{name: "errors" for name in _ERRORS},
+    "DataError": "data.images",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

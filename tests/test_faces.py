@@ -27,7 +27,7 @@ ROOT_NAMES = {
     *("Recipe", "ConversionPlan", "ConversionSite", "PlanOptions", "IBN", "IBNAct"),
     *("IbnifyError", "InvalidOptionError", "ModelNotFoundError", "NoBatchNormError"),
     *("TraceError", "ConversionError", "WeightsError", "CheckpointError"),
-    *("ExportError", "VerificationError"),
+    *("ExportError", "VerificationError", "DataError"),
 }
 # Internal names that left the root for a package face.
 MOVED = {
@@ -60,12 +60,21 @@ def _run(code: str) -> str:
 
 def test_the_root_exports_what_the_readme_uses_and_nothing_internal() -> None:
     assert set(ibnify.__all__) == ROOT_NAMES
-    assert len(ibnify.__all__) == len(ROOT_NAMES) == 35
+    assert len(ibnify.__all__) == len(ROOT_NAMES) == 36
     assert not set(MOVED) & set(ibnify.__all__)
     for name, face in MOVED.items():
         module = importlib.import_module(f"ibnify.{face}")
         assert name in module.__all__, (face, name)
     assert issubclass(ibnify.InvalidOptionError, ibnify.IbnifyError)
+    # every error class the package defines is on the root, and each is an IbnifyError
+    errors = {
+        name
+        for name in ibnify.__all__
+        if isinstance(getattr(ibnify, name), type) and issubclass(getattr(ibnify, name), Exception)
+    }
+    assert errors == {name for name in ROOT_NAMES if name.endswith("Error")}
+    assert all(issubclass(getattr(ibnify, name), ibnify.IbnifyError) for name in errors)
+    assert ibnify.DataError is importlib.import_module("ibnify.data").DataError
     assert ibnify.FinetuneConfig is importlib.import_module("ibnify.train.config").FinetuneConfig
     assert ibnify.analyze.__name__ == "analyze_divergence"
     assert ibnify.analyze_graph.__module__ == "ibnify.core.graph"
@@ -126,28 +135,45 @@ def test_the_root_loads_no_torch_on_import() -> None:
 
 
 _IMPORT = re.compile(r"^\s*(?:from\s+(ibnify[\w.]*)\s+import|import\s+(ibnify[\w.]*))", re.M)
+# Modules a user script may import beside the faces: the demo is its own entry point
+# (``run_demo``, ``DemoConfig``; docs/demo.md), no package's public name.
+PUBLIC_MODULES = {"ibnify.demo"}
+
+
+def is_face(name: str) -> bool:
+    """Whether ``ibnify.X`` names the root or a package face (a folder with ``__init__``)."""
+    parts = name.split(".")
+    return len(parts) == 1 or (
+        len(parts) == 2 and (ROOT / "ibnify" / parts[1] / "__init__.py").is_file()
+    )
 
 
 def deep_imports(text: str) -> set[str]:
-    """The ``ibnify.X.Y`` modules (two levels or more) a piece of Python imports from."""
+    """The ibnify modules behind the faces (``ibnify.train.config``, ``ibnify.evaluation``)
+    a piece of Python imports from."""
     names = {a or b for a, b in _IMPORT.findall(text)}
-    return {name for name in names if name.count(".") >= 2}
+    return {name for name in names if not is_face(name) and name not in PUBLIC_MODULES}
 
 
 def _python_blocks(markdown: str) -> str:
-    return "\n".join(re.findall(r"```python\n(.*?)```", markdown, flags=re.S))
+    """Every fenced block's text (``python`` or not: a plain block may hold Python too)."""
+    return "\n".join(re.findall(r"^```[\w-]*\n(.*?)^```", markdown, flags=re.S | re.M))
 
 
 def test_readme_docs_and_examples_import_only_from_faces() -> None:
     sources = {
         str(path.relative_to(ROOT)): _python_blocks(path.read_text())
-        for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+        for path in [
+            ROOT / "README.md",
+            ROOT / "CONTRIBUTING.md",
+            *sorted((ROOT / "docs").glob("*.md")),
+        ]
     }
     sources |= {
         str(path.relative_to(ROOT)): path.read_text()
         for path in sorted((ROOT / "examples").glob("*.py"))
     }
-    assert "README.md" in sources and len(sources) >= 8
+    assert "README.md" in sources and "docs/api.md" in sources and len(sources) >= 14
     found = {(where, name) for where, text in sources.items() for name in deep_imports(text)}
     assert found == set()
 
@@ -156,9 +182,20 @@ def test_the_deep_import_check_catches_them() -> None:
     text = (
         "import ibnify\nfrom ibnify.data import ImageData\nfrom ibnify.train.config import X\n"
         "    import ibnify.core.graph as g\nfrom ibnify.demo import run_demo\n"
+        "from ibnify.evaluation import evaluate\nimport ibnify.api\nfrom ibnify import core\n"
     )
-    assert deep_imports(text) == {"ibnify.train.config", "ibnify.core.graph"}
+    assert deep_imports(text) == {
+        "ibnify.train.config",
+        "ibnify.core.graph",
+        "ibnify.evaluation",
+        "ibnify.api",
+    }
     markdown = (
         "x\n```python\nfrom ibnify.core.plans import P\n```\n```\nfrom ibnify.a.b import c\n```"
+        "\nfrom ibnify.outside import fence\n```py\nimport ibnify.models.registry\n```\n"
     )
-    assert deep_imports(_python_blocks(markdown)) == {"ibnify.core.plans"}
+    assert deep_imports(_python_blocks(markdown)) == {
+        "ibnify.core.plans",
+        "ibnify.a.b",
+        "ibnify.models.registry",
+    }
