@@ -53,7 +53,7 @@ _EXPORTS = {
     "OnlineAdapter": "adaptation.entropy",
     "analyze": "placement.divergence:analyze_divergence",
     "search_placement": "placement.search",
-    "SearchOptions": "placement.search",
+    "SearchOptions": "commands.search",
     "export_onnx": "deploy.export",
     "ExportOptions": "deploy.export",
     "verify_onnx": "deploy.verify",

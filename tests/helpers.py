@@ -55,6 +55,40 @@ def digits_search_argv(model: str | Path, out: str | Path, *extra: str) -> list[
     ]
 
 
+def digits_search_setup(**schedule: Any) -> tuple[nn.Module, Any, Any, Any]:
+    """What the search tests share: a tiny digits ResNet (width 4) fine-tuned one epoch from
+    seed 0, the digits train and test splits, and a CPU schedule at lr 0.05, seed 3 with
+    ``schedule`` (e.g. ``epochs=2``) on top. The caller sets torch's threads."""
+    from ibnify import finetune
+    from ibnify.data.digits import digits_data
+    from ibnify.models.small import digits_resnet
+    from ibnify.train.config import FinetuneConfig
+
+    torch.manual_seed(0)
+    base = digits_resnet(width=4)
+    train, val = digits_data("train"), digits_data("test")
+    finetune(base, train, epochs=1, lr=0.1, quiet=True, device="cpu")
+    config = FinetuneConfig(
+        **{"epochs": 1, "lr": 0.05, "seed": 3, "quiet": True, "device": "cpu", **schedule}
+    )
+    return base, train, val, config
+
+
+def class_folders(root: Path, classes: int, per_class: int = 4, size: int = 16) -> Path:
+    """An image folder of ``classes`` classes, ``per_class`` noisy images each whose mean
+    colour tells the class apart (seeded): a small labelled set a search can learn."""
+    generator = np.random.default_rng(0)
+    for index in range(classes):
+        folder = root / f"class{index}"
+        folder.mkdir(parents=True)
+        colour = np.array([(index * 97) % 256, (index * 53 + 80) % 256, (200 - index * 61) % 256])
+        for item in range(per_class):
+            noise = generator.integers(-40, 40, size=(size, size, 3))
+            pixels = np.clip(colour + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{item}.png")
+    return root
+
+
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every norm non-trivial affine parameters and running statistics.
 

@@ -27,7 +27,6 @@ PENDING: set[str] = {
     "ibnify.cli.adapt:adapt_command",
     "ibnify.cli.training:evaluate_command",
     "ibnify.data.images:image_folder_data",
-    "ibnify.placement.divergence:analyze_divergence",
 }
 
 

@@ -31,9 +31,6 @@ TINY = {"width": 4, "image_size": 8}
 
 # Library modules still allowed to name a flag in a string, each with its reason.
 FLAG_TEXT_ALLOWED = {
-    # The placement package belongs to the search work of this round; its messages move to the
-    # parameter form in the next session (the CLI's rewrite already handles that form).
-    "placement/": "placement messages: next session",
     # A report line that the CLI prints as it is (not an error): it names the flag that made it.
     "deploy/export.py": "export summary line names --no-fold",
 }

@@ -17,15 +17,12 @@ from torch.distributions import Normal, kl_divergence
 
 import ibnify
 from ibnify.cli import cli
+from ibnify.commands.inputs import ModelRequest
 from ibnify.core import apply_plan, get_plan, list_norm_layers
 from ibnify.core.plans import ConversionPlan
 from ibnify.data.digits import digits_data
 from ibnify.models.small import digits_resnet
-from ibnify.placement.divergence import (
-    analyze_divergence,
-    gaussian_symmetric_kl,
-    load_model_or_checkpoint,
-)
+from ibnify.placement.divergence import analyze_divergence, gaussian_symmetric_kl
 from ibnify.placement.divergence_report import CONTENT_FACTOR, suggest_stages
 from ibnify.train.config import FinetuneConfig
 from tests.cli_process import check_bad_inputs
@@ -152,7 +149,6 @@ def test_report_json_table_and_plot(trained, test_data, tmp_path) -> None:
         "stages",
         "suggested_stages",
         "rule",
-        "command",
     }
     assert data["images"] == 64 and data["shifts"] == ["brightness_down", "contrast_down"]
     site = data["sites"][1]
@@ -234,14 +230,18 @@ def test_weights_with_original_or_ibn_keys(tmp_path) -> None:
     plain, converted = tmp_path / "plain.pth", tmp_path / "ibn.pth"
     torch.save(digits_resnet().state_dict(), plain)
     torch.save(ibnify.convert(SOURCE).state_dict(), converted)  # default layout: stages 1-3
-    assert get_plan(load_model_or_checkpoint(SOURCE, str(plain)).model) is None
-    loaded = load_model_or_checkpoint(SOURCE, str(converted))
+    assert get_plan(ModelRequest(SOURCE, str(plain)).resolve().model) is None
+    loaded = ModelRequest(SOURCE, str(converted)).resolve()
     assert [s.name for s in get_plan(loaded.model).sites] == [
         "layer1.0.bn1",
         "layer2.0.bn1",
         "layer3.0.bn1",
     ]
-    assert loaded.convert_args() == f"{SOURCE} --weights {converted}"
+    assert loaded.rebuild_arguments() == {
+        "spec": SOURCE,
+        "weights": str(converted),
+        "model_kwargs": {},
+    }
 
 
 def test_bad_inputs_end_in_one_error_line(tmp_path) -> None:
@@ -268,10 +268,15 @@ def test_bad_inputs_end_in_one_error_line(tmp_path) -> None:
     assert sorted(tmp_path.rglob("*")) == before
 
 
-def test_checkpoint_convert_args_carry_num_classes(tmp_path) -> None:
+def test_checkpoint_rebuild_arguments_carry_num_classes(tmp_path) -> None:
     """The printed `ibnify convert` command must rebuild a head of the checkpoint's size."""
     checkpoint = tmp_path / "seven.safetensors"
     torch.manual_seed(0)
     ibnify.save(ibnify.convert(SOURCE, model_kwargs={"num_classes": 7}), checkpoint)
-    loaded = load_model_or_checkpoint(str(checkpoint))
-    assert loaded.convert_args() == f"{SOURCE} --weights {checkpoint} --num-classes 7"
+    loaded = ModelRequest(str(checkpoint)).resolve()
+    assert loaded.rebuild_arguments() == {
+        "spec": SOURCE,
+        "weights": str(checkpoint),
+        "model_kwargs": {"num_classes": 7},
+    }
+    assert loaded.label == str(checkpoint)

@@ -19,20 +19,19 @@ from click.testing import CliRunner
 import ibnify
 import ibnify.placement.candidates as candidates
 import ibnify.placement.runs as runs
+from ibnify.api import ResolvedModel
 from ibnify.cli import cli
 from ibnify.core import apply_plan
 from ibnify.core.plans import ConversionPlan
-from ibnify.data.digits import digits_data
 from ibnify.errors import InvalidOptionError
-from ibnify.models.small import digits_resnet
 from ibnify.placement.candidates import Candidate, parse_candidates
 from ibnify.placement.runs import Search
-from ibnify.placement.search import SearchInputs, SearchOptions, search_placement
+from ibnify.placement.search import SearchInputs, search_placement
 from ibnify.placement.search_state import differences, search_settings
 from ibnify.placement.study import STUDY_FILE, StudyOptions
 from ibnify.train.config import FinetuneConfig
 from tests.cli_process import check_bad_inputs
-from tests.helpers import bad_class_folders, digits_search_argv
+from tests.helpers import bad_class_folders, digits_search_argv, digits_search_setup
 
 SOURCE = "ibnify:digits_resnet"
 KWARGS = {"width": 4}
@@ -45,12 +44,7 @@ def setup():
     """Tiny base model, digits data, a one-epoch schedule; one thread for the whole module."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    base = digits_resnet(**KWARGS)
-    train, val = digits_data("train"), digits_data("test")
-    ibnify.finetune(base, train, epochs=1, lr=0.1, quiet=True, device="cpu")
-    config = FinetuneConfig(epochs=1, lr=0.05, seed=3, quiet=True, device="cpu")
-    yield base, train, val, config
+    yield digits_search_setup()
     torch.set_num_threads(threads)
 
 
@@ -180,7 +174,8 @@ def test_cli_search_prints_ranking_and_reproduce_command(setup, tmp_path) -> Non
     layout = "--layout b" if winner == "b" else "--layout a --stages 1"
     line = next(x for x in result.output.splitlines() if x.startswith("reproduce: "))
     assert line.startswith(
-        f"reproduce: ibnify convert {SOURCE} --weights {checkpoint} --input-size 3,16,16 {layout} "
+        f"reproduce: ibnify convert {SOURCE} --weights {checkpoint} --model-arg width=4 "
+        f"--input-size 3,16,16 {layout} "
         "-o ibn.safetensors && ibnify finetune ibn.safetensors --dataset digits --epochs 1 "
         "--lr 0.05 --batch-size 64 --optimizer sgd --weight-decay 0.0001 --warmup-epochs 1 "
         "--seed 0 "
@@ -245,14 +240,12 @@ RECORDED_FINETUNE = {
 def test_the_fingerprint_records_the_same_finetune_keys_as_existing_studies(setup) -> None:
     base, train, val, config = setup
     search = Search(
-        model=base,
+        base=ResolvedModel(base, SOURCE, model_kwargs=KWARGS),
         train=train,
         val=val,
         config=config,
         shifts=["brightness_down"],
         out=None,
-        arch=SOURCE,
-        model_kwargs=KWARGS,
         say=lambda _line: None,
     )
     settings = search_settings(search)
@@ -266,37 +259,11 @@ def test_the_fingerprint_records_the_same_finetune_keys_as_existing_studies(setu
     ]
 
 
-def test_search_options_give_the_schedule_field_by_field() -> None:
-    options = SearchOptions(
-        epochs=3, lr=0.05, batch_size=16, weight_decay=5e-4, warmup_epochs=0.5, seed=7
-    )
-    assert options.finetune_config() == FinetuneConfig(
-        epochs=3, lr=0.05, batch_size=16, weight_decay=5e-4, warmup_epochs=0.5, seed=7, quiet=True
-    )
-    assert SearchOptions(progress=True).finetune_config() == FinetuneConfig(quiet=False)
-
-
 def test_options_and_keywords_ask_the_same_search() -> None:
-    """The record ``ibnify search`` holds and the Python keywords become the same inputs;
-    keywords add to the record; an unknown keyword is refused."""
-    options = SearchOptions(
-        candidates=CANDIDATES,
-        shifts=SHIFTS,
-        epochs=2,
-        lr=0.05,
-        seed=3,
-        out_dir="o",
-        domains=("x=dx",),
-        objective="both",
-        max_clean_drop=2.0,
-        halving=True,
-        budget_min=1.5,
-        force=True,
-        workers=2,
-        devices="cpu, cpu",
-        pruner="hyperband",
-    )
-    study = StudyOptions(workers=2, devices=("cpu", "cpu"), pruner="hyperband")
+    """The record a search is asked by and the Python keywords become the same inputs;
+    keywords replace its fields; an unknown keyword is refused."""
+    study = StudyOptions(workers=2, devices="cpu, cpu", pruner="hyperband")
+    assert study.devices == ("cpu", "cpu")  # the command line's text, as a tuple
     config = FinetuneConfig(epochs=2, lr=0.05, seed=3, quiet=True)
     keywords = {
         "candidates": CANDIDATES,
@@ -311,13 +278,25 @@ def test_options_and_keywords_ask_the_same_search() -> None:
         "halving": True,
         "study": study,
     }
+    options = SearchInputs(**keywords)
     assert SearchInputs.of(options, {}) == SearchInputs.of(None, keywords)
-    added = SearchInputs.of(
-        options, {"arch": SOURCE, "model_kwargs": KWARGS, "input_size": (1, 8, 8)}
-    )
-    assert added == SearchInputs.of(
-        None, {**keywords, "arch": SOURCE, "model_kwargs": KWARGS, "input_size": (1, 8, 8)}
-    )
+    added = SearchInputs.of(options, {"input_size": (1, 8, 8), "force": False})
+    assert (added.input_size, added.force, added.candidates) == ((1, 8, 8), False, CANDIDATES)
     assert SearchInputs.of(None, {}) == SearchInputs(max_clean_drop=1.0, shifts="all")
     with pytest.raises(TypeError, match="epochs"):
         SearchInputs.of(None, {"epochs": 3})
+
+
+def test_a_resolved_model_carries_the_source_into_every_candidate(setup, tmp_path) -> None:
+    """``arch``/``model_kwargs`` with a module and a ResolvedModel record the same source;
+    both at once are refused before anything runs."""
+    base, train, val, config = setup
+    kept = {"candidates": "a:1", "config": config, "shifts": SHIFTS, "halving": False}
+    resolved = ResolvedModel(base, SOURCE, model_kwargs=KWARGS)
+    report = search_placement(resolved, train, val, out_dir=tmp_path / "r", **kept)
+    recipe = ibnify.read_recipe(tmp_path / "r" / "candidates" / "a_1.safetensors")
+    assert (recipe.source, dict(recipe.model_kwargs)) == (SOURCE, KWARGS)
+    again = _search(setup, tmp_path / "r", **kept)
+    assert again.reused == ["control", "a:1"] and again.table() == report.table()
+    with pytest.raises(InvalidOptionError, match="names its own source"):
+        search_placement(resolved, train, val, arch=SOURCE, **kept)

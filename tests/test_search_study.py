@@ -20,16 +20,14 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-import ibnify
 import ibnify.placement.runs as runs
 import ibnify.placement.study as study_module
 from ibnify.cli import cli
-from ibnify.data.digits import digits_data
 from ibnify.errors import InvalidOptionError
-from ibnify.models.small import digits_resnet
 from ibnify.placement.search import search_placement
 from ibnify.placement.study import PRUNERS, STUDY_FILE, SearchInterrupted, StudyOptions
 from ibnify.train.config import FinetuneConfig
+from tests.helpers import digits_search_setup
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = "ibnify:digits_resnet"
@@ -46,14 +44,7 @@ def setup():
     """Tiny trained base, digits data, a two-epoch schedule; one thread for the module."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    base = digits_resnet(**KWARGS)
-    train, val = digits_data("train"), digits_data("test")
-    ibnify.finetune(base, train, epochs=1, lr=0.1, quiet=True, device="cpu")
-    config = FinetuneConfig(
-        epochs=2, lr=0.05, seed=3, warmup_epochs=0.5, quiet=True, device="cpu", workers=0
-    )
-    yield base, train, val, config
+    yield digits_search_setup(epochs=2, warmup_epochs=0.5, workers=0)
     torch.set_num_threads(threads)
 
 

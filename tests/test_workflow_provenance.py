@@ -263,10 +263,10 @@ def test_adaptation_records_travel_with_the_file(tmp_path) -> None:
 
 def test_one_resolver_serves_analyze_and_distill(tmp_path) -> None:
     from ibnify.commands.finetune import load_teacher
-    from ibnify.placement.divergence import load_model_or_checkpoint
+    from ibnify.commands.inputs import ModelRequest
 
     path = ibnify.save(ibnify.convert(DIGITS, model_kwargs=TINY), tmp_path / "m.safetensors")
-    source = load_model_or_checkpoint(str(path))
+    source = ModelRequest(str(path)).resolve()
     assert (source.source, source.checkpoint, source.model_kwargs) == (DIGITS, str(path), TINY)
     with pytest.raises(WeightsError) as raised:
         load_teacher(DIGITS, ibnify.read_recipe(path))  # ibnify: models have no pretrained weights

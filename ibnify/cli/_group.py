@@ -27,7 +27,11 @@ __all__ = [
     "cli",
     "image_size_option",
     "invocation",
+    "model_arg_option",
+    "model_arg_text",
+    "model_options",
     "os_error_line",
+    "parse_model_arg_value",
     "threads_option",
     "to_flags",
 ]
@@ -37,16 +41,24 @@ __all__ = [
 PARAMETER_FLAGS = {
     "batch": "--batch",
     "batch_size": "--batch-size",
+    "budget_min": "--budget-min",
     "data": "--data",
     "dataset": "--dataset",
     "distill_from": "--distill-from",
+    "domain_a": "--domain-a",
+    "domain_b": "--domain-b",
     "domains": "--domain",
     "engine": "--engine",
     "force": "--force",
+    "images": "--images",
     "input_size": "--input-size",
+    "join": "--join",
     "layout": "--layout",
+    "max_clean_drop": "--max-clean-drop",
     "method": "--method",
+    "model_args": "--model-arg",
     "num_classes": "--num-classes",
+    "objective": "--objective",
     "opset": "--opset",
     "out_dir": "--out",
     "pretrained": "--pretrained",
@@ -54,10 +66,15 @@ PARAMETER_FLAGS = {
     "ratio": "--ratio",
     "resume": "--resume",
     "shifts": "--shift",
+    "space": "--space",
     "stages": "--stages",
+    "storage": "--storage",
+    "study": "--study",
     "teacher": "--distill-from",
+    "trials": "--trials",
     "val_data": "--val-data",
     "weights": "--weights",
+    "workers": "--workers",
 }
 _PARAMETER = re.compile(r"`([a-z_]+)(?:=([^`]*))?`")
 
@@ -204,6 +221,95 @@ def threads_option(function):
         type=click.IntRange(min=1),
         help="CPU threads for torch (default: torch's own choice).",
     )(command)
+
+
+def parse_model_arg_value(text: str) -> Any:
+    """A ``--model-arg`` value: ``true``/``false``, an int, a float, a comma list of those
+    (``2,2`` or ``2,`` for one item), else the text itself."""
+    if "," in text:
+        return [parse_model_arg_value(item) for item in text.split(",") if item.strip()]
+    value = text.strip()
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def model_arg_text(key: str, value: Any) -> str:
+    """``KEY=VALUE`` as :func:`parse_model_arg_value` reads it back to ``value``."""
+
+    def one(item: Any) -> str:
+        if isinstance(item, bool):
+            return str(item).lower()
+        return repr(item) if isinstance(item, float) else str(item)
+
+    if isinstance(value, list | tuple):
+        text = ",".join(one(item) for item in value) + ("," if len(value) == 1 else "")
+    else:
+        text = one(value)
+    return f"{key}={text}"
+
+
+def _parse_model_args(ctx: click.Context, param: click.Parameter, value: Any) -> dict[str, Any]:
+    """``--model-arg KEY=VALUE`` (repeated) → ``{key: value}``; a key outside the recipe
+    allowlist, a value that does not fit it, or the class count is a usage error (before
+    any model is built)."""
+    from ..models.registry import check_model_kwargs
+
+    found: dict[str, Any] = {}
+    for text in value or ():
+        key, sep, raw = text.partition("=")
+        key = key.strip()
+        if not sep or not key or not raw.strip():
+            raise click.BadParameter(f"{text!r}: write KEY=VALUE, e.g. in_chans=1", ctx, param)
+        if key == "num_classes":
+            raise click.BadParameter("give the class count with --num-classes", ctx, param)
+        if key in found:
+            raise click.BadParameter(f"{key!r} is given twice", ctx, param)
+        found[key] = parse_model_arg_value(raw)
+        try:
+            check_model_kwargs({key: found[key]}, where=text)
+        except IbnifyError as exc:
+            raise click.BadParameter(str(exc), ctx, param) from None
+    return found
+
+
+def model_arg_option(function):
+    """Add ``--model-arg KEY=VALUE`` (repeatable) to a command that builds a model by name; the
+    command receives ``model_args`` as a dict, checked against the recipe allowlist."""
+    return click.option(
+        "--model-arg",
+        "model_args",
+        multiple=True,
+        metavar="KEY=VALUE",
+        callback=_parse_model_args,
+        help="A constructor argument of a model built by name, e.g. in_chans=1 or "
+        "replace_stride_with_dilation=false,false,true (repeat for more; only network-shaping "
+        "keys, see SECURITY.md).",
+    )(function)
+
+
+def model_options(function):
+    """The model options of a command whose MODEL is a name or a checkpoint: ``--weights``,
+    ``--num-classes`` and ``--model-arg`` (the last two for a name only)."""
+    options = [
+        click.option(
+            "--weights", type=click.Path(dir_okay=False), help="Weights for a model name."
+        ),
+        click.option(
+            "--num-classes",
+            type=click.IntRange(min=1),
+            help="Classifier size of a model built by name (weights of another size: fresh head).",
+        ),
+        model_arg_option,
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
 
 
 def _fail(message: str, code: int, debug: bool) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import click
@@ -11,7 +12,10 @@ from ._group import (
     _one_data_source,
     cli,
     image_size_option,
+    model_arg_text,
+    model_options,
     threads_option,
+    to_flags,
 )
 
 __all__ = ["analyze_command", "search_command"]
@@ -19,7 +23,7 @@ __all__ = ["analyze_command", "search_command"]
 
 @cli.command("analyze")
 @click.argument("model")
-@click.option("--weights", type=click.Path(dir_okay=False), help="Weights for a model name.")
+@model_options
 @_data_options
 @click.option(
     "--shift",
@@ -56,44 +60,105 @@ __all__ = ["analyze_command", "search_command"]
 @click.option("--force", is_flag=True, help="Overwrite the plot file if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @threads_option
-def analyze_command(
-    model: str, plot: str | None, as_json: bool, force: bool, quiet: bool, **options: Any
-) -> None:
+def analyze_command(model: str, as_json: bool, quiet: bool, **options: Any) -> None:
     """Feature divergence between two domains at every norm layer (IBN-Net §3): where
     appearance lives in MODEL (a model name or an ibnify checkpoint), and a suggested --stages.
     """
-    from .._io import check_output_path
-    from ..placement.divergence import AnalyzeOptions, analyze_files
+    from ..commands.analyze import AnalyzeOptions, analyze_files
 
-    pair = options["domain_a"] is not None or options["domain_b"] is not None
-    if not pair:
+    if options["domain_a"] is None and options["domain_b"] is None:
         _one_data_source(options["data"], options["dataset"])
-    plot_path = check_output_path(plot, force=force, suffixes=(".png",)) if plot else None
-    progress = False if quiet or as_json else None
-    result = analyze_files(model, AnalyzeOptions(**options, progress=progress))
-    report, source = result.report, result.source
-    if plot_path is not None:
-        report.plot(plot_path)
+    result = analyze_files(
+        AnalyzeOptions(
+            model=_model_request(model, options),
+            inputs=_input_request(options),
+            progress=False if quiet or as_json else None,
+            **options,
+        )
+    )
+    report = result.report
+    command = _convert_line(result)
     if as_json:
-        click.echo(report.to_json())
+        click.echo(json.dumps({**report.to_dict(), "command": command}, indent=2))
         return
     what = f"shifts: {', '.join(report.shifts)}" if report.shifts else report.domain_b
     click.echo(f"{report.arch}: {report.domain_a} vs {what}; {report.images} images per domain")
     click.echo(report.table())
     click.echo("")
-    click.echo(report.summary(report.extras.get("model_args")))
-    if source.weights is None and source.checkpoint is None:
+    click.echo(to_flags(report.summary()))
+    if command is not None:
+        click.echo(f"run: {command}")
+    if result.model.weights is None and result.model.checkpoint is None:
         click.echo(
             f"note: {model} was built with random weights (no --weights); an untrained "
             "network's divergence profile says little about where appearance lives"
         )
-    if plot_path is not None:
-        click.echo(f"wrote {plot_path}")
+    if options["plot"] is not None:
+        click.echo(f"wrote {options['plot']}")
+
+
+def _model_request(model: str, options: dict[str, Any]) -> Any:
+    """MODEL and its options (popped from ``options``) as the command layer's ModelRequest."""
+    from ..commands.inputs import ModelRequest
+
+    return ModelRequest(
+        model,
+        weights=options.pop("weights"),
+        num_classes=options.pop("num_classes"),
+        model_args=options.pop("model_args"),
+    )
+
+
+def _input_request(options: dict[str, Any]) -> Any:
+    """The data options (popped from ``options``) as the command layer's InputRequest."""
+    from ..commands.inputs import InputRequest
+
+    return InputRequest(
+        data=options.pop("data"),
+        dataset=options.pop("dataset"),
+        input_size=options.pop("input_size"),
+    )
+
+
+def _model_arguments(model: Any, input_size: Any, seed: int) -> str:
+    """The MODEL arguments of a printed ``ibnify convert`` that rebuild ``model`` (a
+    ResolvedModel) before conversion: its source, weights, classes and constructor arguments,
+    the input size, and the init seed of a model built without weights (or with a fresh
+    head)."""
+    rebuild = model.rebuild_arguments()
+    kwargs = dict(rebuild["model_kwargs"])
+    words = [rebuild["spec"]]
+    if rebuild["weights"] is not None:
+        words += ["--weights", str(rebuild["weights"])]
+    if kwargs.get("num_classes") is not None:
+        words += ["--num-classes", str(kwargs.pop("num_classes"))]
+    kwargs.pop("num_classes", None)
+    for key, value in kwargs.items():
+        words += ["--model-arg", model_arg_text(key, value)]
+    if input_size is not None:
+        words += ["--input-size", ",".join(map(str, input_size))]
+    if rebuild["weights"] is None or model.head is not None:
+        words += ["--seed", str(seed)]  # the random init the model (or its fresh head) got
+    return " ".join(words)
+
+
+def _convert_line(result: Any) -> str | None:
+    """The ``ibnify convert`` command for the analysis' suggestion; None when nothing is
+    suggested or the model is converted already."""
+    report = result.report
+    stages = report.suggested_stages
+    if not stages or report.converted:
+        return None
+    from .._report import stage_range_text
+
+    stem = report.arch.split(":")[-1].replace("/", "_") or "model"
+    model = _model_arguments(result.model, result.input_size, result.seed)
+    return f"ibnify convert {model} --stages {stage_range_text(stages)} -o {stem}_ibn.safetensors"
 
 
 @cli.command("search")
 @click.argument("model")
-@click.option("--weights", type=click.Path(dir_okay=False), help="Weights for a model name.")
+@model_options
 @_data_options
 @click.option("--val-data", type=click.Path(file_okay=False), help="Labelled validation folder.")
 @click.option(
@@ -206,15 +271,16 @@ def search_command(model: str, as_json: bool, **options: Any) -> None:
     """Convert, fine-tune and evaluate candidate IBN layouts of MODEL (a model name or an
     unconverted ibnify checkpoint) plus an identically fine-tuned control; rank them.
     """
-    from ..placement.search import SearchOptions, search_files
+    from ..commands.search import search_files
 
     _one_data_source(options["data"], options["dataset"])
     echo = None if as_json else lambda line: click.echo(line, err=True)
-    result = search_files(model, SearchOptions(**options), echo=echo)
+    request = _search_options(model, options)
+    result = search_files(request, echo=echo)
     report = result.report
-    if options["join"]:
+    if request.study.join:
         click.echo(
-            f"joined study {options['study']}: no trial is left; the starting command "
+            f"joined study {request.study.study}: no trial is left; the starting command "
             "writes the report"
         )
         return
@@ -222,10 +288,70 @@ def search_command(model: str, as_json: bool, **options: Any) -> None:
         click.echo(report.to_json())
         return
     click.echo(report.table())
-    click.echo(f"{report.winner_line()}; {report.rule}")
+    click.echo(to_flags(f"{report.winner_line()}; {report.rule}"))
     if report.winner is not None:
-        click.echo(f"reproduce: {result.reproduce_command()}")
+        click.echo(f"reproduce: {_reproduce_line(result, request)}")
     if report.stopped:
-        click.echo(report.stopped)
+        click.echo(to_flags(report.stopped))
     for label, path in report.files.items():
         click.echo(f"wrote {label}: {path}")
+
+
+_STUDY_FIELDS = ("storage", "study", "workers", "devices", "threads", "join", "pruner", "space")
+_SCHEDULE_FIELDS = ("epochs", "lr", "batch_size", "weight_decay", "warmup_epochs", "seed")
+
+
+def _search_options(model: str, options: dict[str, Any]) -> Any:
+    """The click options as the command layer's SearchOptions: the model, the data, and the
+    search (its schedule and study each built once)."""
+    from ..commands.search import SearchOptions
+    from ..placement.search import SearchInputs
+    from ..placement.study import StudyOptions
+    from ..train.config import FinetuneConfig
+
+    study = StudyOptions(
+        **{name: options.pop(name) for name in _STUDY_FIELDS},
+        trials=options.pop("trials"),
+        analyze_first=options.pop("analyze_first"),
+    )
+    schedule = {name: options.pop(name) for name in _SCHEDULE_FIELDS}
+    config = FinetuneConfig(**schedule, quiet=not options.pop("progress"))
+    return SearchOptions(
+        model=_model_request(model, options),
+        inputs=_input_request(options),
+        val_data=options.pop("val_data"),
+        search=SearchInputs(
+            config=config, study=study, domains=list(options.pop("domains")), **options
+        ),
+    )
+
+
+def _reproduce_line(result: Any, options: Any) -> str:
+    """The ``ibnify convert`` + ``ibnify finetune`` commands that rebuild the winner: every
+    option that shaped it (model, weights, classes, constructor arguments, input size, the
+    init seed of a model built without weights, data, schedule, seed)."""
+    from .._report import stage_range_text
+
+    report = result.report
+    conversion = report.winner_conversion()
+    layout = f"--layout {conversion['layout']}"
+    if "stages" in conversion:
+        layout += f" --stages {stage_range_text(conversion['stages'])}"
+    if "ratio" in conversion:
+        layout += f" --ratio {conversion['ratio']:g}"
+    seed = options.config.seed
+    model = _model_arguments(result.model, result.input_size, seed)
+    if options.inputs.dataset is not None:
+        data = f"--dataset {options.inputs.dataset}"
+    else:
+        data = f"--data {options.inputs.data} --val-data {options.val_data}"
+    if result.threads is not None:
+        data += f" --threads {result.threads}"
+    s = report.settings["finetune"]
+    return (
+        f"ibnify convert {model} {layout} -o ibn.safetensors && "
+        f"ibnify finetune ibn.safetensors {data} --epochs {s['epochs']} "
+        f"--lr {s['lr']:g} --batch-size {s['batch_size']} --optimizer {s['optimizer']} "
+        f"--weight-decay {s['weight_decay']:g} --warmup-epochs {s['warmup_epochs']:g} "
+        f"--seed {s['seed']} --out runs/ibn"
+    )

@@ -6,19 +6,29 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
+from ..api import ResolvedModel, is_checkpoint_spec, resolve_model
 from ..core.plans import as_input_size
 from ..data.images import ImageData
 from ..data.sources import check_data_source, resolve_data_source
-from ..errors import InvalidOptionError
+from ..errors import CheckpointError, InvalidOptionError
 from ..models.checkpoint import input_size_for, load
+from ..models.registry import check_model_kwargs
 
-__all__ = ["InputRequest", "ResolvedInputs", "check_output_dir", "resolve_inputs"]
+__all__ = [
+    "InputRequest",
+    "ModelRequest",
+    "ResolvedInputs",
+    "check_model_args",
+    "check_output_dir",
+    "resolve_inputs",
+]
 
 
 @dataclass(frozen=True)
@@ -37,14 +47,65 @@ class InputRequest:
             as_input_size(self.input_size)
 
 
+def check_model_args(model_args: Mapping[str, Any]) -> dict[str, Any]:
+    """Constructor arguments a user gave: only keys of the recipe allowlist
+    (:data:`ibnify.models.registry.MODEL_KWARGS`), with values that fit, and never the class
+    count (``num_classes`` has its own parameter). One line naming the first refused key."""
+    if "num_classes" in model_args:
+        raise InvalidOptionError("give the class count as `num_classes`, not in `model_args`")
+    try:
+        return check_model_kwargs(dict(model_args), where="`model_args`")
+    except CheckpointError as exc:
+        raise InvalidOptionError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """What the user gave for a command's model: a name or an ibnify checkpoint (``spec``); for
+    a name, a weights file, a class count and constructor arguments (``model_args``)."""
+
+    spec: str
+    weights: str | None = None
+    num_classes: int | None = None
+    model_args: Mapping[str, Any] = field(default_factory=dict)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """The constructor arguments the model is built with (``model_args`` + the classes)."""
+        kwargs = dict(self.model_args)
+        if self.num_classes is not None:
+            kwargs["num_classes"] = self.num_classes
+        return kwargs
+
+    def check(self) -> None:
+        """Refuse, before any model is built: a weights file, classes or constructor arguments
+        with a checkpoint, a class count below 1, a key outside the allowlist."""
+        if is_checkpoint_spec(self.spec):
+            if self.weights is not None:
+                raise InvalidOptionError("`weights` applies to a model name, not to a checkpoint")
+            if self.num_classes is not None or self.model_args:
+                raise InvalidOptionError(
+                    f"{self.spec!r} is an ibnify checkpoint, it records its own classes and "
+                    "constructor arguments: `num_classes` and `model_args` apply to a model name"
+                )
+        if self.num_classes is not None and self.num_classes < 1:
+            raise InvalidOptionError(f"`num_classes={self.num_classes}` is below 1")
+        check_model_args(self.model_args)
+
+    def resolve(self) -> ResolvedModel:
+        """The model, by :func:`ibnify.api.resolve_model` (the one model resolver)."""
+        self.check()
+        return resolve_model(self.spec, self.weights, model_kwargs=self.model_kwargs() or None)
+
+
 @dataclass(frozen=True)
 class ResolvedInputs:
     """The request merged with the first checkpoint: its model and the one input size every
-    data set of the command is read at."""
+    data set of the command is read at; ``resolved``: how a :class:`ModelRequest` was met."""
 
     request: InputRequest
     model: nn.Module
     input_size: tuple[int, int, int] | None
+    resolved: ResolvedModel | None = None
 
     def data(self, split: str, seed: int = 0, *, dataset_only: bool = False) -> ImageData:
         """The requested data for ``split`` at the resolved size (``dataset_only``: the built-in
@@ -62,13 +123,19 @@ class ResolvedInputs:
 
 def resolve_inputs(
     request: InputRequest,
-    model: nn.Module | str | os.PathLike[str],
+    model: nn.Module | str | os.PathLike[str] | ModelRequest,
 ) -> ResolvedInputs:
-    """Check the request, load ``model`` when it is a checkpoint path, and decide the input
-    size: the one given, else the checkpoint's recorded size, else None (the model's own)."""
+    """Check the request, load ``model`` when it is a checkpoint path (or build or load what a
+    :class:`ModelRequest` names), and decide the input size: the one given, else the
+    checkpoint's recorded size, else None (the model's own)."""
     request.check()
-    loaded = model if isinstance(model, nn.Module) else load(model)
-    return ResolvedInputs(request, loaded, input_size_for(loaded, request.input_size))
+    resolved = model.resolve() if isinstance(model, ModelRequest) else None
+    if resolved is not None:
+        loaded = resolved.model
+    else:
+        loaded = model if isinstance(model, nn.Module) else load(model)  # type: ignore[arg-type]
+    size = input_size_for(loaded, request.input_size)
+    return ResolvedInputs(request, loaded, size, resolved)
 
 
 def check_output_dir(path: str | os.PathLike[str]) -> Path:

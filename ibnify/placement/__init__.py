@@ -10,12 +10,8 @@ from __future__ import annotations
 from .._lazy import lazy_exports
 
 _EXPORTS = {
-    "AnalyzeOptions": "divergence",
-    "AnalyzeResult": "divergence",
     "analyze_divergence": "divergence",
-    "analyze_files": "divergence",
     "gaussian_symmetric_kl": "divergence",
-    "load_model_or_checkpoint": "divergence",
     "CONTENT_FACTOR": "divergence_report",
     "SUGGESTION_RULE": "divergence_report",
     "DivergenceReport": "divergence_report",
@@ -27,9 +23,7 @@ _EXPORTS = {
     "choose_candidates": "candidates",
     "parse_candidates": "candidates",
     "SearchInputs": "search",
-    "SearchOptions": "search",
-    "SearchResult": "search",
-    "search_files": "search",
+    "choose_objective": "search",
     "search_placement": "search",
     "OBJECTIVES": "search_report",
     "RANK_RULE": "search_report",

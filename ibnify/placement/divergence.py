@@ -8,7 +8,7 @@ layers, which is why IN goes there and BN stays deep. :func:`analyze_divergence`
 measurement for their own network and data: at the output of every norm layer the graph analysis
 finds (converted or not, in execution order, with its stage), plus a content baseline — the same
 measure between two random halves of one domain — so divergence can be read against noise. The
-report suggests ``--stages`` from it (rule in :data:`SUGGESTION_RULE`).
+report suggests ``stages`` from it (rule in :data:`SUGGESTION_RULE`).
 
 This module measures; :mod:`ibnify.placement.divergence_report` holds the report (table, JSON,
 plot) and the suggestion rule, whose names are re-exported here.
@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,19 +26,17 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from ..api import is_checkpoint_spec, resolve_model
 from ..api import plan as make_plan
 from ..core.generic import require_batchnorm
 from ..core.graph import analyze
 from ..core.modules import device_of, eval_mode
 from ..core.plans import ConversionPlan
 from ..core.recipe import get_recipe
-from ..data.domains import check_same_classes, parse_domain
-from ..data.images import DataError, ImageData, Normalize, image_folder_data
+from ..data.images import DataError, ImageData, Normalize
 from ..data.shifts import CLEAN, apply_shift, parse_shifts
-from ..data.sources import as_image_data, resolve_data_source
+from ..data.sources import as_image_data
 from ..errors import IbnifyError, InvalidOptionError
-from ..models.checkpoint import input_size_for, recipe_input_size
+from ..models.checkpoint import recipe_input_size
 from .divergence_report import (
     CONTENT_FACTOR,
     SUGGESTION_RULE,
@@ -51,14 +48,10 @@ from .divergence_report import (
 __all__ = [
     "CONTENT_FACTOR",
     "SUGGESTION_RULE",
-    "AnalyzeOptions",
-    "AnalyzeResult",
     "DivergenceReport",
     "SiteDivergence",
     "analyze_divergence",
-    "analyze_files",
     "gaussian_symmetric_kl",
-    "load_model_or_checkpoint",
     "suggest_stages",
 ]
 
@@ -66,72 +59,6 @@ __all__ = [
 # both domains (an IN channel's mean over H×W is exactly its beta; a dead ReLU is zero) then
 # contributes 0 instead of 0/0.
 _VARIANCE_FLOOR = 1e-5
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """How the analysed model was given: a name (+ weights file) or an ibnify checkpoint."""
-
-    model: nn.Module
-    source: str
-    label: str
-    weights: str | None = None
-    checkpoint: str | None = None
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-
-    def convert_args(self) -> str:
-        """The ``ibnify convert`` arguments that rebuild this model's weights before conversion.
-
-        Of a checkpoint's constructor arguments only ``num_classes`` has a CLI option; a recipe
-        with others (``width``, ``in_chans``, ...) cannot be rebuilt from the command line.
-        """
-        if self.checkpoint is not None:
-            classes = self.model_kwargs.get("num_classes")
-            extra = f" --num-classes {classes}" if classes is not None else ""
-            return f"{self.source} --weights {self.checkpoint}{extra}"
-        if self.weights is not None:
-            return f"{self.label} --weights {self.weights}"
-        return self.label
-
-
-def _convert_args(source: ModelSource, input_size: Sequence[int] | None, seed: int) -> str:
-    """MODEL arguments of the printed ``ibnify convert``: the model, its weights or classes,
-    the input size it was analysed at, and the init seed of a model built without weights."""
-    args = source.convert_args()
-    if input_size is not None:
-        args += " --input-size " + ",".join(map(str, input_size))
-    if source.weights is None and source.checkpoint is None:
-        args += f" --seed {seed}"
-    return args
-
-
-def load_model_or_checkpoint(spec: str, weights: str | None = None) -> ModelSource:
-    """A model name (``resnet50``, ``timm:…``, ``ibnify:…``) with optional weights, or a checkpoint.
-
-    Resolved by :func:`ibnify.api.resolve_model`, as every command's MODEL: a path to an
-    existing file (or ``*.safetensors``) is an ibnify checkpoint; anything else is built by
-    name and, with ``weights``, loaded strictly: the original model's keys, or IBN keys of the
-    default IBN-a layout (the IBN-Net authors' checkpoints, as ``ibnify convert``).
-
-    Raises:
-        InvalidOptionError: ``weights`` given with a checkpoint.
-        NoBatchNormError: the model holds no BatchNorm (nothing for IBN to split).
-    """
-    if weights is not None and is_checkpoint_spec(spec):
-        raise InvalidOptionError("--weights applies to a model name, not to a checkpoint")
-    resolved = resolve_model(spec, weights)
-    if resolved.checkpoint is not None:
-        result = ModelSource(
-            resolved.model,
-            resolved.source,
-            spec,
-            checkpoint=spec,
-            model_kwargs=dict(resolved.model_kwargs),
-        )
-    else:
-        result = ModelSource(resolved.model, resolved.source, spec, weights=weights)
-    require_batchnorm(resolved.model, result.source)
-    return result
 
 
 def gaussian_symmetric_kl(
@@ -248,11 +175,12 @@ def analyze_divergence(
     arch: str | None = None,
 ) -> DivergenceReport:
     """Feature divergence between two domains at every norm layer of ``model`` (IBN-Net §3).
+    Reason: nine parameters, as ``ibnify.analyze`` (the docs and examples call its keywords).
 
     Args:
         model: a BatchNorm CNN (converted or not); put in eval mode for the run, then restored.
         data_a: domain A, images in [0, 1] with the model's mean/std; or an image folder
-            path (or ``"digits"``), read as ``ibnify analyze --data`` reads it.
+            path (or ``"digits"``), read as ``ibnify analyze`` reads its data.
         data_b: domain B (ImageData or a folder path); None makes B the shifted copy of A under
             each of ``shifts`` (the appearance shifts of ``ibnify evaluate``) and averages the
             divergence over them.
@@ -264,8 +192,6 @@ def analyze_divergence(
 
     Cost: ``(1 + len(shifts)) × images`` forward passes (two-folder mode: ``2 × images``).
     """
-    # Nine parameters by its reason: this is ``ibnify.analyze``, whose keywords the docs and
-    # examples call (seven of them keyword-only); its length is mostly the docstring.
     views = [CLEAN] if data_b is not None else [CLEAN, *parse_shifts(shifts)]
     if len(views) == 1 and data_b is None:
         raise InvalidOptionError("give a second domain or at least one shift")
@@ -351,125 +277,3 @@ def _sites(
             )
         )
     return sites
-
-
-@dataclass(frozen=True)
-class AnalyzeOptions:
-    """What ``ibnify analyze`` is asked, as one record (its options map one to one).
-
-    Data: ``data`` (an image folder) or ``dataset`` (``"digits"``), whose B domain is the
-    shifted copy under ``shifts``, or one target domain ``NAME=FOLDER`` in ``domains``
-    (as ``evaluate``/``search`` take it); or two folders ``domain_a``/``domain_b``. ``input_size``
-    (C, H, W) is the size folders are read at (default: the checkpoint's recorded size, else
-    the model's own).
-    """
-
-    weights: str | None = None
-    data: str | None = None
-    dataset: str | None = None
-    shifts: str | None = None
-    domain_a: str | None = None
-    domain_b: str | None = None
-    domains: tuple[str, ...] = ()
-    images: int | None = 256
-    batch_size: int = 64
-    seed: int = 0
-    input_size: tuple[int, int, int] | None = None
-    progress: bool | None = None
-
-
-@dataclass(frozen=True)
-class AnalyzeResult:
-    """What :func:`analyze_files` returns: the report and how the model was given."""
-
-    report: DivergenceReport
-    source: ModelSource
-
-
-def _check_analyze_data(options: AnalyzeOptions) -> None:
-    """One way to name the data: ``data``/``dataset`` (shifted) or two domain folders."""
-    pair = options.domain_a is not None or options.domain_b is not None
-    if options.domains:
-        if pair:
-            raise InvalidOptionError("give --domain or --domain-a/--domain-b, not both")
-        if len(options.domains) > 1:
-            raise InvalidOptionError(
-                "analyze compares two domains: give one --domain NAME=FOLDER (run it once per "
-                "target domain)"
-            )
-        if options.shifts is not None:
-            raise InvalidOptionError("--shift applies without --domain (one domain, shifted)")
-        parse_domain(options.domains[0])
-    if pair and (options.data is not None or options.dataset is not None):
-        raise InvalidOptionError("give --domain-a/--domain-b or --data/--dataset, not both")
-    if pair and (options.domain_a is None or options.domain_b is None):
-        raise InvalidOptionError("give both --domain-a DIR and --domain-b DIR")
-    if pair and options.shifts is not None:
-        raise InvalidOptionError("--shift applies to --data/--dataset (one domain, shifted)")
-    if not pair and options.shifts is not None:
-        parse_shifts(options.shifts)  # a bad --shift fails before anything loads
-
-
-def _target_domain(
-    domains: tuple[str, ...],
-    model: nn.Module,
-    source: ImageData,
-    size: tuple[int, int, int] | None,
-) -> ImageData | None:
-    """Domain B from ``--domain NAME=FOLDER`` (labels optional), named NAME; None without one."""
-    if not domains:
-        return None
-    name, folder = parse_domain(domains[0])
-    try:
-        target = image_folder_data(folder, model, input_size=size)
-    except DataError as exc:
-        raise DataError(f"domain {name!r}: {exc}") from exc
-    target = ImageData(
-        target.dataset, target.mean, target.std, target.num_classes, target.labelled, name
-    )
-    check_same_classes(source, target)
-    return target
-
-
-def analyze_files(model: str, options: AnalyzeOptions | None = None) -> AnalyzeResult:
-    """What ``ibnify analyze`` does: load MODEL (a name, + weights, or an ibnify checkpoint) and
-    its data, then measure the feature divergence at every norm layer.
-
-    A model built without weights gets the same init every run (``options.seed``).
-
-    Raises:
-        InvalidOptionError: conflicting or incomplete data options, an unknown shift.
-        DataError: a missing or empty folder, or two domains with different class sets.
-    """
-    options = options or AnalyzeOptions()
-    _check_analyze_data(options)
-    torch.manual_seed(options.seed)
-    source = load_model_or_checkpoint(model, options.weights)
-    size = input_size_for(source.model, options.input_size)
-    if options.domain_a is not None:
-        first = image_folder_data(options.domain_a, source.model, input_size=size)
-        second = image_folder_data(options.domain_b, source.model, input_size=size)  # type: ignore[arg-type]
-        check_same_classes(first, second, "domains")
-    else:
-        first = resolve_data_source(
-            options.data,
-            options.dataset,
-            source.model,
-            split="test",
-            seed=options.seed,
-            input_size=size,
-        )
-        second = _target_domain(options.domains, source.model, first, size)
-    report = analyze_divergence(
-        source.model,
-        first,
-        second,
-        shifts=options.shifts or "all",
-        images=options.images,
-        batch_size=options.batch_size,
-        seed=options.seed,
-        progress=options.progress,
-        arch=source.source,
-    )
-    report.extras["model_args"] = _convert_args(source, options.input_size, options.seed)
-    return AnalyzeResult(report, source)

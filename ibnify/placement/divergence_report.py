@@ -1,5 +1,5 @@
 """What :func:`ibnify.analyze` returns: divergence per site and per stage, the
-suggested ``--stages`` (rule in :data:`SUGGESTION_RULE`), and its table, JSON and plot."""
+suggested ``stages`` (rule in :data:`SUGGESTION_RULE`), and its table, JSON and plot."""
 
 from __future__ import annotations
 
@@ -97,19 +97,8 @@ class DivergenceReport:
 
     @property
     def suggested_stages(self) -> tuple[int, ...]:
-        """Stages for ``--stages`` by :data:`SUGGESTION_RULE`; empty when none qualifies."""
+        """Stages for ``stages`` by :data:`SUGGESTION_RULE`; empty when none qualifies."""
         return suggest_stages(self.stage_divergence, self.stage_content)
-
-    def command(self, model: str | None = None) -> str | None:
-        """The ``ibnify convert`` command for the suggestion (``model``: its MODEL arguments);
-        None when nothing is suggested or the model is converted already."""
-        stages = self.suggested_stages
-        if not stages or self.converted:
-            return None
-        target = model or self.arch
-        stem = self.arch.split(":")[-1].replace("/", "_") or "model"
-        stages_arg = stage_range_text(stages)
-        return f"ibnify convert {target} --stages {stages_arg} -o {stem}_ibn.safetensors"
 
     def table(self) -> str:
         """Markdown tables: every norm site in execution order, then one row per stage."""
@@ -146,15 +135,15 @@ class DivergenceReport:
             [*markdown_table(header, rows), "", *markdown_table(stage_header, stage_rows)]
         )
 
-    def summary(self, model: str | None = None) -> str:
-        """The suggestion in words, the rule, and the command to run it."""
+    def summary(self) -> str:
+        """The suggestion in words (the ``stages`` to convert) and the rule."""
         stages = self.suggested_stages
         lines = []
         if stages:
-            lines.append(f"suggested --stages {stage_range_text(stages)}")
+            lines.append(f"suggested `stages={stage_range_text(stages)}`")
         else:
             lines.append(
-                "suggested --stages: none (no stage's divergence is clearly above the content "
+                "suggested `stages`: none (no stage's divergence is clearly above the content "
                 "baseline; IN is unlikely to help for these domains)"
             )
         lines.append(f"rule: {SUGGESTION_RULE}")
@@ -163,9 +152,6 @@ class DivergenceReport:
                 "the model is converted already (its sites are marked); apply the suggestion to "
                 "the unconverted network"
             )
-        command = self.command(model)
-        if command:
-            lines.append(f"run: {command}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -184,8 +170,7 @@ class DivergenceReport:
             },
             "suggested_stages": list(self.suggested_stages),
             "rule": SUGGESTION_RULE,
-            "command": self.command(self.extras.get("model_args")),
-            **{k: v for k, v in self.extras.items() if k != "model_args"},
+            **self.extras,
         }
 
     def to_json(self, indent: int | None = 2) -> str:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
-from ..api import convert
+from ..api import ResolvedModel, convert
 from ..data.images import ImageData
 from ..evaluation import evaluate
 from ..models.checkpoint import save
@@ -64,22 +64,27 @@ def rung_epochs(epochs: int, first: int, factor: int = 2) -> list[int]:
 class Search:
     """The fixed inputs of one search: base model, data, schedule, rule, where results go.
 
+    ``base`` is the base model with its provenance (``source:name`` and constructor
+    arguments, recorded in every candidate's checkpoint so ``ibnify.load`` rebuilds it);
     ``device`` is where this worker trains and evaluates (``config.device`` when None).
     """
 
-    model: nn.Module
+    base: ResolvedModel
     train: ImageData
     val: ImageData
     config: FinetuneConfig
     shifts: list[str]
     out: Path | None
-    arch: str | None
-    model_kwargs: dict[str, Any] | None
     say: Callable[[str], None]
     domains: dict[str, ImageData] = field(default_factory=dict)
     objective: str = "shifts"
     max_clean_drop: float | None = None
     device: str | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        """The unconverted base model every candidate is converted from."""
+        return self.base.model
 
     @property
     def input_size(self) -> tuple[int, int, int]:
@@ -96,8 +101,8 @@ class Search:
             stages=candidate.stages or None,
             ratio=candidate.ratio,
             input_size=self.input_size,
-            arch=self.arch,
-            model_kwargs=self.model_kwargs,
+            arch=self.base.source or None,
+            model_kwargs=self.base.model_kwargs or None,
         )
 
     def measure(

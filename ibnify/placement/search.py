@@ -9,7 +9,7 @@ stay in its storage (``OUT/study.journal`` by default) and are never rerun, so a
 interrupted and resumed, widened with more candidates, or shared by workers on many machines.
 
 This module runs the search; :mod:`ibnify.placement.search_report` holds the results, their
-ranking and output (table, JSON, Pareto plot, reproduce command).
+ranking and output (table, JSON, Pareto plot, the winner's conversion).
 """
 
 from __future__ import annotations
@@ -21,25 +21,26 @@ import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from .._io import atomic_write_bytes
+from ..api import ResolvedModel
 from ..core.generic import require_batchnorm
 from ..core.graph import analyze
-from ..data.domains import check_same_classes, load_domains, parse_domain
-from ..data.images import ImageData, image_folder_data
+from ..core.modules import device_of
+from ..data.domains import check_same_classes, domain_specs, load_domains
+from ..data.images import ImageData
 from ..data.shifts import parse_shifts
-from ..data.sources import as_image_data, check_data_source, resolve_data_source
+from ..data.sources import as_image_data
 from ..errors import InvalidOptionError
-from ..models.checkpoint import input_size_for
-from ..train.config import TRAJECTORY_FIELDS, FinetuneConfig
+from ..train.checks import check_fits
+from ..train.config import FinetuneConfig
 from .candidates import CONTROL, Candidate, choose_candidates, parse_candidates
-from .divergence import ModelSource, analyze_divergence, load_model_or_checkpoint
+from .divergence import analyze_divergence
 from .runs import Search
 from .search_report import OBJECTIVES, SearchReport
 from .search_state import budget_stop, search_settings
@@ -59,19 +60,17 @@ from .study import (
 
 __all__ = [
     "SearchInputs",
-    "SearchOptions",
-    "SearchResult",
     "StudyOptions",
-    "search_files",
+    "choose_objective",
     "search_placement",
 ]
 
 
 def search_placement(
-    model: nn.Module,
+    model: nn.Module | ResolvedModel,
     train_data: ImageData | str | os.PathLike[str],
     val_data: ImageData | str | os.PathLike[str],
-    options: SearchOptions | None = None,
+    options: SearchInputs | None = None,
     *,
     echo: Callable[[str], None] | None = None,
     **keywords: Any,
@@ -79,36 +78,72 @@ def search_placement(
     """Try candidate IBN layouts on ``model`` and rank them by accuracy under shift or on the
     user's target domains.
 
-    The search is asked either by ``options`` (a :class:`SearchOptions`, as ``ibnify search``
-    holds it; ``keywords`` may then add ``arch``, ``model_kwargs``, ``config`` or
-    ``input_size``) or by the keywords below alone; both become one :class:`SearchInputs`.
+    The search is asked by ``options`` (a :class:`SearchInputs`; ``keywords`` then replace its
+    fields) or by the keywords alone; both become one :class:`SearchInputs`.
 
     Args:
-        model: the unconverted, trained base model (left untouched).
+        model: the unconverted, trained base model (left untouched); a
+            :class:`~ibnify.api.ResolvedModel` also names its source and constructor
+            arguments, recorded in every candidate's checkpoint so ``ibnify.load`` rebuilds it.
         train_data: labelled training images for the fine-tune (same for every candidate), or
             an image folder path (or ``"digits"``).
         val_data: labelled images (or a folder) for the clean and shifted evaluation.
-        options: the search as ``ibnify search`` is asked it.
+        options: the search as ``ibnify search`` asks it.
         echo: called with one progress line per step.
         **keywords: the fields of :class:`SearchInputs` (``candidates``, ``config``,
-            ``shifts``, ``budget_min``, ``out_dir``, ``force``, ``arch``, ``model_kwargs``,
-            ``domains``, ``objective``, ``max_clean_drop``, ``halving``, ``input_size``,
-            ``study``), each described there.
+            ``shifts``, ``budget_min``, ``out_dir``, ``force``, ``domains``, ``objective``,
+            ``max_clean_drop``, ``halving``, ``input_size``, ``study``), each described there;
+            with an ``nn.Module``, ``arch`` and ``model_kwargs`` name its source and
+            constructor arguments (what a ResolvedModel carries).
     """
-    # Long by its reason (a 28-line docstring, ~50 of code): every check comes first, so that
-    # bad input fails before any training, then the study runs in one visible sequence.
+    base = _base(model, keywords.pop("arch", None), keywords.pop("model_kwargs", None))
     asked = SearchInputs.of(options, keywords)
-    say = echo or (lambda _line: None)
-    study = asked.study or StudyOptions()
-    study.validate()
+    asked.check()
     config = copy.deepcopy(asked.config or FinetuneConfig(quiet=True))
     config.out_dir, config.resume, config.stop_after = None, False, None
     config.validate()
-    search, shift_names = _prepare(model, train_data, val_data, asked, config, say)
+    search, shift_names = _prepare(base, train_data, val_data, asked, config, echo)
+    run, out = _study_run(search, shift_names, asked)
+    study = run.options
+    the_study = open_study(run, open_storage(study.storage, out, study.grace_s), asked.force)
+    before = set(study_results(the_study))
+    try:
+        run_study(the_study, run)
+    except KeyboardInterrupt as exc:
+        raise SearchInterrupted(_interrupted_line(the_study, out, study)) from exc
+    report = _report(
+        the_study, run, shift_names, list(search.domains), asked.max_clean_drop, before
+    )
+    if out is not None and not study.join:
+        _write_outputs(out, report, study)
+    return report
+
+
+def _base(
+    model: nn.Module | ResolvedModel, arch: str | None, model_kwargs: dict[str, Any] | None
+) -> ResolvedModel:
+    """The base model with its provenance: a ResolvedModel as given, or a module with the
+    ``arch``/``model_kwargs`` keywords (not both)."""
+    if isinstance(model, ResolvedModel):
+        if arch is not None or model_kwargs is not None:
+            raise InvalidOptionError(
+                "a resolved model names its own source: give `arch` and `model_kwargs` with a "
+                "module only"
+            )
+        return model
+    return ResolvedModel(model, arch or "", model_kwargs=dict(model_kwargs or {}))
+
+
+def _study_run(
+    search: Search, shift_names: list[str], asked: SearchInputs
+) -> tuple[StudyRun, Path | None]:
+    """Every candidate planned (bad input fails here, before any training), the output folder
+    made, the pruner and fingerprint chosen: the study's run and its output folder."""
+    study, config = asked.study or StudyOptions(), search.config
     if study.workers > 1 and asked.out_dir is None and study.storage is None:
-        raise InvalidOptionError("several workers need an output folder or a storage")
+        raise InvalidOptionError("several `workers` need an `out_dir` or a `storage`")
     items, chosen, seed_params = _candidates(
-        model, search.val, shift_names, config.seed, asked.candidates, study
+        search.model, search.val, shift_names, config.seed, asked.candidates, study
     )
     out = Path(asked.out_dir) if asked.out_dir is not None else None
     if out is not None:
@@ -134,29 +169,19 @@ def search_placement(
         seed_params=seed_params,
         budget_min=asked.budget_min,
     )
-    the_study = open_study(run, open_storage(study.storage, out, study.grace_s), asked.force)
-    before = set(study_results(the_study))
-    try:
-        run_study(the_study, run)
-    except KeyboardInterrupt as exc:
-        raise SearchInterrupted(_interrupted_line(the_study, out, study)) from exc
-    report = _report(
-        the_study, run, shift_names, list(search.domains), asked.max_clean_drop, before
-    )
-    if out is not None and not study.join:
-        _write_outputs(out, report, study)
-    return report
+    return run, out
 
 
 @dataclass(frozen=True)
 class SearchInputs:
     """What one :func:`search_placement` call is asked, in Python's terms (data sets as
     :class:`ImageData` or folders, candidates as a list or a string, the schedule as a
-    :class:`FinetuneConfig`): built from a :class:`SearchOptions` or from keywords, in
-    :meth:`of` only.
+    :class:`FinetuneConfig`, the study as :class:`StudyOptions`): each field once; ``ibnify
+    search`` holds one in its options record.
 
     Attributes:
-        candidates: ``"auto"`` (:func:`auto_candidates`), a ``--candidates`` string, or a list.
+        candidates: ``"auto"`` (:func:`auto_candidates`), a candidates string
+            (``"a:1;a:1-2@0.25;b"``), or a list.
         config: the fine-tune schedule and seed (:class:`ibnify.train.FinetuneConfig`), used
             unchanged for every candidate and the control.
         shifts: shifts to evaluate under (default all).
@@ -166,8 +191,6 @@ class SearchInputs:
             ``candidates/*.safetensors``, ``best.safetensors``, ``report.json`` and
             ``pareto.png`` go; candidates the study finished earlier are reused.
         force: start the study over (its finished candidates are discarded).
-        arch, model_kwargs: recorded in the candidates' checkpoints so ``ibnify.load`` can
-            rebuild them (``source:name`` and constructor arguments of the base model).
         domains: labelled target domains (``{name: folder or ImageData}`` or ``NAME=FOLDER``
             strings) with the classes of ``val_data``, evaluated for every candidate.
         objective: ``"shifts"``, ``"domains"`` or ``"both"`` (default: domains when given).
@@ -178,7 +201,7 @@ class SearchInputs:
             is in the worse half of those measured there stops; a candidate that goes on trains
             exactly as without pruning, so the winner's checkpoint is the same file.
         input_size: (C, H, W) folders are read at (default: the model's).
-        study: storage, study name, workers, devices, join, pruner, space
+        study: storage, study name, workers, devices, threads, join, pruner, space
             (:class:`StudyOptions`).
     """
 
@@ -188,8 +211,6 @@ class SearchInputs:
     budget_min: float | None = None
     out_dir: str | os.PathLike[str] | None = None
     force: bool = False
-    arch: str | None = None
-    model_kwargs: dict[str, Any] | None = None
     domains: Mapping[str, ImageData | str | os.PathLike[str]] | Sequence[str] | None = None
     objective: str | None = None
     max_clean_drop: float | None = 1.0
@@ -198,57 +219,55 @@ class SearchInputs:
     study: StudyOptions | None = None
 
     @classmethod
-    def of(cls, options: SearchOptions | None, keywords: Mapping[str, Any]) -> SearchInputs:
-        """The one place a search's inputs are built: from ``options`` (then ``keywords``
-        add to or replace its fields) or from ``keywords`` alone (an unknown one: TypeError)."""
-        if options is None:
-            return cls(**keywords)
-        asked = cls(
-            candidates=options.candidates,
-            config=options.finetune_config(),
-            shifts=options.shifts,
-            budget_min=options.budget_min,
-            out_dir=options.out_dir,
-            force=options.force,
-            domains=list(options.domains),
-            objective=options.objective,
-            max_clean_drop=options.max_clean_drop,
-            halving=options.halving,
-            input_size=options.input_size,
-            study=options.study_options(),
-        )
-        return replace(asked, **keywords)
+    def of(cls, options: SearchInputs | None, keywords: Mapping[str, Any]) -> SearchInputs:
+        """``options`` with ``keywords`` replacing its fields, or the keywords alone (an
+        unknown one: TypeError)."""
+        return cls(**keywords) if options is None else replace(options, **keywords)
+
+    def check(self) -> None:
+        """Every check that needs neither model nor data, so that bad input fails before
+        anything loads: shifts, candidates and space syntax, domain names, objective, study
+        and schedule."""
+        parse_shifts(self.shifts)
+        if isinstance(self.candidates, str) and self.candidates.strip().lower() != "auto":
+            parse_candidates(self.candidates)
+        names = list(domain_specs(self.domains))
+        choose_objective(self.objective, names, self.max_clean_drop)
+        study = self.study or StudyOptions()
+        study.validate()
+        if study.space is not None:
+            parse_space(study.space)
 
 
 def _prepare(
-    model: nn.Module,
+    base: ResolvedModel,
     train_data: ImageData | str | os.PathLike[str],
     val_data: ImageData | str | os.PathLike[str],
     asked: SearchInputs,
     config: FinetuneConfig,
-    say: Callable[[str], None],
+    echo: Callable[[str], None] | None,
 ) -> tuple[Search, list[str]]:
     """The checked data, shifts, domains and rule as the search's fixed inputs (no output
     folder yet), so that bad input fails before any training."""
-    require_batchnorm(model, asked.arch or type(model).__name__)
+    model = base.model
+    require_batchnorm(model, base.source or type(model).__name__)
     shift_names = list(parse_shifts(asked.shifts))
     train = as_image_data(train_data, model, "train", input_size=asked.input_size)
     val = as_image_data(val_data, model, "test", input_size=asked.input_size)
     check_same_classes(train, val, "training and validation folders")
     if not train.labelled or not val.labelled:
         raise InvalidOptionError("search needs labelled training and validation data")
+    check_fits(model, train, None, device_of(model), val)  # the head fits, before any run
     targets = load_domains(asked.domains, model, val, asked.input_size)
-    objective, max_clean_drop = _objective(asked.objective, targets, asked.max_clean_drop)
+    objective, max_clean_drop = choose_objective(asked.objective, targets, asked.max_clean_drop)
     search = Search(
-        model=model,
+        base=base,
         train=train,
         val=val,
         config=config,
         shifts=shift_names,
         out=None,
-        arch=asked.arch,
-        model_kwargs=asked.model_kwargs,
-        say=say,
+        say=echo or (lambda _line: None),
         domains=targets,
         objective=objective,
         max_clean_drop=max_clean_drop,
@@ -345,10 +364,11 @@ def _report(
     return report
 
 
-def _objective(
-    objective: str | None, domains: dict[str, ImageData], max_clean_drop: float | None
+def choose_objective(
+    objective: str | None, domains: Sequence[str], max_clean_drop: float | None
 ) -> tuple[str, float | None]:
-    """The checked ``(objective, max_clean_drop)``: domains by default when there are some."""
+    """The checked ``(objective, max_clean_drop)`` for target ``domains`` (their names):
+    domains by default when there are some."""
     chosen = objective or ("domains" if domains else "shifts")
     if chosen not in OBJECTIVES:
         raise InvalidOptionError(
@@ -356,7 +376,7 @@ def _objective(
         )
     if chosen != "shifts" and not domains:
         raise InvalidOptionError(
-            f"--objective {chosen} needs target domains: give --domain NAME=FOLDER"
+            f"`objective={chosen}` needs target domains: give `domains=NAME=FOLDER`"
         )
     if max_clean_drop is not None and not max_clean_drop >= 0:
         raise InvalidOptionError(f"max clean drop must be 0 or more points, got {max_clean_drop}")
@@ -378,155 +398,3 @@ def _write_outputs(out: Path, report: SearchReport, options: StudyOptions) -> No
     report.files["report"] = atomic_write_bytes(
         out / "report.json", (report.to_json() + "\n").encode()
     )
-
-
-# The fine-tuning defaults (constants.FINETUNE_DEFAULTS, as the config declares them).
-_SCHEDULE = FinetuneConfig()
-
-
-@dataclass(frozen=True)
-class SearchOptions:
-    """What ``ibnify search`` is asked, as one record (its options map one to one).
-
-    Data: ``data`` + ``val_data`` (image folders) or ``dataset`` (``"digits"``: its train and
-    test splits); ``domains`` are ``NAME=FOLDER`` labelled target folders. ``input_size``
-    (C, H, W) is the size folders are read at (default: the checkpoint's recorded size, else
-    the model's own).
-    """
-
-    weights: str | None = None
-    data: str | None = None
-    dataset: str | None = None
-    val_data: str | None = None
-    domains: tuple[str, ...] = ()
-    objective: str | None = None
-    max_clean_drop: float | None = 1.0
-    halving: bool | None = None
-    candidates: str = "auto"
-    epochs: int = _SCHEDULE.epochs
-    lr: float = _SCHEDULE.lr
-    batch_size: int = _SCHEDULE.batch_size
-    weight_decay: float = _SCHEDULE.weight_decay
-    warmup_epochs: float = _SCHEDULE.warmup_epochs
-    shifts: str = "all"
-    budget_min: float | None = None
-    out_dir: str | None = None
-    seed: int = _SCHEDULE.seed
-    force: bool = False
-    progress: bool = False
-    input_size: tuple[int, int, int] | None = None
-    storage: str | None = None
-    study: str = "ibnify-search"
-    workers: int = 1
-    devices: str | None = None
-    threads: int | None = None
-    join: bool = False
-    pruner: str | None = None
-    space: str | None = None
-    trials: int | None = None
-    analyze_first: bool = True
-
-    def study_options(self) -> StudyOptions:
-        """How the search runs as a study (storage, workers, pruner, space)."""
-        devices = tuple(d.strip() for d in (self.devices or "").split(",") if d.strip())
-        return StudyOptions(
-            storage=self.storage,
-            study=self.study,
-            workers=self.workers,
-            devices=devices,
-            threads=self.threads,
-            join=self.join,
-            pruner=self.pruner,
-            space=self.space,
-            trials=self.trials,
-            analyze_first=self.analyze_first,
-        )
-
-    def finetune_config(self) -> FinetuneConfig:
-        """The schedule every candidate and the control are fine-tuned with: each fine-tuning
-        field (``TRAJECTORY_FIELDS``) this record has, the rest at their defaults."""
-        mine = {f.name for f in fields(self)}
-        schedule = {name: getattr(self, name) for name in TRAJECTORY_FIELDS if name in mine}
-        return FinetuneConfig(**schedule, quiet=not self.progress)
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    """What :func:`search_files` returns: the report, how the model was given, and the data
-    options that rebuild the winner with ``ibnify finetune``."""
-
-    report: SearchReport
-    source: ModelSource
-    data_args: str
-    input_size: tuple[int, int, int] | None = None
-    seed: int = 0
-    threads: int | None = field(default=None)
-
-    def reproduce_command(self) -> str | None:
-        """The ``ibnify convert`` + ``ibnify finetune`` commands that rebuild the winner: every
-        option that shaped it (model, weights, classes, input size, the init seed of a model
-        built without weights, data, schedule, seed)."""
-        model_args = self.source.convert_args()
-        if self.input_size is not None:
-            model_args += " --input-size " + ",".join(map(str, self.input_size))
-        if self.source.weights is None and self.source.checkpoint is None:
-            model_args += f" --seed {self.seed}"  # the random init the search started from
-        data_args = self.data_args
-        if self.threads is not None:
-            data_args += f" --threads {self.threads}"
-        return self.report.reproduce_command(model_args, data_args)
-
-
-def _check_search_options(options: SearchOptions) -> None:
-    """Every option check that needs no model, so bad input fails before anything loads."""
-    check_data_source(options.data, options.dataset)
-    if options.data is not None and options.val_data is None:
-        raise InvalidOptionError("give --val-data DIR with --data")
-    parse_shifts(options.shifts)
-    if options.candidates.strip().lower() != "auto":
-        parse_candidates(options.candidates)
-    names = [parse_domain(spec)[0] for spec in options.domains]
-    if len(set(names)) != len(names):
-        raise InvalidOptionError("a --domain name is given twice; give each name once")
-    _objective(options.objective, dict.fromkeys(names), options.max_clean_drop)  # type: ignore[arg-type]
-    study = options.study_options()
-    study.validate()
-    if study.space is not None:
-        parse_space(study.space)
-
-
-def search_files(
-    model: str, options: SearchOptions, echo: Callable[[str], None] | None = None
-) -> SearchResult:
-    """What ``ibnify search`` does: load MODEL (a name, + weights, or an unconverted ibnify
-    checkpoint) and the data the options name, then run :func:`search_placement`."""
-    _check_search_options(options)
-    torch.manual_seed(options.seed)  # a model built without weights gets the same init every run
-    source = load_model_or_checkpoint(model, options.weights)
-    size = input_size_for(source.model, options.input_size)
-    if options.dataset is not None:
-        train, val = (
-            resolve_data_source(
-                None, options.dataset, source.model, split=split, seed=options.seed, input_size=size
-            )
-            for split in ("train", "test")
-        )
-        data_args = f"--dataset {options.dataset}"
-    else:
-        train = image_folder_data(options.data, source.model, train=True, input_size=size)  # type: ignore[arg-type]
-        val = image_folder_data(options.val_data, source.model, input_size=size)  # type: ignore[arg-type]
-        data_args = f"--data {options.data} --val-data {options.val_data}"
-    report = search_placement(
-        source.model,
-        train,
-        val,
-        replace(options, input_size=size),
-        echo=echo,
-        arch=source.source,
-        model_kwargs=source.model_kwargs or None,
-    )
-    size = tuple(train.dataset[0][0].shape)  # type: ignore[assignment]
-    threads = options.threads
-    if threads is None and options.workers > 1:  # what each worker ran with
-        threads = max(1, (os.cpu_count() or 1) // options.workers)
-    return SearchResult(report, source, data_args, size, options.seed, threads)  # type: ignore[arg-type]

@@ -1,5 +1,5 @@
 """What :func:`ibnify.search_placement` returns: finished candidates, ranked by accuracy under
-shift (:data:`RANK_RULE`), with their Pareto front, table, JSON, plot and reproduce command."""
+shift (:data:`RANK_RULE`), with their Pareto front, table, JSON, plot, winner conversion."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._report import markdown_table, new_figure, save_png, stage_range_text
+from .._report import markdown_table, new_figure, save_png
 from ..data.shifts import CLEAN
 
 __all__ = [
@@ -252,7 +252,7 @@ class SearchReport:
             if any(self.excluded(r) for r in self.results):
                 return (
                     f"no winner: every finished candidate loses more than {self.max_clean_drop:g} "
-                    "points of clean accuracy against the control (--max-clean-drop)"
+                    "points of clean accuracy against the control (`max_clean_drop`)"
                 )
             return "no winner: no candidate finished the full schedule"
         cost = self.clean_cost(winner)
@@ -262,25 +262,19 @@ class SearchReport:
         value = 100 * winner.objective(self.objective)
         return f"winner: {winner.name} ({clean}; {self.objective} objective {value:.1f}%)"
 
-    def reproduce_command(self, model_args: str, data_args: str) -> str | None:
-        """The ``ibnify convert`` + ``ibnify finetune`` commands that rebuild the winner."""
+    def winner_conversion(self) -> dict[str, Any] | None:
+        """How the winner is converted from the base, in :func:`ibnify.convert`'s keywords
+        (``layout``; for IBN-a ``stages`` and any ``ratio``); None without a winner. The
+        fine-tuning that follows is ``settings["finetune"]``."""
         winner = self.winner
         if winner is None:
             return None
-        s = self.settings["finetune"]
         if winner.layout == "b":
-            layout = "--layout b"
-        else:
-            layout = f"--layout a --stages {stage_range_text(winner.stages)}"
-            if winner.ratio is not None:
-                layout += f" --ratio {winner.ratio:g}"
-        return (
-            f"ibnify convert {model_args} {layout} -o ibn.safetensors && "
-            f"ibnify finetune ibn.safetensors {data_args} --epochs {s['epochs']} "
-            f"--lr {s['lr']:g} --batch-size {s['batch_size']} --optimizer {s['optimizer']} "
-            f"--weight-decay {s['weight_decay']:g} --warmup-epochs {s['warmup_epochs']:g} "
-            f"--seed {s['seed']} --out runs/ibn"
-        )
+            return {"layout": "b"}
+        found: dict[str, Any] = {"layout": "a", "stages": tuple(winner.stages)}
+        if winner.ratio is not None:
+            found["ratio"] = winner.ratio
+        return found
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data: settings, results with drops, ranking, Pareto front, stop reason."""

@@ -90,7 +90,7 @@ def budget_stop(
     report.stopped = (
         f"budget: stopped before candidate {index} of {len(queue)} ({queue[index - 1].name}); "
         f"{duration(elapsed)} spent and about {duration(estimate)} per candidate would "
-        f"exceed --budget-min {budget_min:g}; not run: {', '.join(report.not_run)} "
+        f"exceed `budget_min={budget_min:g}`; not run: {', '.join(report.not_run)} "
         "(rerun with a larger budget: finished candidates are kept)"
     )
     return report.stopped

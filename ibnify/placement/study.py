@@ -79,8 +79,8 @@ class StudyOptions:
             default ``OUT/study.journal`` (in memory without an output folder).
         study: the study's name in the storage.
         workers: worker processes on this machine (1: the calling process works).
-        devices: devices given to the workers in turn (``cuda:0,cuda:1``); default the
-            fine-tune's.
+        devices: devices given to the workers in turn (a tuple, or text ``"cuda:0,cuda:1"``);
+            default the fine-tune's.
         threads: torch CPU threads per worker (default: cores // workers when workers > 1).
         join: add workers to a study another command started; write no report.
         pruner: ``none``, ``halving`` or ``hyperband`` (default halving with > 3 candidates).
@@ -106,6 +106,11 @@ class StudyOptions:
     grace_s: float = 60.0
     join_wait_s: float = 300.0
 
+    def __post_init__(self) -> None:
+        if isinstance(self.devices, str):  # "cuda:0,cuda:1", as the command line gives them
+            devices = tuple(d.strip() for d in self.devices.split(",") if d.strip())
+            object.__setattr__(self, "devices", devices)
+
     def validate(self) -> None:
         """Raise InvalidOptionError for values that cannot work (before anything loads)."""
         if self.workers < 1:
@@ -115,7 +120,7 @@ class StudyOptions:
                 f"unknown pruner {self.pruner!r}; choose from: {', '.join(PRUNERS)}"
             )
         if (self.space is None) != (self.trials is None):
-            raise InvalidOptionError("give --space and --trials together")
+            raise InvalidOptionError("give `space` and `trials` together")
         if self.trials is not None and self.trials < 1:
             raise InvalidOptionError(f"trials must be at least 1, got {self.trials}")
         if not 0 < self.heartbeat_s < self.grace_s:
@@ -237,7 +242,7 @@ def open_study(run: StudyRun, storage: BaseStorage, force: bool = False) -> optu
         advice = (
             "give this worker the options of the command that started the study"
             if options.join
-            else "pass --force to start over, or choose another --out or --study"
+            else "pass `force=True` to start over, or choose another `out_dir` or `study`"
         )
         raise InvalidOptionError(
             f"study {options.study!r} in {where} was made with other settings (differs in: "
@@ -269,7 +274,7 @@ def _wait_for_study(run: StudyRun, storage: BaseStorage, where: str) -> optuna.S
         if time.monotonic() > deadline:
             raise InvalidOptionError(
                 f"no started study {run.options.study!r} in {where} after "
-                f"{run.options.join_wait_s:g} s; start it with the same command without --join"
+                f"{run.options.join_wait_s:g} s; start it with the same options without `join`"
             )
         time.sleep(_POLL_S)
 
