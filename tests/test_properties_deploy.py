@@ -21,7 +21,10 @@ from click.testing import CliRunner
 from torch import nn
 
 import ibnify.api
+import ibnify.commands.bench
 import ibnify.commands.evaluate
+import ibnify.commands.export
+import ibnify.commands.verify
 import ibnify.deploy.bench
 import ibnify.deploy.export
 import ibnify.deploy.verify
@@ -32,11 +35,20 @@ from ibnify.commands.inputs import InputRequest
 from ibnify.core.layers import IBN
 from ibnify.data.images import ImageData
 from ibnify.data.shifts import SHIFTS, apply_shift
-from ibnify.deploy.export import _check_graph
+from ibnify.deploy.bench import BenchOptions
+from ibnify.deploy.export import ExportOptions, _check_graph
 from ibnify.deploy.fold import FoldedIBN, fold_bn_halves
-from ibnify.deploy.verify import RecordedMetadata, VerificationReport, _comparison, _tolerance
+from ibnify.deploy.record import SIZE_RECORDED, InputShape
+from ibnify.deploy.verify import (
+    RecordedMetadata,
+    VerificationReport,
+    VerifyOptions,
+    _comparison,
+    _tolerance,
+)
 from ibnify.errors import ExportError, VerificationError
 from ibnify.evaluation import RobustnessReport
+from ibnify.models.registry import check_model_kwargs
 
 __all__: list[str] = []
 
@@ -272,17 +284,9 @@ def test_plan_and_convert_options_reach_the_library(monkeypatch, tmp_path) -> No
     assert converting.calls[-1][1]["pretrained"] is True
 
 
-def _loaded(monkeypatch) -> nn.Module:
-    """The model every checkpoint path loads to in the options tests below."""
-    model = nn.Identity()
-    monkeypatch.setattr(ibnify.models.checkpoint, "load", lambda path: model)
-    return model
-
-
 def test_export_options_reach_the_library(monkeypatch, tmp_path) -> None:
-    model = _loaded(monkeypatch)
     exported = _Recorder()
-    monkeypatch.setattr(ibnify.deploy.export, "export_onnx", exported)
+    monkeypatch.setattr(ibnify.commands.export, "export_files", exported)
     runner = CliRunner()
     out = tmp_path / "m.onnx"
     result = runner.invoke(
@@ -307,27 +311,29 @@ def test_export_options_reach_the_library(monkeypatch, tmp_path) -> None:
         ],
     )
     assert isinstance(result.exception, _Stop), result.output
-    ((args, kwargs),) = exported.calls
-    assert args[0] is model and str(args[1]) == str(out)
-    assert {k: v for k, v in kwargs.items() if k != "check"} == {
-        "input_size": (3, 40, 48),
-        "opset": 17,
-        "dynamic_batch": False,
-        "fold": False,
-        "dynamic_size": True,
-        "profile": "fp16",
-        "fold_form": "split",
-    }
-    assert kwargs["check"] is None
+    (((files,), kwargs),) = exported.calls
+    assert kwargs == {} and (files.checkpoint, files.output) == ("ck.safetensors", str(out))
+    assert files.options == ExportOptions(
+        input_size=(3, 40, 48),
+        opset=17,
+        dynamic_batch=False,
+        fold=False,
+        dynamic_size=True,
+        profile="fp16",
+        fold_form="split",
+    )
+    assert (files.verify, files.force) == (False, False)
     runner.invoke(cli, ["export", "ck.safetensors", "-o", str(out), "--force"])
-    assert callable(exported.calls[-1][1]["check"]), "verification runs unless --no-verify"
+    files = exported.calls[-1][0][0]
+    assert (files.verify, files.force) == (True, True), "verification runs unless --no-verify"
+    assert files.options == ExportOptions(), "the defaults are the library's"
 
 
 def test_verify_options_reach_the_library(monkeypatch, tmp_path) -> None:
-    model = _loaded(monkeypatch)
     verified = _Recorder()
     runner = CliRunner()
-    monkeypatch.setattr(ibnify.deploy.verify, "verify_onnx", verified)
+    monkeypatch.setattr(ibnify.commands.verify, "verify_files", verified)
+    monkeypatch.setattr(ibnify.commands.verify.VerifyFiles, "check", lambda self: None)
     images = tmp_path / "imgs"
     images.mkdir()
     result = runner.invoke(
@@ -347,25 +353,30 @@ def test_verify_options_reach_the_library(monkeypatch, tmp_path) -> None:
             str(images),
             "--engine",
             "onnxruntime",
+            "--input-size",
+            "3,40,48",
         ],
     )
     assert isinstance(result.exception, _Stop), result.output
-    ((args, kwargs),) = verified.calls
-    assert args == ("m.onnx", model)
-    assert kwargs == {
-        "batch_sizes": (2, 5),
-        "atol": 0.003,
-        "rtol": 0.02,
-        "images": str(images),
-        "raise_on_failure": False,
-        "engine": "onnxruntime",
-    }
+    (((files,), kwargs),) = verified.calls
+    assert kwargs == {} and (files.onnx_file, files.against) == ("m.onnx", "ck.safetensors")
+    assert files.options == VerifyOptions(
+        batch_sizes=(2, 5),
+        atol=0.003,
+        rtol=0.02,
+        images=str(images),
+        raise_on_failure=False,
+        engine="onnxruntime",
+        input_size="3,40,48",
+    )
+    assert files.chosen.check_kwargs is check_model_kwargs  # the gate ibnify.load uses
 
 
 def test_bench_options_reach_the_library(monkeypatch) -> None:
     runner = CliRunner()
-    benched = _Recorder()
-    monkeypatch.setattr(ibnify.deploy.bench, "bench_onnx", benched)
+    benched, bench_files = _Recorder(), ibnify.commands.bench.bench_files
+    monkeypatch.setattr(ibnify.commands.bench, "bench_files", benched)
+    monkeypatch.setattr(ibnify.commands.bench.BenchFiles, "check", lambda self: None)
     result = runner.invoke(
         cli,
         [
@@ -381,24 +392,29 @@ def test_bench_options_reach_the_library(monkeypatch) -> None:
             "2",
             "--runs",
             "7",
+            "--input-size",
+            "32",
         ],
     )
     assert isinstance(result.exception, _Stop), result.output
-    ((args, kwargs),) = benched.calls
-    assert args == (["a.onnx", "b.onnx"],)
-    assert {k: kwargs[k] for k in ("batch", "threads", "warmup", "runs", "engine")} == {
-        "batch": 4,
-        "threads": 3,
-        "warmup": 2,
-        "runs": 7,
-        "engine": "onnxruntime",
-    }
-    profiled = _Recorder()
-    monkeypatch.setattr(ibnify.deploy.bench, "bench_onnx", lambda *a, **k: "timed")
-    monkeypatch.setattr(ibnify.deploy.bench, "kernel_profile", profiled)
+    (((files, _progress), kwargs),) = benched.calls
+    assert kwargs == {} and files.paths == ["a.onnx", "b.onnx"] and not files.kernels
+    assert files.options == BenchOptions(
+        batch=4, threads=3, warmup=2, runs=7, engine="onnxruntime", input_size="32"
+    )
     args = ["bench", "a.onnx", "--threads", "3", "--batch", "4", "--runs", "30", "--kernels"]
     assert isinstance(runner.invoke(cli, args).exception, _Stop)
-    assert profiled.calls == [((["a.onnx"],), {"batch": 4, "threads": 3, "runs": 20})]
+    files = benched.calls[-1][0][0]
+    assert files.kernels and files.options == BenchOptions(batch=4, threads=3, runs=30)
+    # the kernel profile runs at most 20 times, at the size the timing used
+    profiled = _Recorder()
+    monkeypatch.setattr(ibnify.commands.bench, "bench_onnx", lambda *a, **k: "timed")
+    monkeypatch.setattr(ibnify.commands.bench, "kernel_profile", profiled)
+    with pytest.raises(_Stop):
+        bench_files(files)
+    assert profiled.calls == [
+        ((["a.onnx"],), {"batch": 4, "threads": 3, "runs": 20, "input_size": None})
+    ]
 
 
 def test_evaluate_options_reach_the_library(monkeypatch, tmp_path) -> None:
@@ -578,8 +594,9 @@ class _FakeSession:
 def _fake_bench(monkeypatch, durations: list[list[float]], **kwargs: Any):
     clock, log = [0.0], []
     sessions = [_FakeSession(i, d, clock, log) for i, d in enumerate(durations)]
+    shapes = [InputShape((3, 8, 8), SIZE_RECORDED)] * len(sessions)
     monkeypatch.setattr(
-        ibnify.deploy.bench, "_open_all", lambda *a: (sessions, [{}] * len(sessions))
+        ibnify.deploy.bench, "_open_all", lambda *a: (sessions, [{}] * len(sessions), shapes)
     )
     monkeypatch.setattr(ibnify.deploy.bench, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     names = [f"m{i}" for i in range(len(durations))]

@@ -141,5 +141,6 @@ def test_bench_prints_no_stray_timing_line(exported) -> None:
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0] == "onnxruntime CPU, 2 threads, batch 1"
-    assert len(lines) == 3 and lines[2].startswith("tiny.onnx  median")
+    assert lines[2] == "input 3×16×16 (recorded in the file)"  # the size it ran at, and why
+    assert len(lines) == 4 and lines[3].startswith("tiny.onnx  median")
     assert not any(line.strip() == "timing" for line in lines)

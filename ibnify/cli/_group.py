@@ -39,8 +39,10 @@ __all__ = [
 # The one table from the library's parameter names to the CLI's flags. Library messages name a
 # parameter in backquotes (`weights`, `num_classes=10`, `force=True`); the CLI shows the flag.
 PARAMETER_FLAGS = {
+    "atol": "--atol",
     "batch": "--batch",
     "batch_size": "--batch-size",
+    "batch_sizes": "--batch",
     "budget_min": "--budget-min",
     "data": "--data",
     "dataset": "--dataset",
@@ -65,14 +67,18 @@ PARAMETER_FLAGS = {
     "prior": "--prior",
     "ratio": "--ratio",
     "resume": "--resume",
+    "rtol": "--rtol",
+    "runs": "--runs",
     "shifts": "--shift",
     "space": "--space",
     "stages": "--stages",
     "storage": "--storage",
     "study": "--study",
     "teacher": "--distill-from",
+    "threads": "--threads",
     "trials": "--trials",
     "val_data": "--val-data",
+    "warmup": "--warmup",
     "weights": "--weights",
     "workers": "--workers",
 }

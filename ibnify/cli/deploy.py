@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import sys
+from typing import Any
 
 import click
 
 from ..constants import ENGINES, FOLD_FORMS, ONNX_OPSETS, PROFILES
-from ._group import _parse_input_size, cli, threads_option
+from ._group import _parse_input_size, cli, threads_option, to_flags
 
 __all__ = ["bench_command", "export_command", "verify_command"]
 
@@ -20,6 +22,38 @@ def _parse_batches(ctx: click.Context, param: click.Parameter, value: str):
     if not sizes or min(sizes) < 1:
         raise click.BadParameter(f"{value!r} is not a batch list like 1,4 (sizes ≥ 1)")
     return sizes
+
+
+def _usage_errors(call, *args: Any) -> Any:
+    """Run ``call``; its option refusals (a size the file does not take, a dynamic size the
+    file does not record, files at different sizes) become usage errors (exit 2)."""
+    from ..errors import InvalidOptionError
+
+    try:
+        return call(*args)
+    except InvalidOptionError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def _export_record(function):
+    """Hand the export options to the command as one ``options: ExportOptions``."""
+
+    @functools.wraps(function)
+    def command(**kwargs: Any) -> Any:
+        from ..deploy.export import ExportOptions
+
+        kwargs["options"] = ExportOptions(
+            input_size=kwargs.pop("input_size"),
+            opset=kwargs.pop("opset"),
+            dynamic_batch=not kwargs.pop("static_batch"),
+            fold=not kwargs.pop("no_fold"),
+            dynamic_size=kwargs.pop("dynamic_size"),
+            profile=kwargs.pop("profile"),
+            fold_form=kwargs.pop("fold_form"),
+        )
+        return function(**kwargs)
+
+    return command
 
 
 @cli.command("export")
@@ -37,7 +71,8 @@ def _parse_batches(ctx: click.Context, param: click.Parameter, value: str):
 @click.option(
     "--input-size",
     callback=_parse_input_size,
-    help="Export input: 224 or 3,224,224 (default from the model, else 224).",
+    help="Export input: 224 or 3,224,224 (default: the size the checkpoint records, else the "
+    "model's own, else 224).",
 )
 @click.option("--static-batch", is_flag=True, help="Fix the batch axis at 1 (default: dynamic).")
 @click.option("--dynamic-size", is_flag=True, help="Also make height and width dynamic axes.")
@@ -64,58 +99,56 @@ def _parse_batches(ctx: click.Context, param: click.Parameter, value: str):
     "-v", "--verbose", is_flag=True, help="List every IBN site left unfolded, with its reason."
 )
 @threads_option
+@_export_record
 def export_command(
-    checkpoint: str,
-    output: str,
-    opset: int,
-    input_size: tuple[int, int, int] | None,
-    static_batch: bool,
-    dynamic_size: bool,
-    no_fold: bool,
-    profile: str,
-    fold_form: str,
-    no_verify: bool,
-    force: bool,
-    verbose: bool,
+    checkpoint: str, output: str, options: Any, no_verify: bool, force: bool, verbose: bool
 ) -> None:
     """Export the converted model in CHECKPOINT to ONNX, verified in onnxruntime.
 
     BN halves are folded into their convs; the file is checked against PyTorch with the
     profile's tolerance before it is written.
     """
-    from .._io import check_output_path
-    from ..deploy.export import PROFILE_TOLERANCES, check_opset, export_onnx
-    from ..deploy.verify import verify_onnx
-    from ..models.checkpoint import load
+    from ..commands.export import ExportFiles, export_files
 
-    check_opset(opset)  # before anything loads: torch's exporter would print its IR first
-    target = check_output_path(output, force=force, suffixes=(".onnx",))
-    model = load(checkpoint)
-    atol, rtol = PROFILE_TOLERANCES[profile]
-    verified: list = []
-
-    def check(path) -> None:
-        batches = (1,) if static_batch else (1, 2)
-        verified.append(verify_onnx(path, model, batch_sizes=batches, atol=atol, rtol=rtol))
-
-    report = export_onnx(
-        model,
-        target,
-        input_size=input_size,
-        opset=opset,
-        dynamic_batch=not static_batch,
-        fold=not no_fold,
-        dynamic_size=dynamic_size,
-        profile=profile,
-        fold_form=fold_form,
-        check=None if no_verify else check,
-    )
-    click.echo(report.details() if verbose else str(report))
-    if verified:
+    files = ExportFiles(checkpoint, output, options, verify=not no_verify, force=force)
+    result = export_files(files)
+    click.echo(result.report.details() if verbose else str(result.report))
+    if result.verification is not None:
+        checked = result.verification
         click.echo(
-            f"verified in onnxruntime, profile {profile}: max abs error "
-            f"{verified[0].max_abs:.2g} (atol {atol:g}, rtol {rtol:g})"
+            f"verified in onnxruntime, profile {options.profile}: max abs error "
+            f"{checked.max_abs:.2g} (atol {checked.atol:g}, rtol {checked.rtol:g})"
         )
+
+
+def _size_option(what: str):
+    """``--input-size`` of verify and bench: the size a dynamic-size file runs at."""
+    return click.option(
+        "--input-size",
+        help=f"Size to {what} at: 224 or 3,224,224 (default: the size the file records, else "
+        "its fixed input shape; a dynamic-size file that records none needs it).",
+    )
+
+
+def _verify_record(function):
+    """Hand the verification options to the command as one ``options: VerifyOptions``."""
+
+    @functools.wraps(function)
+    def command(**kwargs: Any) -> Any:
+        from ..deploy.verify import VerifyOptions
+
+        kwargs["options"] = VerifyOptions(
+            batch_sizes=kwargs.pop("batch"),
+            atol=kwargs.pop("atol"),
+            rtol=kwargs.pop("rtol"),
+            images=kwargs.pop("images"),
+            raise_on_failure=False,  # the table is printed before the one error line
+            engine=kwargs.pop("engine"),
+            input_size=kwargs.pop("input_size"),
+        )
+        return function(**kwargs)
+
+    return command
 
 
 @cli.command("verify")
@@ -142,35 +175,40 @@ def export_command(
     show_default=True,
     help="Runtime to check (openvino needs the ibnify[openvino] extra).",
 )
+@_size_option("check")
 @threads_option
-def verify_command(
-    onnx_file: str,
-    against: str,
-    batch: tuple[int, ...],
-    atol: float | None,
-    rtol: float | None,
-    images: str | None,
-    engine: str,
-) -> None:
+@_verify_record
+def verify_command(onnx_file: str, against: str, options: Any) -> None:
     """Compare ONNX_FILE in onnxruntime with the PyTorch model in a checkpoint; exit 1 on error."""
-    from ..deploy.verify import verify_onnx
+    from ..commands.verify import VerifyFiles, verify_files
     from ..errors import VerificationError
-    from ..models.checkpoint import load
 
-    model = load(against)
-    report = verify_onnx(
-        onnx_file,
-        model,
-        batch_sizes=batch,
-        atol=atol,
-        rtol=rtol,
-        images=images,
-        raise_on_failure=False,
-        engine=engine,
-    )
-    click.echo(str(report))
+    files = VerifyFiles(onnx_file, against, options)
+    _usage_errors(files.check)
+    report = verify_files(files)
+    click.echo(to_flags(str(report)))
     if not report.passed:
         raise VerificationError(report.failure_message())
+
+
+def _bench_record(function):
+    """Hand the timing options to the command as one ``options: BenchOptions``."""
+
+    @functools.wraps(function)
+    def command(**kwargs: Any) -> Any:
+        from ..deploy.bench import BenchOptions
+
+        kwargs["options"] = BenchOptions(
+            batch=kwargs.pop("batch"),
+            threads=kwargs.pop("threads"),
+            warmup=kwargs.pop("warmup"),
+            runs=kwargs.pop("runs"),
+            engine=kwargs.pop("engine"),
+            input_size=kwargs.pop("input_size"),
+        )
+        return function(**kwargs)
+
+    return command
 
 
 @cli.command("bench")
@@ -187,29 +225,24 @@ def verify_command(
     show_default=True,
     help="Runtime to time (openvino needs the ibnify[openvino] extra).",
 )
+@_size_option("time")
 @click.option(
     "--kernels",
     is_flag=True,
     help="Also sum onnxruntime's profiled kernel times per model, top op types by extra time.",
 )
-def bench_command(
-    onnx_file: str,
-    against: str | None,
-    threads: int,
-    batch: int,
-    warmup: int,
-    runs: int,
-    engine: str,
-    kernels: bool,
-) -> None:
+@_bench_record
+def bench_command(onnx_file: str, against: str | None, options: Any, kernels: bool) -> None:
     """Latency of ONNX_FILE (median, p90); with --against, interleaved and a per-run ratio.
 
-    Interleaved onnxruntime sessions run with thread spinning off, so neither steals the
-    other's cores; the order alternates every run.
+    Both files run at one size, which the output names with where it came from. Interleaved
+    onnxruntime sessions run with thread spinning off, so neither steals the other's cores;
+    the order alternates every run.
     """
-    from ..deploy.bench import bench_onnx, kernel_profile
+    from ..commands.bench import BenchFiles, bench_files
 
-    paths = [onnx_file] if against is None else [onnx_file, against]
+    files = BenchFiles([onnx_file] if against is None else [onnx_file, against], options, kernels)
+    _usage_errors(files.check)
     bars: list = []  # the bar appears with the first timed run, after the files have loaded
 
     def progress(done: int, total: int) -> None:
@@ -221,20 +254,10 @@ def bench_command(
         bars[0].update(done - bars[0].pos)
 
     try:
-        report = bench_onnx(
-            paths,
-            batch=batch,
-            threads=threads,
-            warmup=warmup,
-            runs=runs,
-            progress=progress,
-            engine=engine,
-        )
+        result = _usage_errors(bench_files, files, progress)
     finally:
         if bars:
             bars[0].__exit__(None, None, None)
-    click.echo(str(report))
-    if kernels:
-        profile_runs = max(1, min(runs, 20))
-        profiled = kernel_profile(paths, batch=batch, threads=threads, runs=profile_runs)
-        click.echo(profiled.summary())
+    click.echo(to_flags(str(result.report)))
+    if result.kernels is not None:
+        click.echo(result.kernels.summary())

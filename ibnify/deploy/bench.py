@@ -23,11 +23,23 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import IbnifyError, VerificationError
+from ..constants import ENGINES
+from ..core.plans import as_input_size
+from ..errors import IbnifyError, InvalidOptionError, VerificationError
 from .engines import open_engine
+from .export import options_from
 from .ort import ort_session
+from .record import SIZE_GIVEN, InputShape, input_shape, read_record, size_text
 
-__all__ = ["BenchReport", "KernelProfile", "Timing", "bench_onnx", "kernel_profile"]
+__all__ = [
+    "BenchOptions",
+    "BenchReport",
+    "KernelProfile",
+    "Timing",
+    "bench_onnx",
+    "kernel_profile",
+    "one_size",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +65,7 @@ class BenchReport:
     timings: list[Timing] = field(default_factory=list)
     paired: dict[str, float] = field(default_factory=dict)  # name -> median per-run ratio
     samples: dict[str, list[float]] = field(default_factory=dict, repr=False)  # name -> ms
+    inputs: dict[str, InputShape] = field(default_factory=dict)  # name -> size and its source
 
     def paired_ratio(self, name: str, baseline: str) -> float:
         """Median over runs of ``name``'s time / ``baseline``'s time in the same run."""
@@ -65,6 +78,16 @@ class BenchReport:
         other = next((t for t in self.timings if t.name == name), None) or self.timings[1]
         return self.timings[0].median_ms / other.median_ms
 
+    def input_line(self) -> str:
+        """``input 3×16×16 (recorded in the file)``: the one size every model ran at and where
+        it came from, per model where the sources differ."""
+        shapes = list(self.inputs.values())
+        sources = {shape.source for shape in shapes}
+        if len(sources) == 1:
+            return str(shapes[0])
+        each = ", ".join(f"{name}: {shape.source}" for name, shape in self.inputs.items())
+        return f"input {size_text(shapes[0].size)} ({each})"
+
     def __str__(self) -> str:
         lines = [f"{self.engine} CPU, {self.threads} threads, batch {self.batch}"]
         if self.engine == "onnxruntime":
@@ -73,6 +96,8 @@ class BenchReport:
                 if not self.spinning
                 else "thread spinning on (onnxruntime default)"
             )
+        if self.inputs:
+            lines.append(self.input_line())
         width = max(len(t.name) for t in self.timings)
         for t in self.timings:
             lines.append(
@@ -95,54 +120,130 @@ def _labels(paths: Sequence[str | os.PathLike[str]], names: Sequence[str] | None
     return labels
 
 
+@dataclass(frozen=True)
+class BenchOptions:
+    """How :func:`bench_onnx` times: the options as one record (the CLI builds one).
+
+    Attributes:
+        batch: the batch every model runs at (a file with another static batch is refused).
+        threads: intra-op threads per session.
+        warmup, runs: untimed and timed runs of each model.
+        names: the models' labels (default: the file names).
+        seed: the random inputs' seed.
+        engine: ``onnxruntime`` or ``openvino``.
+        spinning: onnxruntime's idle-thread spinning; default off when more than one model is
+            timed, on for a single model.
+        input_size: the size to run at (224, (160, 224) or (3, 224, 224)); default: the size
+            each file records, else its graph's fixed shape. Models timed side by side run at
+            one size: files that would run at different sizes are refused without it.
+    """
+
+    batch: int = 1
+    threads: int = 2
+    warmup: int = 5
+    runs: int = 50
+    names: Sequence[str] | None = None
+    seed: int = 0
+    engine: str = "onnxruntime"
+    spinning: bool | None = None
+    input_size: int | str | Sequence[int] | None = None
+
+    def validate(self) -> BenchOptions:
+        """Return the options, or raise InvalidOptionError in one line before any file opens."""
+        if self.batch < 1 or self.threads < 1 or self.runs < 1 or self.warmup < 0:
+            raise InvalidOptionError("`batch`, `threads` and `runs` must be ≥ 1 and `warmup` ≥ 0")
+        if self.engine not in ENGINES:
+            raise InvalidOptionError(f"`engine` {self.engine!r} is not one of {', '.join(ENGINES)}")
+        if self.input_size is not None:
+            as_input_size(self.input_size)
+        return self
+
+
 def _open_all(
-    paths: Sequence[str | os.PathLike[str]],
-    batch: int,
-    threads: int,
-    engine: str,
-    spinning: bool,
-    seed: int,
-) -> tuple[list, list[dict[str, np.ndarray]]]:
-    """Open every file and make a random input of its own shape at ``batch``."""
-    rng = np.random.default_rng(seed)
-    sessions, feeds = [], []
+    paths: Sequence[str | os.PathLike[str]], options: BenchOptions, spinning: bool
+) -> tuple[list, list[dict[str, np.ndarray]], list[InputShape]]:
+    """Open every file, decide the one size they run at, make a random input for each."""
+    sessions, shapes = [], []
     for path in paths:
-        session = open_engine(path, engine, threads=threads, spinning=spinning, batch=batch)
-        info = session.get_inputs()[0]
-        dims = list(info.shape)
-        if isinstance(dims[0], int) and dims[0] != batch:
+        session = open_engine(
+            path, options.engine, threads=options.threads, spinning=spinning, batch=options.batch
+        )
+        dims = list(session.get_inputs()[0].shape)
+        if isinstance(dims[0], int) and dims[0] != options.batch:
             raise VerificationError(
                 f"{str(path)!r} has a static batch of {dims[0]}; bench it with `batch={dims[0]}`"
             )
-        shape = [batch] + [d if isinstance(d, int) else 224 for d in dims[1:]]
         sessions.append(session)
-        feeds.append({info.name: rng.standard_normal(shape, dtype=np.float32)})
-    return sessions, feeds
+        shapes.append(input_shape(path, dims, options.input_size, read_record(path)))
+    one_size(paths, shapes)
+    rng = np.random.default_rng(options.seed)
+    feeds = [
+        {s.get_inputs()[0].name: rng.standard_normal((options.batch, *shape.size), np.float32)}
+        for s, shape in zip(sessions, shapes, strict=True)
+    ]
+    return sessions, feeds, shapes
+
+
+def one_size(paths: Sequence[str | os.PathLike[str]], shapes: list[InputShape]) -> None:
+    """Refuse models that would run at different sizes: their times are not comparable."""
+    if len({shape.size for shape in shapes}) <= 1:
+        return
+    each = ", ".join(f"{str(p)!r} {shape}" for p, shape in zip(paths, shapes, strict=True))
+    raise InvalidOptionError(
+        f"the files would run at different sizes ({each}); time them at one size with "
+        f"{SIZE_GIVEN} (each file must accept it)"
+    )
 
 
 def bench_onnx(
     paths: Sequence[str | os.PathLike[str]],
-    batch: int = 1,
-    threads: int = 2,
-    warmup: int = 5,
-    runs: int = 50,
-    names: Sequence[str] | None = None,
+    options: BenchOptions | None = None,
+    *,
     progress: Callable[[int, int], None] | None = None,
-    seed: int = 0,
-    engine: str = "onnxruntime",
-    spinning: bool | None = None,
+    **keywords: Any,
 ) -> BenchReport:
     """Time ``paths`` interleaved (the order alternates every run); median, p90, per-run ratios.
 
-    Each model gets a random input of its own shape at batch ``batch``; a file with a static
-    batch other than ``batch`` is refused. ``spinning`` (onnxruntime's idle-thread spinning)
-    defaults to off when more than one model is timed, on for a single model.
+    ``options``: a :class:`BenchOptions`, or its fields as keywords (``bench_onnx(paths,
+    batch=1, runs=50)``), not both. Every model gets a random input at batch ``batch`` and the
+    one size the report's ``input`` line names. ``progress(done, total)`` is called after
+    each round.
+
+    Raises:
+        InvalidOptionError: a bad option, a dynamic-size file that records no size and got no
+            ``input_size``, or files that would run at different sizes.
+        VerificationError: a missing or unloadable file, or a static batch other than ``batch``.
     """
-    if batch < 1 or threads < 1 or runs < 1 or warmup < 0:
-        raise IbnifyError("batch, threads and runs must be ≥ 1 and warmup ≥ 0")
-    labels = _labels(paths, names)
-    spin = len(paths) == 1 if spinning is None else spinning
-    sessions, feeds = _open_all(paths, batch, threads, engine, spin, seed)
+    chosen = options_from(BenchOptions, options, keywords, "bench_onnx").validate()
+    labels = _labels(paths, chosen.names)
+    spin = len(paths) == 1 if chosen.spinning is None else chosen.spinning
+    sessions, feeds, shapes = _open_all(paths, chosen, spin)
+    times = _timed(sessions, feeds, chosen.warmup, chosen.runs, progress)
+    report = BenchReport(
+        batch=chosen.batch, threads=chosen.threads, engine=chosen.engine, spinning=spin
+    )
+    report.inputs = dict(zip(labels, shapes, strict=True))
+    for label, samples in zip(labels, times, strict=True):
+        values = np.asarray(samples)
+        report.samples[label] = list(samples)
+        report.timings.append(
+            Timing(label, float(np.median(values)), float(np.percentile(values, 90)), len(values))
+        )
+    first = np.asarray(times[0])
+    for label, samples in zip(labels[1:], times[1:], strict=True):
+        report.paired[label] = float(np.median(first / np.asarray(samples)))
+    logger.info("%s", report)
+    return report
+
+
+def _timed(
+    sessions: list,
+    feeds: list[dict[str, np.ndarray]],
+    warmup: int,
+    runs: int,
+    progress: Callable[[int, int], None] | None,
+) -> list[list[float]]:
+    """Milliseconds of each timed run per session, the order alternating every round."""
     times: list[list[float]] = [[] for _ in sessions]
     order = list(range(len(sessions)))
     total = warmup + runs
@@ -156,18 +257,7 @@ def bench_onnx(
         order.reverse() if len(order) == 2 else order.append(order.pop(0))
         if progress is not None:
             progress(step + 1, total)
-    report = BenchReport(batch=batch, threads=threads, engine=engine, spinning=spin)
-    for label, samples in zip(labels, times, strict=True):
-        values = np.asarray(samples)
-        report.samples[label] = list(samples)
-        report.timings.append(
-            Timing(label, float(np.median(values)), float(np.percentile(values, 90)), len(values))
-        )
-    first = np.asarray(times[0])
-    for label, samples in zip(labels[1:], times[1:], strict=True):
-        report.paired[label] = float(np.median(first / np.asarray(samples)))
-    logger.info("%s", report)
-    return report
+    return times
 
 
 @dataclass
@@ -224,17 +314,17 @@ def kernel_profile(
     warmup: int = 3,
     runs: int = 10,
     names: Sequence[str] | None = None,
+    input_size: int | str | Sequence[int] | None = None,
 ) -> KernelProfile:
     """Profile the models with onnxruntime's profiler, interleaved, and sum their kernel times.
 
     A cross-check for wall-clock ratios: kernel time leaves out the session's own overhead, and
     the per-op-type sums say which op types cost the extra time. The sessions run interleaved
-    with spinning off, like :func:`bench_onnx`, so drift on a shared machine hits all alike.
+    with spinning off, like :func:`bench_onnx`, at the one size it would pick.
     """
-    if batch < 1 or threads < 1 or runs < 1 or warmup < 0:
-        raise IbnifyError("batch, threads and runs must be ≥ 1 and warmup ≥ 0")
+    options = BenchOptions(batch, threads, warmup, runs, input_size=input_size).validate()
     labels = _labels(paths, names)
-    _open_all(paths, batch, threads, "onnxruntime", False, 0)  # checks files and batch
+    _, _, shapes = _open_all(paths, options, False)  # checks files, batch and size
     rng = np.random.default_rng(0)
     report = KernelProfile(runs=runs)
     with tempfile.TemporaryDirectory() as directory:
@@ -243,7 +333,7 @@ def kernel_profile(
             prefix = os.path.join(directory, f"model{index}")
             session = ort_session(path, threads=threads, spinning=False, profile_prefix=prefix)
             info = session.get_inputs()[0]
-            shape = [batch] + [d if isinstance(d, int) else 224 for d in info.shape[1:]]
+            shape = (batch, *shapes[index].size)
             sessions.append(session)
             feeds.append({info.name: rng.standard_normal(shape, dtype=np.float32)})
         order = list(range(len(sessions)))

@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import onnx
@@ -45,6 +45,7 @@ from ..errors import ExportError, first_line
 from .fold import FOLD_FORMS, FoldReport, fold_bn_halves
 
 logger = logging.getLogger(__name__)
+_Options = TypeVar("_Options")
 
 __all__ = [
     "INPUT_NAME",
@@ -57,6 +58,7 @@ __all__ = [
     "decompose_instance_norm",
     "export_onnx",
     "onnx_op_types",
+    "options_from",
     "output_names",
     "read_onnx_metadata",
 ]
@@ -176,12 +178,11 @@ def _torch_export(
     model: nn.Module,
     example: torch.Tensor,
     path: Path,
-    opset: int,
-    dynamic: bool,
-    dynamic_size: bool,
-    dynamo: bool,
+    options: ExportOptions,
     outputs: list[str],
 ) -> None:
+    """torch.onnx.export with the options' opset and dynamic axes (batch; height and width)."""
+    opset, dynamic, dynamic_size = options.opset, options.dynamic_batch, options.dynamic_size
     # The TorchScript exporter (dynamo=False) is the default: in torch 2.14 it gives the same
     # clean InstanceNormalization and dynamic batch axis as the dynamo exporter, exports 4-7x
     # faster (ResNet-50 1 s vs 9 s, DenseNet-121 3.5 s vs 21 s), keeps GlobalAveragePool, and
@@ -190,7 +191,7 @@ def _torch_export(
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
         warnings.filterwarnings("ignore", message=".*operator 'instance_norm' is set to train.*")
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        if dynamo:
+        if options.dynamo:
             dims: dict[int, Any] = {0: torch.export.Dim("batch", min=1)} if dynamic else {}
             if dynamic_size:
                 dims.update({2: torch.export.Dim("height"), 3: torch.export.Dim("width")})
@@ -268,6 +269,8 @@ class ExportOptions:
     def validate(self) -> ExportOptions:
         """Return the options, or raise ExportError in one line before anything is exported."""
         check_opset(self.opset)
+        if self.input_size is not None:
+            as_input_size(self.input_size)
         if self.profile not in PROFILES:
             raise ExportError(
                 f"export profile {self.profile!r} is not one of {', '.join(PROFILES)}"
@@ -275,9 +278,6 @@ class ExportOptions:
         if self.fold_form not in FOLD_FORMS:
             raise ExportError(f"fold form {self.fold_form!r} is not one of {', '.join(FOLD_FORMS)}")
         return self
-
-
-_OPTION_NAMES = tuple(f.name for f in fields(ExportOptions))
 
 
 def export_onnx(
@@ -303,9 +303,7 @@ def export_onnx(
             ``onnx.checker`` or the op checks.
     """
     chosen = _export_options(options, keywords).validate()
-    recipe = get_recipe(model)  # the size the model was converted for, else its own default
-    default = recipe.input_size if recipe and recipe.input_size else default_input_size(model)
-    size = default if chosen.input_size is None else as_input_size(chosen.input_size, default[0])
+    size = _export_size(model, chosen.input_size)
     if chosen.fold:
         export_model, fold_report = fold_bn_halves(model, form=chosen.fold_form, input_size=size)
     else:
@@ -316,20 +314,7 @@ def export_onnx(
     has_in = any(is_instance_norm(m) for m in model.modules())
     target = Path(path)
     with atomic_output(target) as temp:
-        try:
-            _torch_export(
-                export_model,
-                example,
-                temp,
-                chosen.opset,
-                chosen.dynamic_batch,
-                chosen.dynamic_size,
-                chosen.dynamo,
-                outputs,
-            )
-        except Exception as exc:  # the exporters raise many types; all mean "export failed"
-            first = first_line(exc)
-            raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {first}") from exc
+        _export_to(export_model, example, temp, chosen, outputs)
         proto = onnx.load(str(temp))
         _check_graph(proto, has_in)
         proto = apply_profile(proto, chosen.profile)
@@ -351,17 +336,56 @@ def export_onnx(
     return report
 
 
+def _export_size(model: nn.Module, given: Sequence[int] | int | None) -> tuple[int, int, int]:
+    """The (C, H, W) to export at: ``given`` (one or two numbers take the model's channels),
+    else the size the recipe records, else the model's own default. A given channel count
+    other than the one the recipe records is refused before anything is exported."""
+    recipe = get_recipe(model)
+    recorded = recipe.input_size if recipe else None
+    default = recorded or default_input_size(model)
+    if given is None:
+        return default
+    size = as_input_size(given, default[0])
+    if recorded is not None and size[0] != recorded[0]:
+        shown = "×".join(str(v) for v in size)
+        raise ExportError(
+            f"`input_size` {shown} has {size[0]} channels, but the model was converted for "
+            f"{recorded[0]}-channel images ({'×'.join(str(v) for v in recorded)})"
+        )
+    return size
+
+
+def _export_to(
+    model: nn.Module, example: torch.Tensor, temp: Path, options: ExportOptions, outputs: list[str]
+) -> None:
+    """torch's exporter into ``temp``; whatever it raises becomes one ExportError line."""
+    try:
+        _torch_export(model, example, temp, options, outputs)
+    except Exception as exc:  # the exporters raise many types; all mean "export failed"
+        first = first_line(exc)
+        raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {first}") from exc
+
+
 def _export_options(options: ExportOptions | None, keywords: dict[str, Any]) -> ExportOptions:
     """``options``, or the options the keywords describe (not both; unknown names refused)."""
-    unknown = sorted(set(keywords) - set(_OPTION_NAMES))
+    return options_from(ExportOptions, options, keywords, "export_onnx")
+
+
+def options_from(
+    kind: type[_Options], options: _Options | None, keywords: dict[str, Any], caller: str
+) -> _Options:
+    """``options`` (a ``kind`` record), or the ``kind`` its fields given as keywords describe;
+    not both, and an unknown name is refused (a ``TypeError``, as for a misspelt argument)."""
+    names = [f.name for f in fields(kind)]  # type: ignore[arg-type]
+    unknown = sorted(set(keywords) - set(names))
     if unknown:
         raise TypeError(
-            f"export_onnx() got unknown option {unknown[0]!r}; options: {', '.join(_OPTION_NAMES)}"
+            f"{caller}() got unknown option {unknown[0]!r}; options: {', '.join(names)}"
         )
     if options is None:
-        return ExportOptions(**keywords)
+        return kind(**keywords)
     if keywords:
-        raise TypeError("export_onnx() takes options= or option keywords, not both")
+        raise TypeError(f"{caller}() takes options= or option keywords, not both")
     return options
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
@@ -16,16 +15,25 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.plans import stages_text
-from ..core.recipe import get_recipe
+from ..constants import ENGINES
+from ..core.plans import as_input_size, stages_text
+from ..core.recipe import KwargsCheck, Recipe, get_recipe
 from ..data.images import data_config, load_images
-from ..errors import VerificationError, first_line
+from ..errors import InvalidOptionError, VerificationError, first_line
 from .engines import open_engine
-from .export import PROFILE_TOLERANCES, RECIPE_KEY, read_onnx_metadata
+from .export import PROFILE_TOLERANCES, options_from
+from .record import InputShape, RecordedMetadata, input_shape, read_record
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Comparison", "RecordedMetadata", "VerificationReport", "read_record", "verify_onnx"]
+__all__ = [
+    "Comparison",
+    "RecordedMetadata",
+    "VerificationReport",
+    "VerifyOptions",
+    "read_record",
+    "verify_onnx",
+]
 
 
 @dataclass(frozen=True)
@@ -187,93 +195,158 @@ def _comparison(
     return Comparison(case, output, tuple(want.shape), max_abs, max_ratio, passed, vacuous)
 
 
+@dataclass(frozen=True)
+class VerifyOptions:
+    """How :func:`verify_onnx` checks a file: the options as one record (the CLI builds one).
+
+    Attributes:
+        batch_sizes: random normal batches of each size (a static-batch file: its own only).
+        atol, rtol: the tolerance; default: the recorded export profile's (fp32 1e-4, 1e-3).
+        images: a folder of real images to check too (up to 8).
+        raise_on_failure: raise VerificationError when an output differs beyond tolerance.
+        seed: the random inputs' seed.
+        engine: ``onnxruntime`` or ``openvino``.
+        input_size: the size to run a dynamic-size file at (224, (160, 224) or (3, 224, 224));
+            default: the size the file records, else the graph's fixed shape.
+        check_kwargs: the check of the recorded recipe's constructor arguments (``ibnify
+            verify`` passes the model registry's allowlist); default: their form only.
+    """
+
+    batch_sizes: Sequence[int] = (1, 3)
+    atol: float | None = None
+    rtol: float | None = None
+    images: str | os.PathLike[str] | None = None
+    raise_on_failure: bool = True
+    seed: int = 0
+    engine: str = "onnxruntime"
+    input_size: int | str | Sequence[int] | None = None
+    check_kwargs: KwargsCheck | None = None
+
+    def validate(self) -> VerifyOptions:
+        """Return the options, or raise InvalidOptionError in one line before any file is read."""
+        sizes = list(self.batch_sizes)
+        if not sizes or not all(_whole(b) and b >= 1 for b in sizes):
+            raise InvalidOptionError(f"`batch_sizes` must be whole numbers ≥ 1, got {sizes}")
+        for name, value in (("atol", self.atol), ("rtol", self.rtol)):
+            if value is not None and not (isinstance(value, int | float) and 0 <= value < math.inf):
+                raise InvalidOptionError(f"`{name}` must be a number ≥ 0, got {value!r}")
+        if self.engine not in ENGINES:
+            raise InvalidOptionError(f"`engine` {self.engine!r} is not one of {', '.join(ENGINES)}")
+        if self.input_size is not None:
+            as_input_size(self.input_size)
+        if self.images is not None and not Path(self.images).is_dir():
+            raise InvalidOptionError(f"`images` folder {str(self.images)!r} does not exist")
+        return self
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def verify_onnx(
     path: str | os.PathLike[str],
     model: nn.Module,
-    batch_sizes: Sequence[int] = (1, 3),
-    atol: float | None = None,
-    rtol: float | None = None,
-    images: str | os.PathLike[str] | None = None,
-    raise_on_failure: bool = True,
-    seed: int = 0,
-    engine: str = "onnxruntime",
+    options: VerifyOptions | None = None,
+    **keywords: Any,
 ) -> VerificationReport:
     """Run the ONNX file (in ``engine``) and PyTorch on the same inputs and compare every output.
 
-    ``atol``/``rtol`` default to the tolerance of the export profile recorded in the file's
-    metadata (``ibnify.profile``; fp32 tolerances where there is none).
+    ``options``: a :class:`VerifyOptions`, or its fields as keywords
+    (``verify_onnx(path, model, batch_sizes=(1, 3))``), not both. ``atol``/``rtol`` default to
+    the tolerance of the export profile recorded in the file's metadata (``ibnify.profile``).
 
-    Inputs: random normal batches of each size in ``batch_sizes`` at the file's spatial size,
-    one batch at a second spatial size where the file's spatial axes are dynamic, and the images
-    under ``images`` when given.
+    Inputs: random normal batches of each size in ``batch_sizes`` at the size the report's
+    ``input`` note names (``input_size``, else the size the file records, else the graph's
+    fixed shape), one batch at a second spatial size where the file's spatial axes are
+    dynamic, and the images under ``images`` when given.
 
     Raises:
-        VerificationError: the file is missing, corrupt, from another model, or (with
-            ``raise_on_failure``) an output differs beyond ``atol + rtol * |torch|``.
+        InvalidOptionError: a bad option, or a dynamic-size file that records no size and got
+            no ``input_size``.
+        VerificationError: the file is missing, corrupt, from another model, its recipe is
+            damaged, or (with ``raise_on_failure``) an output differs beyond tolerance.
     """
-    # Long by design: the input cases (batches, a second size, images) read top to bottom.
-    session = open_engine(path, engine)
-    recorded = read_record(path)
-    atol, rtol, profile = _tolerance(recorded, atol, rtol)
-    report = VerificationReport(Path(path), atol, rtol, engine=engine)
-    report.notes.append(f"engine {engine}, export profile {profile}")
+    chosen = options_from(VerifyOptions, options, keywords, "verify_onnx").validate()
+    session = open_engine(path, chosen.engine)
+    recorded = read_record(path, chosen.check_kwargs)
+    atol, rtol, profile = _tolerance(recorded, chosen.atol, chosen.rtol)
+    report = VerificationReport(Path(path), atol, rtol, engine=chosen.engine)
+    report.notes.append(f"engine {chosen.engine}, export profile {profile}")
     _check_recipe(recorded, path, model)
+    batch_dim, shape, dynamic = _file_input(session, path, chosen.input_size, recorded)
+    report.notes.append(str(shape))
+    sizes = [int(b) for b in chosen.batch_sizes]
+    if isinstance(batch_dim, int):
+        report.notes.append(f"the file has a static batch of {batch_dim}; checking only that")
+        sizes = [batch_dim]
+    model = copy.deepcopy(model).eval().float().cpu()
+    cases = _random_cases(shape.size, sizes, dynamic, chosen.seed)
+    if dynamic:
+        second = cases[-1][1].shape[2:]
+        report.notes.append(
+            f"spatial axes are dynamic; checking {shape.size[1]}x{shape.size[2]} and "
+            f"{second[0]}x{second[1]}"
+        )
+    if chosen.images is not None:
+        cases.append(_image_case(chosen.images, model, shape.size, batch_dim))
+    for case, x in cases:
+        report.rows += _compare(session, model, x, case, atol, rtol)
+    logger.info("%s", report)
+    warning = report.vacuous_warning()
+    if warning:
+        logger.warning("%s", warning)
+    if chosen.raise_on_failure and not report.passed:
+        raise VerificationError(report.failure_message())
+    return report
+
+
+def _file_input(
+    session: Any, path: str | os.PathLike[str], given: Any, recorded: RecordedMetadata
+) -> tuple[Any, InputShape, bool]:
+    """(batch axis, the size to check at, whether height/width are dynamic) of the one NCHW
+    input; a file with other inputs is refused."""
     inputs = session.get_inputs()
     if len(inputs) != 1 or len(inputs[0].shape) != 4:
         raise VerificationError(
             f"{str(path)!r} takes {len(inputs)} inputs of rank "
             f"{[len(i.shape) for i in inputs]}; ibnify verifies single-image (NCHW) models"
         )
-    batch_dim, channels, height, width = inputs[0].shape
-    dynamic_size = not isinstance(height, int) or not isinstance(width, int)
-    if not all(isinstance(d, int) for d in (channels, height, width)):
-        size = recorded.input_size
-        channels = channels if isinstance(channels, int) else size[0]
-        height = height if isinstance(height, int) else size[1]
-        width = width if isinstance(width, int) else size[2]
-    second = (_second_size(height), _second_size(width))
-    if dynamic_size:
-        report.notes.append(
-            f"spatial axes are dynamic; checking {height}x{width} and {second[0]}x{second[1]}"
-        )
-    sizes = [int(b) for b in batch_sizes]
-    if any(b < 1 for b in sizes):
-        raise VerificationError(f"batch sizes must be ≥ 1, got {sizes}")
-    if isinstance(batch_dim, int):
-        report.notes.append(f"the file has a static batch of {batch_dim}; checking only that")
-        sizes = [batch_dim]
+    dims = inputs[0].shape
+    dynamic = not all(isinstance(d, int) for d in dims[2:])
+    return dims[0], input_shape(path, dims, given, recorded), dynamic
+
+
+def _random_cases(
+    size: tuple[int, ...], batches: list[int], dynamic: bool, seed: int
+) -> list[tuple[str, torch.Tensor]]:
+    """Random normal batches at ``size``, and one at a second spatial size when it is dynamic."""
     generator = torch.Generator().manual_seed(seed)
-    model = copy.deepcopy(model).eval().float().cpu()
-    for batch in sizes:
-        x = torch.randn(batch, channels, height, width, generator=generator)
-        report.rows += _compare(session, model, x, f"random batch {batch}", atol, rtol)
-    if dynamic_size:
-        x = torch.randn(sizes[-1], channels, *second, generator=generator)
-        case = f"random batch {sizes[-1]} {second[0]}x{second[1]}"
-        report.rows += _compare(session, model, x, case, atol, rtol)
-    if images is not None:
-        config = data_config(model)  # the model's own normalisation (timm cfg, else ImageNet)
-        batch = load_images(
-            images,
-            (height, width),
-            limit=8 if batch_dim != 1 else 1,
-            mean=config["mean"],
-            std=config["std"],
-        )
-        if isinstance(batch_dim, int):
+    channels, height, width = size
+    cases = [
+        (f"random batch {b}", torch.randn(b, channels, height, width, generator=generator))
+        for b in batches
+    ]
+    if dynamic:
+        second = (_second_size(height), _second_size(width))
+        x = torch.randn(batches[-1], channels, *second, generator=generator)
+        cases.append((f"random batch {batches[-1]} {second[0]}x{second[1]}", x))
+    return cases
+
+
+def _image_case(
+    images: str | os.PathLike[str], model: nn.Module, size: tuple[int, ...], batch_dim: Any
+) -> tuple[str, torch.Tensor]:
+    """Up to 8 real images (one for a batch-1 file), normalised as the model expects; a static
+    batch is filled by repeating them."""
+    config = data_config(model)  # the model's own normalisation (timm cfg, else ImageNet)
+    limit = 8 if batch_dim != 1 else 1
+    batch = load_images(images, size[1:], limit=limit, mean=config["mean"], std=config["std"])
+    if isinstance(batch_dim, int):
+        batch = batch[:batch_dim]
+        if batch.shape[0] < batch_dim:
+            batch = batch.repeat((batch_dim + batch.shape[0] - 1) // batch.shape[0], 1, 1, 1)
             batch = batch[:batch_dim]
-            if batch.shape[0] < batch_dim:
-                batch = batch.repeat((batch_dim + batch.shape[0] - 1) // batch.shape[0], 1, 1, 1)
-                batch = batch[:batch_dim]
-        case = f"images batch {batch.shape[0]}"
-        report.rows += _compare(session, model, batch, case, atol, rtol)
-    logger.info("%s", report)
-    warning = report.vacuous_warning()
-    if warning:
-        logger.warning("%s", warning)
-    if raise_on_failure and not report.passed:
-        raise VerificationError(report.failure_message())
-    return report
+    return f"images batch {batch.shape[0]}", batch
 
 
 def _tolerance(
@@ -295,56 +368,9 @@ def _second_size(size: int) -> int:
     return smaller if smaller != size else size + 32
 
 
-@dataclass(frozen=True)
-class RecordedMetadata:
-    """What an exported file records about itself, read once: the export profile, the input
-    size, and the model's recipe (``ibnify.recipe``; older files: the last ``plan`` only)."""
-
-    profile: str = "default"
-    input_size: tuple[int, int, int] = (3, 224, 224)
-    recipe: dict[str, Any] | None = None
-    plan: dict[str, Any] | None = None
-
-
-def read_record(path: str | os.PathLike[str]) -> RecordedMetadata:
-    """The file's :class:`RecordedMetadata`; unreadable or missing values keep the defaults."""
-    try:
-        stored = read_onnx_metadata(path)
-    except Exception:  # unreadable metadata: the session already loaded the graph, go on
-        return RecordedMetadata()
-    return RecordedMetadata(
-        profile=stored.get("profile", "default"),
-        input_size=_size(stored.get("input_size", "")),
-        recipe=_json_object(stored.get(RECIPE_KEY)),
-        plan=_json_object(stored.get("plan")),
-    )
-
-
-def _size(text: str) -> tuple[int, int, int]:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        return (3, 224, 224)
-    return values if len(values) == 3 else (3, 224, 224)  # type: ignore[return-value]
-
-
-def _json_object(text: str | None) -> dict[str, Any] | None:
-    try:
-        value = json.loads(text) if text else None
-    except (ValueError, RecursionError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def _conversions(source: Any, plans: Any) -> tuple[Any, list[tuple[Any, ...]]]:
-    """(source, [(layout, stages, ratio) per plan]): what must match between file and model."""
-    plans = plans if isinstance(plans, list) else []
-    steps = [
-        (p.get("layout"), list(p.get("stages") or []), p.get("ratio"))
-        for p in plans
-        if isinstance(p, dict)
-    ]
-    return source, steps
+def _steps(recipe: Recipe) -> list[tuple[Any, ...]]:
+    """[(layout, stages, ratio) per plan]: what must match between file and model."""
+    return [(p.layout, list(p.stages), p.ratio) for p in recipe.plans]
 
 
 def _check_recipe(
@@ -356,19 +382,13 @@ def _check_recipe(
     the recipe was stored whole is compared on its last plan).
     """
     recipe = get_recipe(model)
-    if recipe is None or recipe.plan is None:
+    if recipe is None or recipe.plan is None or recorded.recipe is None:
         return
-    mine = recipe.to_dict()
-    ours = _conversions(recipe.label, mine["plans"])
-    if recorded.recipe is not None:
-        plans = recorded.recipe.get("plans")
-        first = plans[0] if isinstance(plans, list) and plans and isinstance(plans[0], dict) else {}
-        theirs = _conversions(recorded.recipe.get("source") or first.get("arch"), plans)
-    elif recorded.plan is not None:
-        theirs = _conversions(recorded.plan.get("arch"), [recorded.plan])
+    ours = (recipe.label, _steps(recipe))
+    theirs = (recorded.recipe.label, _steps(recorded.recipe))
+    if not recorded.whole:
         ours = (recipe.plan.arch, ours[1][-1:])
-    else:
-        return
+        theirs = (recorded.recipe.plan.arch, theirs[1])  # type: ignore[union-attr]
     if theirs != ours:
         what = "source" if theirs[0] != ours[0] else "conversion"
         raise VerificationError(
