@@ -74,7 +74,7 @@ def test_the_readme_tables_make_the_claims_they_state() -> None:
     check_candidate_claims(
         {r[1]: _number(r[2]) for r in candidates}, {r[1]: _number(r[3]) for r in candidates}
     )
-    assert "suggested --stages 1-2" in section
+    assert "suggested `stages=1-2`" in section
     # the measured spread, worst case of each claim over the runs
     assert min(_number(r[1]) for r in spread_stages) >= 100
     by_stage = {_stage_key(r[0]): r[1] for r in spread_stages}
@@ -102,7 +102,7 @@ def test_a_live_run_of_the_example_makes_the_same_claims(tmp_path: Path) -> None
     check_candidate_claims(
         {r[1]: _number(r[2]) for r in candidates}, {r[1]: _number(r[3]) for r in candidates}
     )
-    assert "suggested --stages 1-2" in first.stdout
+    assert "suggested `stages=1-2`" in first.stdout
     again = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=True)
     assert _tables(again.stdout)[2] == candidates  # the finished study, reused
     assert (tmp_path / "placement" / "search" / "study.journal").is_file()
