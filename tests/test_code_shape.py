@@ -22,12 +22,7 @@ MAX_PARAMETERS = 8
 # Functions whose owners are reshaping them this round ("module:qualified name"); the lead
 # empties this set when they are done. It only shrinks: a name that is no longer over the limits
 # (or no longer exists) must leave it.
-PENDING: set[str] = {
-    "ibnify.adaptation.files:adapt_file",
-    "ibnify.cli.adapt:adapt_command",
-    "ibnify.cli.training:evaluate_command",
-    "ibnify.data.images:image_folder_data",
-}
+PENDING: set[str] = set()
 
 
 @dataclass(frozen=True)

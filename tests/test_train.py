@@ -333,6 +333,7 @@ _OPTION_TABLE = {
     "dataset": (["--dataset", "digits"], _arg("dataset"), "digits"),
     "val_data": (["--val-data", "val"], _arg("val_data"), "val"),
     "input_size": (["--input-size", "24"], _arg("input_size"), (3, 24, 24)),
+    "skip_bad_images": (["--skip-bad-images"], _arg("skip_bad_images"), True),
     "num_classes": (["--num-classes", "7"], _arg("num_classes"), 7),
     "epochs": (["--epochs", "7"], _config("epochs"), 7),
     "lr": (["--lr", "0.123"], _config("lr"), 0.123),
@@ -364,6 +365,7 @@ def _invoke_finetune(monkeypatch: pytest.MonkeyPatch, args: list[str]) -> dict:
         inputs = run.inputs
         given = {k: getattr(run, k) for k in ("val_data", "distill_from", "num_classes", "force")}
         seen.update(given, data=inputs.data, dataset=inputs.dataset, input_size=inputs.input_size)
+        seen.update(skip_bad_images=inputs.skip_bad_images)
         seen.update(checkpoint=run.checkpoint, config=config, threads=torch.get_num_threads())
         on_epoch(dict(_METRICS))
         return FinetuneResult(torch.nn.Identity())
@@ -706,6 +708,7 @@ _EVALUATE_TABLE = {
     ),
     "shifts": (["--shift", "gamma,blur"], _arg("shifts"), "gamma,blur"),
     "input_size": (["--input-size", "3,20,24"], _arg("input_size"), (3, 20, 24)),
+    "skip_bad_images": (["--skip-bad-images"], _arg("skip_bad_images"), True),
     "plot": (["--plot", "PLOT.png"], lambda seen: seen.get("plot", "").endswith("PLOT.png"), True),
     "as_json": (["--json"], _arg("output"), '{"json": true}'),
     "batch_size": (["--batch-size", "7"], _arg("batch_size"), 7),
@@ -727,6 +730,7 @@ def _invoke_evaluate(monkeypatch: pytest.MonkeyPatch, args: list[str]) -> dict:
         seen.update({k: getattr(run, k) for k in fields}, shifts=run.chosen_shifts)
         inputs = run.inputs
         seen.update(data=inputs.data, dataset=inputs.dataset, input_size=inputs.input_size)
+        seen.update(skip_bad_images=inputs.skip_bad_images)
         seen.update(checkpoints=tuple(run.checkpoints), threads=torch.get_num_threads())
         report = _Report(seen)
         if plot is not None:

@@ -12,16 +12,18 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
 from .._io import check_output_path
+from ..core.plans import as_input_size
 from ..data.domains import check_same_classes, domain_specs
 from ..data.images import ImageData
 from ..data.sources import as_image_data
 from ..errors import CheckpointError, InvalidOptionError
 from ..evaluation import RobustnessReport, evaluate
-from ..models.checkpoint import input_size_for, load, needs_base, read_recipe, save
+from ..models.checkpoint import load, needs_base, read_recipe, recipe_input_size, save
 from .offline import adapt_with, check_adaptable, target_subset
 from .options import AdaptOptions
 
@@ -50,24 +52,29 @@ def adapt_file(
     force: bool = False,
     base: nn.Module | None = None,
     source: ImageData | str | os.PathLike[str] | None = None,
+    skip_bad_images: bool = False,
 ) -> AdaptResult:
     """What ``ibnify adapt`` does: load a checkpoint, adapt it on a target folder, save a copy.
+    Reason: nine parameters, the command's public keyword API (``AdaptOptions`` holds the rest).
 
     The source checkpoint is never written; ``output`` must be a new ``.safetensors`` file
     (or ``force``). ``base``: the unconverted model, for a checkpoint of a class no registry
     builds (``ibnify.load(path, base=...)``). ``source``: labelled source data (a folder or
     ``"digits"``) whose clean accuracy before and after goes into the report, with the
-    target's as a domain row when the target has labels.
+    target's as a domain row when the target has labels. ``input_size``: the size the images
+    are read at (``ibnify adapt`` passes the one its resolver decided), else the checkpoint's
+    recorded one. ``skip_bad_images``: leave unreadable images out instead of refusing them.
     """
     options = options or AdaptOptions()
     target_path = check_adapt_output(checkpoint, output, force)
-    size = input_size_for(checkpoint, input_size)
     _check_base_given(checkpoint, base)
     model = load(checkpoint, base=base)
+    size = as_input_size(input_size) if input_size is not None else recipe_input_size(model)
     check_adaptable(model, options)
-    target = as_image_data(data, model, "test", seed=options.seed, input_size=size)
+    skip = {"input_size": size, "skip_bad_images": skip_bad_images}
+    target = as_image_data(data, model, "test", seed=options.seed, **skip)
     used = len(target_subset(target, options))
-    source_data = _source_data(source, model, target, size)
+    source_data = _source_data(source, model, target, skip)
     adapted = adapt_with(model, target, options)
     report = None
     pair = {"before": model, "after": adapted}
@@ -97,12 +104,13 @@ def _source_data(
     source: ImageData | str | os.PathLike[str] | None,
     model: nn.Module,
     target: ImageData,
-    size: Sequence[int] | None,
+    reading: dict[str, Any],
 ) -> ImageData | None:
-    """The labelled source data of the before/after check; refused when it has no labels."""
+    """The labelled source data of the before/after check, read as the target was
+    (``reading``: its size and bad-image rule); refused when it has no labels."""
     if source is None:
         return None
-    data = as_image_data(source, model, "test", input_size=size)
+    data = as_image_data(source, model, "test", **reading)
     if not data.labelled:
         raise InvalidOptionError(
             f"the source data {data.name!r} has no labels (no CLASS sub-folders): the source "

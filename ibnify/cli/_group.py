@@ -32,6 +32,7 @@ __all__ = [
     "model_options",
     "os_error_line",
     "parse_model_arg_value",
+    "skip_bad_images_option",
     "threads_option",
     "to_flags",
 ]
@@ -71,6 +72,7 @@ PARAMETER_FLAGS = {
     "runs": "--runs",
     "shifts": "--shift",
     "space": "--space",
+    "skip_bad_images": "--skip-bad-images",
     "stages": "--stages",
     "storage": "--storage",
     "study": "--study",
@@ -206,6 +208,17 @@ def image_size_option(models: str = "model"):
         help=f"Image size the {models} see{'' if models == 'models' else 's'}: 32 or 3,32,32 "
         f"(default: {first}, else the model's own).",
     )
+
+
+def skip_bad_images_option(function):
+    """Add ``--skip-bad-images`` to a command that reads image folders: unreadable images are
+    left out (one line says how many and which) instead of refused in one error listing them."""
+    return click.option(
+        "--skip-bad-images",
+        is_flag=True,
+        help="Leave unreadable (corrupt) images out, with one line naming them, instead of "
+        "stopping with an error that lists them.",
+    )(function)
 
 
 def threads_option(function):

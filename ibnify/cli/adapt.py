@@ -3,9 +3,11 @@ the BN statistics) or entropy minimisation (``--method entropy``, the BN and/or 
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
-from ._group import cli, image_size_option, threads_option
+from ._group import cli, image_size_option, skip_bad_images_option, threads_option
 
 __all__ = ["METHOD_CHOICES", "NORMS_CHOICES", "adapt_command"]
 
@@ -64,48 +66,39 @@ _NORMS_TEXT = {"bn": "the BN", "in": "the IN", "both": "the BN and IN"}
     "after goes in the table, so an adaptation that destroys it shows.",
 )
 @image_size_option()
+@skip_bad_images_option
 @click.option(
     "--seed", type=int, default=0, show_default=True, help="Seeds the image choice and order."
 )
 @click.option("--force", is_flag=True, help="Overwrite the output file if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the before/after report as JSON.")
 @threads_option
-def adapt_command(
-    checkpoint: str,
-    data: str,
-    output: str,
-    images: int | None,
-    prior: str,
-    batch_size: int,
-    input_size: tuple[int, int, int] | None,
-    seed: int,
-    force: bool,
-    as_json: bool,
-    **entropy: object,
-) -> None:
+def adapt_command(checkpoint: str, data: str, output: str, as_json: bool, **given: Any) -> None:
     """Adapt CHECKPOINT to unlabelled target images and write the adapted model to a new file;
     the source checkpoint is left untouched.
     """
-    # Many parameters only by its option list: each goes into AdaptOptions or AdaptFiles.
     import json
 
     # The options record is checked first; the adaptation package is imported after.
     from ..adaptation.options import AdaptOptions, check_prior
     from ..errors import InvalidOptionError
 
-    source = entropy.pop("source")
-    given = [name for name in ("norms", "epochs", "steps", "lr") if entropy[name] is not None]
-    if entropy["method"] == "bn" and given:
+    files_fields = ("input_size", "force", "source", "skip_bad_images")
+    reading = {name: given.pop(name) for name in files_fields}
+    source = reading["source"]
+    entropy_only = [name for name in ("norms", "epochs", "steps", "lr") if given[name] is not None]
+    if given["method"] == "bn" and entropy_only:
         raise InvalidOptionError(  # a CLI-only combination: said with the flags
-            f"{', '.join(f'--{name}' for name in given)} "
-            f"{'applies' if len(given) == 1 else 'apply'} to --method entropy only (--method bn "
-            "re-estimates statistics in one pass and learns nothing); add --method entropy"
+            f"{', '.join(f'--{name}' for name in entropy_only)} "
+            f"{'applies' if len(entropy_only) == 1 else 'apply'} to --method entropy only "
+            "(--method bn re-estimates statistics in one pass and learns nothing); add --method "
+            "entropy"
         )
-    options = AdaptOptions(images, check_prior(prior), batch_size, seed, **entropy)  # type: ignore[arg-type]
+    options = AdaptOptions(**{**given, "prior": check_prior(given["prior"])})
     from ..adaptation import adaptations
     from ..commands.adapt import AdaptFiles, adapt_files
 
-    files = AdaptFiles(checkpoint, data, output, options, input_size, force, source)
+    files = AdaptFiles(checkpoint, data, output, options, **reading)
     result = adapt_files(files)
     record = adaptations(result.model)[-1]
     if as_json:

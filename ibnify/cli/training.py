@@ -15,6 +15,7 @@ from ._group import (
     cli,
     image_size_option,
     invocation,
+    skip_bad_images_option,
     threads_option,
 )
 
@@ -27,6 +28,7 @@ _DEFAULTS = FINETUNE_DEFAULTS
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @_data_options
 @click.option("--val-data", type=click.Path(file_okay=False), help="Labelled validation folder.")
+@skip_bad_images_option
 @image_size_option()
 @click.option(
     "--num-classes",
@@ -131,7 +133,12 @@ def finetune_command(**options: Any) -> None:
     config_fields = {f.name for f in fields(FinetuneConfig)}
     config = FinetuneConfig(**{k: options.pop(k) for k in list(options) if k in config_fields})
     as_json = options.pop("as_json")
-    inputs = InputRequest(options.pop("data"), options.pop("dataset"), options.pop("input_size"))
+    inputs = InputRequest(
+        options.pop("data"),
+        options.pop("dataset"),
+        options.pop("input_size"),
+        skip_bad_images=options.pop("skip_bad_images"),
+    )
     _one_data_source(inputs.data, inputs.dataset)
     if config.resume and options["force"]:
         raise click.UsageError("--resume and --force exclude each other")
@@ -181,6 +188,7 @@ def _interrupt_message(stop: Any) -> str:
     "brightness_up, brightness_down, contrast_up, contrast_down, rgb_plus_50, "
     "r_plus_50, gamma, blur, noise.",
 )
+@skip_bad_images_option
 @image_size_option("models")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG bar chart here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
@@ -189,39 +197,19 @@ def _interrupt_message(stop: Any) -> str:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the noise shift.")
 @click.option("--force", is_flag=True, help="Overwrite the plot file if it exists.")
 @threads_option
-def evaluate_command(
-    checkpoints: tuple[str, ...],
-    data: str | None,
-    dataset: str | None,
-    domains: tuple[str, ...],
-    shifts: str | None,
-    input_size: tuple[int, int, int] | None,
-    plot: str | None,
-    as_json: bool,
-    batch_size: int,
-    workers: int,
-    seed: int,
-    force: bool,
-) -> None:
+def evaluate_command(checkpoints: tuple[str, ...], as_json: bool, **options: Any) -> None:
     """Accuracy of CHECKPOINTS side by side: clean, under appearance shifts and on labelled
     target domains (--domain NAME=FOLDER).
     """
-    # Long only by its option list: each option is one parameter, passed on to the record.
     from ..commands.evaluate import EvaluateFiles, evaluate_files
     from ..commands.inputs import InputRequest
 
-    _one_data_source(data, dataset)
-    files = EvaluateFiles(
-        checkpoints,
-        InputRequest(data, dataset, input_size),
-        shifts=shifts,
-        domains=domains,
-        batch_size=batch_size,
-        seed=seed,
-        workers=workers,
-        plot=plot,
-        force=force,
-    )
+    # The options record: the data options go into the request, the rest are EvaluateFiles'.
+    request = ("data", "dataset", "input_size", "skip_bad_images")
+    inputs = InputRequest(**{name: options.pop(name) for name in request})
+    _one_data_source(inputs.data, inputs.dataset)
+    files = EvaluateFiles(checkpoints, inputs, **options)
+    plot = files.plot
     report = evaluate_files(files)
     if as_json:
         click.echo(report.to_json())
@@ -252,7 +240,7 @@ def demo_command(
     out_dir: str, seed: int, quick: bool, no_export: bool, force: bool, progress: bool
 ) -> None:
     """End-to-end demo on real digits: baseline, IBN conversion, control, shifts, ONNX."""
-    from ..commands.inputs import check_output_dir
+    from .._io import check_output_dir
     from ..demo import DemoConfig, run_demo
 
     check_output_dir(out_dir)  # a read-only folder: one line before the first model is built

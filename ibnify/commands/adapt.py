@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from ..adaptation.files import AdaptResult, adapt_file, check_adapt_output
 from ..adaptation.options import AdaptOptions
-from .inputs import InputRequest
+from .inputs import InputRequest, requested_input_size
 
 __all__ = ["AdaptFiles", "adapt_files"]
 
@@ -17,7 +17,8 @@ __all__ = ["AdaptFiles", "adapt_files"]
 class AdaptFiles:
     """What ``ibnify adapt`` reads and writes: the checkpoint, the target folder, the new
     ``.safetensors`` file, the adaptation's options (checked when made), the image size and
-    optional labelled source data for the before/after table."""
+    optional labelled source data for the before/after table; ``skip_bad_images`` leaves the
+    folders' unreadable images out instead of refusing them."""
 
     checkpoint: str | os.PathLike[str]
     data: str | os.PathLike[str]
@@ -26,6 +27,7 @@ class AdaptFiles:
     input_size: int | tuple[int, ...] | None = None
     force: bool = False
     source: str | os.PathLike[str] | None = None
+    skip_bad_images: bool = False
 
     def check(self) -> None:
         """Refuse, before any model is built: the size, and an output that is the source, not
@@ -36,14 +38,16 @@ class AdaptFiles:
 
 def adapt_files(files: AdaptFiles) -> AdaptResult:
     """What ``ibnify adapt`` does: check the record, then :func:`ibnify.adaptation.adapt_file`
-    (which reads the images at the given size, else the checkpoint's recorded one)."""
+    at the input size the resolver decides (the given one, else the checkpoint's recorded)."""
     files.check()
+    request = InputRequest(data=files.data, input_size=files.input_size)
     return adapt_file(
         files.checkpoint,
         files.data,
         files.output,
         files.options,
-        input_size=files.input_size,
+        input_size=requested_input_size(request, files.checkpoint),
         force=files.force,
         source=files.source,
+        skip_bad_images=files.skip_bad_images,
     )

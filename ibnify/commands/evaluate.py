@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import check_output_path
-from ..data.domains import domain_specs
+from ..data.domains import domain_specs, load_domains
 from ..data.shifts import parse_shifts
 from ..errors import InvalidOptionError
 from ..evaluation import RobustnessReport, evaluate
@@ -79,14 +79,19 @@ def evaluate_files(files: EvaluateFiles) -> RobustnessReport:
     inputs = resolve_inputs(files.inputs, load(paths[0]))
     models = {_column_names(paths)[0]: inputs.model}
     models.update((n, load(p)) for n, p in zip(_column_names(paths)[1:], paths[1:], strict=True))
+    data = inputs.data("test")
+    domains = domain_specs(files.domains)
+    if files.inputs.skip_bad_images:  # the domain folders read as the data folder is
+        size, skip = inputs.input_size, {"skip_bad_images": True}
+        domains = load_domains(domains, inputs.model, None, size, **skip)  # type: ignore[assignment]
     report = evaluate(
         models,
-        inputs.data("test"),
+        data,
         shifts=files.chosen_shifts,
         batch_size=files.batch_size,
         seed=files.seed,
         workers=files.workers,
-        domains=domain_specs(files.domains),
+        domains=domains,
         input_size=inputs.input_size,
     )
     if plot is not None:

@@ -122,7 +122,11 @@ def finetune_files(
         validation = inputs.data("test", config.seed, dataset_only=True)
     if files.val_data is not None:
         validation = image_folder_data(
-            files.val_data, student, train=False, input_size=inputs.input_size
+            files.val_data,
+            student,
+            train=False,
+            input_size=inputs.input_size,
+            skip_bad_images=files.inputs.skip_bad_images,
         )
     recipe = read_recipe(files.checkpoint)
     teacher = load_teacher(files.distill_from, recipe) if files.distill_from else None

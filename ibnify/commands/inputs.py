@@ -5,7 +5,6 @@ recipe. The data source is checked once, the model loaded once, the input size d
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from .. import _io
 from ..api import ResolvedModel, is_checkpoint_spec, resolve_model
 from ..core.plans import as_input_size
 from ..data.images import ImageData
@@ -27,6 +27,7 @@ __all__ = [
     "ResolvedInputs",
     "check_model_args",
     "check_output_dir",
+    "requested_input_size",
     "resolve_inputs",
 ]
 
@@ -39,6 +40,7 @@ class InputRequest:
     data: str | os.PathLike[str] | None = None
     dataset: str | None = None
     input_size: int | Sequence[int] | None = None
+    skip_bad_images: bool = False  # leave a folder's unreadable images out, not refuse them
 
     def check(self) -> None:
         """Refuse, before any model is built, two data sources or none, and a malformed size."""
@@ -118,6 +120,7 @@ class ResolvedInputs:
             split=split,
             seed=seed,
             input_size=self.input_size,
+            skip_bad_images=self.request.skip_bad_images,
         )
 
 
@@ -138,17 +141,15 @@ def resolve_inputs(
     return ResolvedInputs(request, loaded, size, resolved)
 
 
+def requested_input_size(
+    request: InputRequest, model: nn.Module | str | os.PathLike[str]
+) -> tuple[int, int, int] | None:
+    """The one input-size rule, for a command that loads its model itself (``adapt``): the
+    request's size, else the one ``model`` (a checkpoint path or a model) records, else None."""
+    return input_size_for(model, request.input_size)
+
+
 def check_output_dir(path: str | os.PathLike[str]) -> Path:
     """Refuse, before any work, an output folder that is a file or cannot be created or
-    written: the nearest existing folder on its path is probed by creating a file in it."""
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise InvalidOptionError(f"output {str(out)!r} exists and is not a directory")
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    probe = existing / f".ibnify-probe-{secrets.token_hex(4)}"
-    try:
-        probe.touch(exist_ok=False)
-    except OSError:
-        raise InvalidOptionError(f"output directory {str(existing)!r} is not writable") from None
-    probe.unlink(missing_ok=True)
-    return out
+    written (:func:`ibnify._io.check_output_dir`, the one output check)."""
+    return _io.check_output_dir(path)

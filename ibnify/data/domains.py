@@ -87,9 +87,12 @@ def load_domains(
     model: nn.Module,
     source: ImageData | None = None,
     input_size: Sequence[int] | None = None,
+    *,
+    skip_bad_images: bool = False,
 ) -> dict[str, ImageData]:
     """Labelled target domains (``{name: folder or ImageData}`` or ``NAME=FOLDER`` strings),
-    each named by its domain name and checked against the classes of ``source``.
+    each named by its domain name and checked against the classes of ``source``;
+    ``skip_bad_images`` leaves a folder's unreadable images out instead of refusing them.
 
     Raises:
         DataError: a folder without class sub-folders, without images, or with other classes
@@ -98,7 +101,9 @@ def load_domains(
     loaded: dict[str, ImageData] = {}
     for name, value in domain_specs(domains).items():
         try:
-            data = as_image_data(value, model, "test", input_size=input_size)
+            data = as_image_data(
+                value, model, "test", input_size=input_size, skip_bad_images=skip_bad_images
+            )
         except DataError as exc:
             raise DataError(f"domain {name!r}: {exc}") from exc
         if not data.labelled:

@@ -34,11 +34,16 @@ __all__ = [
     "image_files",
     "image_folder_data",
     "load_images",
+    "unreadable_images",
 ]
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
+# What PIL raises for a file it cannot decode (a corrupt, truncated or foreign file).
+_UNREADABLE = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
+# How many unreadable files a message names before it says "and N more".
+_NAMES_SHOWN = 10
 
 
 class DataError(IbnifyError):
@@ -50,7 +55,8 @@ class ImageData:
     """A dataset of ``(image in [0, 1], label)`` pairs and the normalisation the model expects.
 
     ``labelled`` is False for a folder of images without class sub-folders (labels are -1):
-    usable for label-free distillation only.
+    usable for label-free distillation only. ``skipped`` names the unreadable files left out
+    (``skip_bad_images=True``), relative to the folder.
     """
 
     dataset: Dataset
@@ -59,6 +65,7 @@ class ImageData:
     num_classes: int | None = None
     labelled: bool = True
     name: str = ""
+    skipped: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -89,9 +96,14 @@ def data_config(model: nn.Module, input_size: Sequence[int] | None = None) -> di
 class UnlabeledImages(Dataset):
     """All images under a directory (recursively), with label -1: for label-free fine-tuning."""
 
-    def __init__(self, root: str | os.PathLike[str], transform=None) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        transform=None,
+        files: Sequence[Path] | None = None,
+    ) -> None:
         self.root = Path(root)
-        self.files = image_files(self.root)
+        self.files = list(files) if files is not None else image_files(self.root)
         self.transform = transform
 
     def __len__(self) -> int:
@@ -107,10 +119,66 @@ def load_rgb_image(path: str | os.PathLike[str]):
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except _UNREADABLE as exc:
         raise DataError(
             f"image {str(path)!r} is corrupt or not an image ({exc.__class__.__name__})"
         ) from exc
+
+
+def _readable(path: Path) -> bool:
+    """Whether PIL decodes ``path`` to the end (a JPEG at 1/8 scale: every byte is still
+    entropy-decoded, so a truncated file shows, at a fraction of a full decode's cost)."""
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (1, 1))
+            image.load()
+    except _UNREADABLE:
+        return False
+    return True
+
+
+def unreadable_images(files: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """The files among ``files`` that cannot be decoded as images, in their order: found all
+    at once before a run starts, instead of one failed run (or epoch) per file."""
+    return [Path(f) for f in files if not _readable(Path(f))]
+
+
+def _listed(root: Path, files: Sequence[Path]) -> str:
+    """``a.png, cat/b.jpg and 3 more``: the files relative to ``root``, the first ten named."""
+    names = [str(f.relative_to(root)) if f.is_relative_to(root) else str(f) for f in files]
+    shown = ", ".join(names[:_NAMES_SHOWN])
+    more = len(names) - _NAMES_SHOWN
+    return f"{shown} and {more} more" if more > 0 else shown
+
+
+def _drop_unreadable(root: Path, files: Sequence[Path], skip: bool) -> tuple[Path, ...]:
+    """Check every file of a folder before any is used: without ``skip`` the unreadable ones
+    are refused in one DataError that lists them; with it they are returned (and logged once)
+    for the caller to leave out."""
+    bad = unreadable_images(files)
+    if not bad:
+        return ()
+    count = len(bad)
+    if not skip:
+        where = repr(str(root))
+        what = (
+            f"1 image in {where} is corrupt or not an image"
+            if count == 1
+            else f"{count} images in {where} are corrupt or not images"
+        )
+        them = "it" if count == 1 else "them"
+        raise DataError(
+            f"{what}: {_listed(root, bad)}; remove {them} or pass `skip_bad_images=True` to "
+            f"leave {them} out"
+        )
+    logger.warning(
+        "skipped %d unreadable image%s in %s: %s",
+        count,
+        "" if count == 1 else "s",
+        root,
+        _listed(root, bad),
+    )
+    return tuple(bad)
 
 
 def image_files(root: str | os.PathLike[str]) -> list[Path]:
@@ -153,21 +221,60 @@ def image_folder_data(
     model: nn.Module,
     train: bool = False,
     input_size: Sequence[int] | None = None,
+    *,
+    skip_bad_images: bool = False,
 ) -> ImageData:
     """An image directory as :class:`ImageData`, with timm's transforms for ``model``.
 
     ``root/CLASS/*.jpg`` gives a labelled ImageFolder; a directory of images without class
-    sub-folders gives unlabelled images (for ``--distill-from``). Training uses timm's training
+    sub-folders gives unlabelled images (for ``teacher``). Training uses timm's training
     augmentation (random resized crop, flip); evaluation its resize + centre crop; both at
     ``input_size`` (C, H, W) when given, else at the model's default size.
+
+    Every image is decoded once first: unreadable ones are refused in one DataError that lists
+    them, or with ``skip_bad_images`` left out (``ImageData.skipped`` names them, one warning
+    says how many); a skipped file never changes another image's class.
     """
     directory = Path(root)
     if not directory.is_dir():
         raise DataError(f"data directory {str(directory)!r} does not exist or is not a directory")
     config = data_config(model, input_size)
-    # Without normalisation timm's transform ends in uint8 tensors (0-255): scale them to
-    # [0, 1], where the appearance shifts and Normalize expect them.
-    transform = transforms.Compose(
+    transform = _unnormalised_transform(config, train)
+    mean = tuple(float(v) for v in config["mean"])
+    std = tuple(float(v) for v in config["std"])
+    class_dirs = [p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    if class_dirs:
+        try:
+            dataset = ImageFolder(str(directory), transform=transform, loader=load_rgb_image)
+        except (FileNotFoundError, RuntimeError) as exc:
+            raise DataError(f"data directory {str(directory)!r}: {exc}") from exc
+        files = [Path(path) for path, _ in dataset.samples]
+        skipped = _drop_unreadable(directory, files, skip_bad_images)
+        if skipped:
+            _keep_samples(dataset, set(skipped))
+        logger.info("%s: %d images in %d classes", directory, len(dataset), len(dataset.classes))
+        names = tuple(_listed(directory, [f]) for f in skipped)
+        return ImageData(dataset, mean, std, len(dataset.classes), True, directory.name, names)
+    files = image_files(directory)
+    if not files:
+        raise DataError(
+            f"data directory {str(directory)!r} holds no images (expected CLASS/IMAGE files "
+            "or, for label-free fine-tuning, image files)"
+        )
+    skipped = _drop_unreadable(directory, files, skip_bad_images)
+    kept = [f for f in files if f not in set(skipped)]
+    if not kept:
+        raise DataError(f"data directory {str(directory)!r} holds no readable images")
+    unlabeled = UnlabeledImages(directory, transform, kept)
+    names = tuple(_listed(directory, [f]) for f in skipped)
+    return ImageData(unlabeled, mean, std, None, False, directory.name, names)
+
+
+def _unnormalised_transform(config: dict, train: bool) -> transforms.Compose:
+    """timm's transform for ``config`` without its normalisation, ending in [0, 1] floats:
+    without it timm's transform ends in uint8 tensors (0-255), and the appearance shifts and
+    :class:`Normalize` expect [0, 1]."""
+    return transforms.Compose(
         [
             create_transform(
                 **{k: v for k, v in config.items() if k not in ("mean", "std")},
@@ -177,20 +284,14 @@ def image_folder_data(
             transforms.ConvertImageDtype(torch.float32),
         ]
     )
-    mean = tuple(float(v) for v in config["mean"])
-    std = tuple(float(v) for v in config["std"])
-    class_dirs = [p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    if class_dirs:
-        try:
-            dataset = ImageFolder(str(directory), transform=transform, loader=load_rgb_image)
-        except (FileNotFoundError, RuntimeError) as exc:
-            raise DataError(f"data directory {str(directory)!r}: {exc}") from exc
-        logger.info("%s: %d images in %d classes", directory, len(dataset), len(dataset.classes))
-        return ImageData(dataset, mean, std, len(dataset.classes), True, directory.name)
-    unlabeled = UnlabeledImages(directory, transform)
-    if len(unlabeled) == 0:
-        raise DataError(
-            f"data directory {str(directory)!r} holds no images (expected CLASS/IMAGE files "
-            "or, for label-free fine-tuning, image files)"
-        )
-    return ImageData(unlabeled, mean, std, None, False, directory.name)
+
+
+def _keep_samples(dataset: ImageFolder, skipped: set[Path]) -> None:
+    """Leave ``skipped`` out of an ImageFolder's samples; classes and their indices stay as the
+    folder names give them, so every kept image keeps its label."""
+    kept = [(path, label) for path, label in dataset.samples if Path(path) not in skipped]
+    if not kept:
+        raise DataError(f"data directory {dataset.root!r} holds no readable images")
+    dataset.samples = kept
+    dataset.imgs = kept
+    dataset.targets = [label for _, label in kept]

@@ -37,18 +37,24 @@ def resolve_data_source(
     split: str,
     seed: int = 0,
     input_size: Sequence[int] | None = None,
+    skip_bad_images: bool = False,
 ) -> ImageData:
     """The data a command names: an image folder (timm's transforms for ``model``) or digits.
 
     ``split`` is ``"train"`` (training augmentation, the digits train split) or ``"test"``
     (evaluation transform, the digits test split). ``input_size`` (C, H, W) sets the folder
     transform's size (default: the model's) and the digits images' side (default 16).
+    ``skip_bad_images``: leave a folder's unreadable images out instead of refusing them.
     """
     check_data_source(data, dataset)
     if dataset is not None:
         return digits_data(split, size=_square_side(input_size), seed=seed)
     return image_folder_data(  # type: ignore[arg-type]
-        data, model, train=split == "train", input_size=input_size
+        data,
+        model,
+        train=split == "train",
+        input_size=input_size,
+        skip_bad_images=skip_bad_images,
     )
 
 
@@ -72,6 +78,7 @@ def as_image_data(
     *,
     seed: int = 0,
     input_size: Sequence[int] | None = None,
+    skip_bad_images: bool = False,
 ) -> ImageData:
     """What the Python API accepts wherever the CLI takes ``--data``/``--dataset``, as ImageData.
 
@@ -79,6 +86,7 @@ def as_image_data(
     ``--data`` (timm's transforms for ``model``, ``split`` ``"train"`` or ``"test"``, at
     ``input_size`` when given); a built-in data set name (``"digits"``) that is not an existing
     path gives that set's ``split``; a plain ``Dataset`` is taken as already-normalised pairs.
+    ``skip_bad_images`` leaves a folder's unreadable images out instead of refusing them.
 
     Raises:
         DataError: anything else, or a folder that is missing or holds no images.
@@ -90,7 +98,14 @@ def as_image_data(
             return resolve_data_source(
                 None, data, model, split=split, seed=seed, input_size=input_size
             )
-        return resolve_data_source(data, None, model, split=split, input_size=input_size)
+        return resolve_data_source(
+            data,
+            None,
+            model,
+            split=split,
+            input_size=input_size,
+            skip_bad_images=skip_bad_images,
+        )
     if isinstance(data, Dataset):
         return ImageData(data, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), name="dataset")
     raise DataError(

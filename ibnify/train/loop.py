@@ -12,9 +12,11 @@ multi-process data parallel training when started by ``torchrun`` (gloo on CPU, 
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
+from .._io import check_output_dir, output_lock
 from ..core.modules import modes_restored
 from ..core.ops import has_batchnorm
 from ..data.images import ImageData, Normalize
@@ -75,11 +78,11 @@ def fresh_head(model: nn.Module, num_classes: int, seed: int) -> None:
 
 
 def _prepare_out_dir(config: FinetuneConfig, force: bool) -> Path | None:
+    """The output folder, refused when ``resume`` finds no run there or a run is there and
+    neither ``resume`` nor ``force`` says what to do with it."""
     if not config.out_dir:
         return None
     out = Path(config.out_dir)
-    if out.exists() and not out.is_dir():
-        raise InvalidOptionError(f"output {str(out)!r} exists and is not a directory")
     checkpoint = out / CHECKPOINT_FILE
     if config.resume:
         if not checkpoint.is_file():
@@ -92,6 +95,32 @@ def _prepare_out_dir(config: FinetuneConfig, force: bool) -> Path | None:
             "or `force=True` to start over"
         )
     return out
+
+
+def _out_dir_held(config: FinetuneConfig) -> AbstractContextManager[Path | None]:
+    """The output folder checked (a file there, or a folder that cannot be written, is refused
+    in one line) and held for the run: a second run on it is refused while this one lives.
+    Under ``torchrun`` the rank-0 process, the one that writes, holds it."""
+    if not config.out_dir:
+        return nullcontext(None)
+    out = check_output_dir(config.out_dir)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return nullcontext(out)
+    return output_lock(out, "out_dir")
+
+
+@dataclass
+class _Job:
+    """One run as :func:`finetune` checked it: what :func:`_run` trains, on what, and where."""
+
+    model: nn.Module
+    data: ImageData
+    config: FinetuneConfig
+    teacher: nn.Module | None = None
+    val_data: ImageData | None = None
+    out_dir: Path | None = None
+    on_epoch: Callable[[dict[str, Any]], None] | None = None
+    dist_info: Dist = field(default_factory=Dist)
 
 
 def finetune(
@@ -107,6 +136,7 @@ def finetune(
     **overrides: Any,
 ) -> FinetuneResult:
     """Fine-tune ``model`` in place on ``train_data`` and return it with per-epoch metrics.
+    Reason: nine parameters, the public keyword API (``FinetuneConfig`` holds the rest).
 
     With ``teacher`` the loss is label-free distillation (labels are ignored, the teacher is
     frozen in eval mode during the run and handed back with its modes and ``requires_grad``
@@ -114,8 +144,9 @@ def finetune(
     otherwise it is cross-entropy on the labels. A head that does not fit the data's classes,
     or a teacher whose output does not fit the student's, is refused before training; so is,
     with ``out_dir`` (where the model is saved after every epoch), a model ``ibnify.save``
-    would refuse. A run is a function of its options: every RNG it draws from is seeded from
-    ``seed``, and ``resume=True`` continues it bit for bit. Under
+    would refuse, a folder that cannot be written, and a folder another run is writing (the
+    run holds a lock file there until it ends). A run is a function of its options: every RNG
+    it draws from is seeded from ``seed``, and ``resume=True`` continues it bit for bit. Under
     ``torchrun`` (``WORLD_SIZE`` > 1) each process trains on its shard with
     DistributedDataParallel; only rank 0 writes files.
 
@@ -145,23 +176,30 @@ def finetune(
         )
     if len(data) == 0:
         raise InvalidOptionError("the training data is empty")
-    out_dir = _prepare_out_dir(config, force)
-    if num_classes is not None:
-        fresh_head(model, num_classes, config.seed)
-    if out_dir is not None:
-        check_savable(model, str(out_dir))
+    with _out_dir_held(config):
+        out_dir = _prepare_out_dir(config, force)
+        if num_classes is not None:
+            fresh_head(model, num_classes, config.seed)
+        if out_dir is not None:
+            check_savable(model, str(out_dir))
+        return _launch(_Job(model, data, config, teacher, val_data, out_dir, on_epoch))
 
+
+def _launch(job: _Job) -> FinetuneResult:
+    """Join the process group ``torchrun`` describes (if any), run, and leave it again; the
+    teacher's modes and ``requires_grad`` flags are handed back as they were."""
+    config = job.config
     device_type = (
         torch.device(config.device).type
         if config.device
         else ("cuda" if torch.cuda.is_available() else "cpu")
     )
-    dist_info = init_distributed(device_type)
+    job.dist_info = init_distributed(device_type)
     try:
-        with modes_restored(teacher, requires_grad=True):
-            return _run(model, data, config, teacher, val_data, out_dir, dist_info, on_epoch)
+        with modes_restored(job.teacher, requires_grad=True):
+            return _run(job)
     finally:
-        if dist_info.owns_group:
+        if job.dist_info.owns_group:
             dist.destroy_process_group()
 
 
@@ -183,24 +221,53 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def _run(
-    model: nn.Module,
-    data: ImageData,
-    config: FinetuneConfig,
-    teacher: nn.Module | None,
-    val_data: ImageData | None,
-    out_dir: Path | None,
-    dist_info: Dist,
-    on_epoch: Callable[[dict[str, Any]], None] | None,
-) -> FinetuneResult:
+def _run(job: _Job) -> FinetuneResult:
+    """Place the models, build the optimizer and schedule (or resume them), train the epochs."""
+    config, dist_info = job.config, job.dist_info
     runtime = Runtime.create(config, dist_info)
+    training, schedule = _start(job, runtime)
+    start_epoch, history = 0, []
+    if config.resume and job.out_dir is not None:
+        start_epoch, history = _resume(training, runtime, config, schedule, job.out_dir)
+    if start_epoch >= config.epochs:
+        logger.info("the run in %s is already complete (%d epochs)", job.out_dir, start_epoch)
+        return FinetuneResult(job.model, history, True, job.out_dir)
+    if dist_info.enabled:
+        training.net = nn.parallel.DistributedDataParallel(
+            job.model,
+            device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
+        )
+    epochs_run = 0
+    kept = kept_on_interrupt(job.out_dir, start_epoch, config.epochs)
+    with modes_restored(job.model), kept as done:
+        training.net.train()
+        for epoch in range(start_epoch, config.epochs):
+            loader = _epoch_loader(job.data.dataset, config, schedule, runtime, epoch)
+            metrics = _train_epoch(training, loader, runtime, config, epoch)
+            _finish_epoch(training, metrics, history, runtime, schedule, job)
+            done.append(metrics["epoch"])
+            if job.on_epoch is not None and dist_info.is_main:
+                job.on_epoch(metrics)
+            if dist_info.enabled:
+                dist.barrier()
+            epochs_run += 1
+            if config.stop_after is not None and epochs_run >= config.stop_after:
+                break
+    completed = start_epoch + epochs_run >= config.epochs
+    return FinetuneResult(job.model, history, completed, job.out_dir)
+
+
+def _start(job: _Job, runtime: Runtime) -> tuple[_Training, Schedule]:
+    """The models on their device and checked against the data, every RNG seeded, the
+    optimizer and its per-iteration schedule built: a run before its first epoch."""
+    model, data, config, teacher = job.model, job.data, job.config, job.teacher
     runtime.place(model)
     if teacher is not None:
         runtime.place(teacher)
-    check_fits(model, data, teacher, runtime.device, val_data=val_data)
+    check_fits(model, data, teacher, runtime.device, val_data=job.val_data)
     _seed_everything(config.seed)
     small = config.batch_size < config.small_batch_warning
-    if small and dist_info.is_main and has_batchnorm(model):
+    if small and job.dist_info.is_main and has_batchnorm(model):
         logger.warning(
             "batch size %d per process is small: the BN halves' statistics get noisy "
             "(the IBN-Net recipe uses 32+ per GPU); consider a larger batch or fewer processes",
@@ -208,7 +275,8 @@ def _run(
         )
     if teacher is not None:
         teacher.eval().requires_grad_(False)
-    schedule = Schedule.create(len(data.dataset), config, dist_info.world_size)  # type: ignore[arg-type]
+    world_size = job.dist_info.world_size
+    schedule = Schedule.create(len(data.dataset), config, world_size)  # type: ignore[arg-type]
     optimizer = make_optimizer(model, config)
     min_ratio = config.min_lr / config.lr
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -219,33 +287,7 @@ def _run(
         model, model, optimizer, scheduler, Normalize(data.mean, data.std), teacher
     )
     training.normalize.to(runtime.device)
-    start_epoch, history = 0, []
-    if config.resume and out_dir is not None:
-        start_epoch, history = _resume(training, runtime, config, schedule, out_dir)
-    if start_epoch >= config.epochs:
-        logger.info("the run in %s is already complete (%d epochs)", out_dir, start_epoch)
-        return FinetuneResult(model, history, True, out_dir)
-    if dist_info.enabled:
-        training.net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
-        )
-    epochs_run = 0
-    with modes_restored(model), kept_on_interrupt(out_dir, start_epoch, config.epochs) as done:
-        training.net.train()
-        for epoch in range(start_epoch, config.epochs):
-            loader = _epoch_loader(data.dataset, config, schedule, runtime, epoch)
-            metrics = _train_epoch(training, loader, runtime, config, epoch)
-            _finish_epoch(training, metrics, history, runtime, config, schedule, val_data, out_dir)
-            done.append(metrics["epoch"])
-            if on_epoch is not None and dist_info.is_main:
-                on_epoch(metrics)
-            if dist_info.enabled:
-                dist.barrier()
-            epochs_run += 1
-            if config.stop_after is not None and epochs_run >= config.stop_after:
-                break
-    completed = start_epoch + epochs_run >= config.epochs
-    return FinetuneResult(model, history, completed, out_dir)
+    return training, schedule
 
 
 def _resume(
@@ -304,17 +346,15 @@ def _finish_epoch(
     metrics: dict[str, Any],
     history: list[dict[str, Any]],
     runtime: Runtime,
-    config: FinetuneConfig,
     schedule: Schedule,
-    val_data: ImageData | None,
-    out_dir: Path | None,
+    job: _Job,
 ) -> None:
     """Sync buffers, validate, record the metrics, log them and write the epoch's files.
 
     All of it runs inside :func:`rng_kept`: the next epoch draws from the RNG states training
     left, the very ones ``checkpoint.pt`` records, whatever validation or saving consumed.
     """
-    # Long only by the parts of a run it reads; each argument is one of them.
+    config, val_data, out_dir = job.config, job.val_data, job.out_dir
     if runtime.dist.enabled:
         _sync_buffers(training.model)
     with rng_kept() as rng:
