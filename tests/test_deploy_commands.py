@@ -27,6 +27,7 @@ from ibnify.deploy.bench import BenchOptions, _open_all
 from ibnify.deploy.export import ExportOptions, export_onnx
 from ibnify.deploy.verify import VerifyOptions, verify_onnx
 from ibnify.errors import ExportError, IbnifyError, InvalidOptionError, VerificationError
+from ibnify.models.registry import check_model_kwargs
 from tests.helpers import randomize_norms
 
 TINY = {"width": 4, "image_size": 16}
@@ -228,6 +229,14 @@ def test_verify_refuses_a_forged_onnx_recipe_in_one_line_before_loading(
     result = CliRunner().invoke(cli, ["verify", str(forged), "--against", "never.safetensors"])
     line = _one_line(result, 1)
     assert line.startswith(f"error: ONNX file {str(forged)!r}") and message in line
+
+
+def test_the_python_call_takes_the_same_gate(files, tmp_path) -> None:
+    recipe = _recipe(files["dynamic"])
+    recipe["model_kwargs"] = {**recipe["model_kwargs"], "pretrained_cfg_overlay": {}}
+    forged = _rewrite(files["dynamic"], tmp_path / "forged.onnx", recipe=json.dumps(recipe))
+    with pytest.raises(VerificationError, match="refusing model_kwargs key 'pretrained_cfg_ov"):
+        verify_onnx(forged, _model(), batch_sizes=(1,), check_kwargs=check_model_kwargs)
 
 
 def test_a_recipe_that_is_not_json_is_one_line_in_python_too(files, tmp_path) -> None:

@@ -35,13 +35,13 @@ class VerifyFiles:
         """Refuse, before the model is loaded: the options, a missing or corrupt ONNX file, a
         recorded recipe ``Recipe.from_dict`` refuses, and a size that does not fit the file or
         a dynamic-size file that records none (one line each)."""
-        self.chosen.validate()
+        chosen = self.chosen.validate()
         if not os.path.isfile(self.onnx_file):
             raise VerificationError(
                 f"ONNX file {str(self.onnx_file)!r} does not exist or is not a file"
             )
         check_onnx_file(self.onnx_file)
-        record = read_record(self.onnx_file, check_model_kwargs)
+        record = read_record(self.onnx_file, chosen.check_kwargs)
         dims = graph_input_dims(self.onnx_file)
         if len(dims) == 4:  # other ranks: verify_onnx refuses them with its own line
             input_shape(self.onnx_file, dims, self.options.input_size, record)
