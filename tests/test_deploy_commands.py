@@ -313,7 +313,7 @@ def test_export_refuses_another_channel_count_before_exporting(
     out = tmp_path / "m.onnx"
     args = ["export", str(files["checkpoint"]), "-o", str(out), "--input-size", "1,16,16"]
     assert _one_line(CliRunner().invoke(cli, args), 1) == (
-        "error: --input-size 1×16×16 has 1 channels, but the model was converted for 3-channel "
+        "error: --input-size 1×16×16 has 1 channel, but the model was converted for 3-channel "
         "images (3×16×16)"
     )
     assert not out.exists()

@@ -349,7 +349,8 @@ def _export_size(model: nn.Module, given: Sequence[int] | int | None) -> tuple[i
     if recorded is not None and size[0] != recorded[0]:
         shown = "×".join(str(v) for v in size)
         raise ExportError(
-            f"`input_size` {shown} has {size[0]} channels, but the model was converted for "
+            f"`input_size` {shown} has {size[0]} channel{'s' if size[0] != 1 else ''}, but the "
+            "model was converted for "
             f"{recorded[0]}-channel images ({'×'.join(str(v) for v in recorded)})"
         )
     return size
