@@ -86,14 +86,14 @@ class AnalyzeOptions:
                     "per target domain)"
                 )
             if self.shifts is not None:
-                raise InvalidOptionError("`shifts` apply without `domains` (one domain, shifted)")
+                raise InvalidOptionError("`shifts` applies without `domains` (one domain, shifted)")
             parse_domain(self.domains[0])
         if self.pair and given:
             raise InvalidOptionError("give `domain_a`/`domain_b` or `data`/`dataset`, not both")
         if self.pair and (self.domain_a is None or self.domain_b is None):
             raise InvalidOptionError("give both `domain_a=DIR` and `domain_b=DIR`")
         if self.pair and self.shifts is not None:
-            raise InvalidOptionError("`shifts` apply to `data`/`dataset` (one domain, shifted)")
+            raise InvalidOptionError("`shifts` applies to `data`/`dataset` (one domain, shifted)")
         if self.shifts is not None:
             parse_shifts(self.shifts)
 
