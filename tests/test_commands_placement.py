@@ -220,3 +220,26 @@ def test_search_with_a_class_count_on_a_folder_and_its_reproduce_line(
     out = _forward(rebuilt, x)
     assert out.shape == (2, 3)
     assert torch.allclose(out, _forward(best, x), rtol=0, atol=1e-6)
+
+
+def test_outputs_and_syntax_are_refused_before_any_build(no_build, tmp_path) -> None:
+    """A read-only --out, an existing --plot, a bad --domain or --candidates: one line each,
+    while building the model would fail the test."""
+    taken = tmp_path / "taken.png"
+    taken.write_bytes(b"x")
+    search = ["search", "resnet50", "--dataset", "digits"]
+    analyze = ["analyze", "resnet50", "--dataset", "digits"]
+    cases = {
+        "read-only out": ([*search, "--out", "/proc/search"], "'/proc"),
+        "plot exists": ([*analyze, "--plot", str(taken)], "exists"),
+        "domain syntax": ([*analyze, "--domain", "night"], "--domain 'night': write NAME=FOLDER"),
+        "search domain": ([*search, "--domain", "x=", "--out", str(tmp_path / "o")], "no folder"),
+        "candidates": ([*search, "--candidates", "c", "--out", str(tmp_path / "o")], "candidate"),
+        "classes": ([*search, "--num-classes", "0", "--out", str(tmp_path / "o")], "x>=1"),
+    }
+    for name, (argv, says) in cases.items():
+        result = CliRunner().invoke(cli, argv)
+        lines = result.output.strip().splitlines()
+        assert result.exit_code in (1, 2) and len(lines) == 1, (name, result.output)
+        assert lines[0].startswith("error: ") and says in lines[0], (name, lines[0])
+    assert not (tmp_path / "o").exists()
