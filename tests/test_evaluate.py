@@ -15,7 +15,7 @@ from torch.utils.data import TensorDataset
 import ibnify
 from ibnify.cli import cli
 from ibnify.data.digits import load_digits_images
-from ibnify.data.images import ImageData
+from ibnify.data.images import ImageData, Normalize
 from ibnify.data.shifts import SHIFTS, apply_shift, parse_shifts
 from ibnify.evaluation import RobustnessReport, evaluate
 from ibnify.models.registry import build_model
@@ -151,6 +151,53 @@ def test_evaluate_counts_correctly_and_builds_the_table() -> None:
     data = json.loads(report.to_json())
     assert data["drop"]["mean"]["brightness_down"] == pytest.approx(0.5)
     assert "RGB+50" in data["descriptions"]["rgb_plus_50"]
+
+
+def _near_threshold_data(count: int = 40) -> tuple[torch.Tensor, torch.Tensor, ImageData]:
+    """Constant images a hair above or below 0.5 (label: which side): the noise shift flips
+    some of them, which ones depending on its seed."""
+    offsets = torch.linspace(-0.012, 0.012, count + 1)
+    offsets = offsets[offsets != 0][:count]
+    images = (0.5 + offsets).view(-1, 1, 1, 1).expand(-1, 3, 4, 4).contiguous()
+    labels = (offsets > 0).long()
+    data = ImageData(TensorDataset(images, labels), (0.5,) * 3, (0.2,) * 3, num_classes=2)
+    return images, labels, data
+
+
+def _reference_noise_accuracy(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int, seed: int
+) -> float:
+    """The noise accuracy by hand: batch i shifted with (seed, i), normalised, classified."""
+    normalize = Normalize((0.5,) * 3, (0.2,) * 3)
+    right = 0
+    for index, start in enumerate(range(0, len(images), batch)):
+        shifted = apply_shift("noise", images[start : start + batch], seed=seed, batch_index=index)
+        with torch.no_grad():
+            predicted = model(normalize(shifted)).argmax(1)
+        right += int((predicted == labels[start : start + batch]).sum())
+    return right / len(images)
+
+
+def test_the_noise_seed_and_each_domains_own_image_count_reach_the_report() -> None:
+    """The noise shift uses the ``seed`` given (two seeds, two hand-computed accuracies that
+    differ) and a domain's accuracy is over its own images (4 of 6), not the main data's."""
+    images, labels, data = _near_threshold_data()
+    model = _MeanClassifier()
+    bright = torch.full((6, 3, 4, 4), 0.8)
+    domain = ImageData(
+        TensorDataset(bright, torch.tensor([1, 1, 1, 1, 0, 0])), (0.5,) * 3, (0.2,) * 3, 2
+    )
+    found = {}
+    for seed in (3, 4):
+        report = evaluate(
+            model, data, shifts="noise", batch_size=7, seed=seed, domains={"bright": domain}
+        )
+        found[seed] = report.accuracy["model"]["noise"]
+        assert found[seed] == _reference_noise_accuracy(model, images, labels, 7, seed)
+        assert report.accuracy["model"]["clean"] == 1.0
+        assert report.accuracy["model"]["bright"] == pytest.approx(4 / 6, abs=1e-12)
+        assert report.images == 40 and report.domain_images == {"bright": 6}
+    assert found[3] != found[4] and max(found.values()) < 1.0
 
 
 def test_plot_writes_a_png_without_changing_the_backend(tmp_path: Path) -> None:
