@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._io import atomic_write_bytes
+from .._io import atomic_write_bytes, output_error
 from ..core.surgery import get_plan
 from ..errors import CheckpointError, InvalidOptionError, first_line
 from ..models.checkpoint import save
@@ -217,7 +217,10 @@ def resume_options(config: FinetuneConfig, run_info: dict[str, int]) -> dict[str
 
 def write_run_files(out_dir: Path, model: nn.Module, state: dict[str, Any]) -> None:
     """Write the training state, the metrics lines and (for converted models) the model."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(exc, out_dir, "output directory") from exc
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write_bytes(out_dir / CHECKPOINT_FILE, buffer.getvalue())
