@@ -249,9 +249,15 @@ def _take_lock(lock: Path, parameter: str) -> dict[str, object]:
         except FileExistsError:
             holder = _read_lock(lock)
             if holder is not None and _holder_alive(holder, lock):
+                # A run on another host cannot be asked whether it lives: say how to clear it.
+                gone = (
+                    f", or delete {str(lock)!r} if that run has ended"
+                    if holder.get("host") != socket.gethostname()
+                    else ""
+                )
                 raise InvalidOptionError(
                     f"output folder {str(lock.parent)!r} is in use by another ibnify run "
-                    f"({_describe(holder)}); wait for it or choose another `{parameter}`"
+                    f"({_describe(holder)}); wait for it or choose another `{parameter}`{gone}"
                 ) from None
             _take_over(lock, holder)
             continue
