@@ -149,11 +149,12 @@ def _forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_the_printed_convert_line_rebuilds_the_analysed_model(tmp_path, monkeypatch) -> None:
-    """Weights of a 10-class model, a fresh 3-class head (its init from --seed), a constructor
-    argument: the printed `ibnify convert` carries all of them and converts that very model."""
+    """Weights of a 10-class model (a path with a space), a fresh 3-class head (its init from
+    --seed), a constructor argument: the printed `ibnify convert` carries all of them, quoted
+    for a shell, and converts that very model."""
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(1)
-    torch.save(digits_resnet(width=4).state_dict(), tmp_path / "w.pth")
+    torch.save(digits_resnet(width=4).state_dict(), tmp_path / "my w.pth")
     seen = {}
     real = analyze_module.analyze_divergence
 
@@ -163,13 +164,13 @@ def test_the_printed_convert_line_rebuilds_the_analysed_model(tmp_path, monkeypa
 
     monkeypatch.setattr(analyze_module, "analyze_divergence", spy)
     monkeypatch.setattr(DivergenceReport, "suggested_stages", property(lambda self: (1,)))
-    args = ["analyze", SOURCE, "--weights", "w.pth", "--num-classes", "3", "--model-arg"]
+    args = ["analyze", SOURCE, "--weights", "my w.pth", "--num-classes", "3", "--model-arg"]
     args += ["width=4", "--dataset", "digits", "--images", "16", "--seed", "5", "--quiet"]
     result = CliRunner().invoke(cli, [*args, "--shift", "brightness_down"])
     assert result.exit_code == 0, result.output
     line = next(x for x in result.output.splitlines() if x.startswith("run: "))
     assert line == (
-        f"run: ibnify convert {SOURCE} --weights w.pth --num-classes 3 --model-arg width=4 "
+        f"run: ibnify convert {SOURCE} --weights 'my w.pth' --num-classes 3 --model-arg width=4 "
         "--seed 5 --stages 1 -o digits_resnet_ibn.safetensors"
     )
     done = CliRunner().invoke(cli, shlex.split(line.removeprefix("run: ibnify ")))

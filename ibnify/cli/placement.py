@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from typing import Any
 
 import click
@@ -127,14 +128,14 @@ def _model_arguments(model: Any, input_size: Any, seed: int) -> str:
     head)."""
     rebuild = model.rebuild_arguments()
     kwargs = dict(rebuild["model_kwargs"])
-    words = [rebuild["spec"]]
+    words = [shlex.quote(rebuild["spec"])]
     if rebuild["weights"] is not None:
-        words += ["--weights", str(rebuild["weights"])]
+        words += ["--weights", shlex.quote(str(rebuild["weights"]))]
     if kwargs.get("num_classes") is not None:
         words += ["--num-classes", str(kwargs.pop("num_classes"))]
     kwargs.pop("num_classes", None)
     for key, value in kwargs.items():
-        words += ["--model-arg", model_arg_text(key, value)]
+        words += ["--model-arg", shlex.quote(model_arg_text(key, value))]
     if input_size is not None:
         words += ["--input-size", ",".join(map(str, input_size))]
     if rebuild["weights"] is None or model.head is not None:
@@ -344,7 +345,8 @@ def _reproduce_line(result: Any, options: Any) -> str:
     if options.inputs.dataset is not None:
         data = f"--dataset {options.inputs.dataset}"
     else:
-        data = f"--data {options.inputs.data} --val-data {options.val_data}"
+        folders = shlex.quote(str(options.inputs.data)), shlex.quote(str(options.val_data))
+        data = f"--data {folders[0]} --val-data {folders[1]}"
     if result.threads is not None:
         data += f" --threads {result.threads}"
     s = report.settings["finetune"]
