@@ -208,3 +208,42 @@ def test_evaluate_reads_its_target_domains_by_the_same_rule(files, tmp_path: Pat
     assert done.returncode == 0, done.stderr
     assert done.stderr == f"skipped 3 unreadable images in {bad}: a/junk.png, b/1.jpg, b/2.jpg\n"
     assert json.loads(done.stdout)["domain_images"] == {"night": 4}
+
+
+@pytest.mark.parametrize("command", ["analyze", "search"])
+def test_analyze_and_search_read_folders_by_the_same_rule(
+    files, command: str, tmp_path: Path
+) -> None:
+    _checkpoint, data = files
+    argv = {
+        "analyze": ["analyze", "ibnify:digits_resnet", "--data", str(data), "--images", "4"],
+        "search": [
+            "search",
+            "ibnify:digits_resnet",
+            "--data",
+            str(data),
+            "--val-data",
+            str(data),
+            "--candidates",
+            "a:1",
+            "--epochs",
+            "1",
+            "--shift",
+            "brightness_down",
+            "--out",
+            str(tmp_path / "search"),
+        ],
+    }[command]
+    argv += ["--model-arg", "width=4", "--num-classes", "3", "--input-size", "16", "--json"]
+    refused = run_cli(argv)
+    assert (refused.returncode, refused.stdout) == (1, "")
+    assert refused.stderr == (
+        f"error: 3 images in {str(data)!r} are corrupt or not images: a/junk.png, b/1.jpg, "
+        "b/2.jpg; remove them or pass --skip-bad-images to leave them out\n"
+    )
+    done = run_cli([*argv, "--skip-bad-images"])
+    assert done.returncode == 0, done.stderr
+    line = f"skipped 3 unreadable images in {data}: a/junk.png, b/1.jpg, b/2.jpg"
+    assert line in done.stderr.splitlines()
+    assert "error" not in done.stderr
+    assert json.loads(done.stdout)  # the report came out whole

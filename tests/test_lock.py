@@ -21,6 +21,7 @@ from ibnify.cli import cli
 from ibnify.data.digits import digits_data
 from ibnify.demo import DemoConfig, run_demo
 from ibnify.errors import InvalidOptionError
+from tests.helpers import digits_search_setup
 
 # A second process that takes the lock, says so, and holds it until its stdin closes.
 HOLDER = (
@@ -174,3 +175,27 @@ def test_the_demo_refuses_a_held_folder_before_building(tmp_path: Path) -> None:
         run_demo(tmp_path, DemoConfig.quick(0))
     assert str(raised.value) == _in_use(tmp_path, os.getppid(), "t2")
     assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE]
+
+
+def test_the_search_refuses_a_held_folder_and_holds_its_own_while_it_runs(tmp_path: Path) -> None:
+    model, train, test, config = digits_search_setup()
+    out = tmp_path / "search"
+    _plant(out, os.getppid(), started="t3")
+    asked = {"candidates": "a:1", "config": config, "shifts": "brightness_down"}
+    with pytest.raises(InvalidOptionError) as raised:
+        ibnify.search_placement(model, train, test, out_dir=str(out), **asked)
+    assert str(raised.value) == _in_use(out, os.getppid(), "t3")
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # nothing ran, nothing written
+    (out / LOCK_FILE).unlink()
+    # its own run holds the folder while candidates train, and lets it go at the end
+    seen: list[bool] = []
+    report = ibnify.search_placement(
+        model,
+        train,
+        test,
+        out_dir=str(out),
+        echo=lambda _line: seen.append((out / LOCK_FILE).is_file()),
+        **asked,
+    )
+    assert seen and all(seen)
+    assert not (out / LOCK_FILE).exists() and report.winner is not None

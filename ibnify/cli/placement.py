@@ -15,6 +15,7 @@ from ._group import (
     image_size_option,
     model_arg_text,
     model_options,
+    skip_bad_images_option,
     threads_option,
     to_flags,
 )
@@ -26,6 +27,7 @@ __all__ = ["analyze_command", "search_command"]
 @click.argument("model")
 @model_options
 @_data_options
+@skip_bad_images_option
 @click.option(
     "--shift",
     "shifts",
@@ -118,6 +120,7 @@ def _input_request(options: dict[str, Any]) -> Any:
         data=options.pop("data"),
         dataset=options.pop("dataset"),
         input_size=options.pop("input_size"),
+        skip_bad_images=options.pop("skip_bad_images"),
     )
 
 
@@ -161,6 +164,7 @@ def _convert_line(result: Any) -> str | None:
 @click.argument("model")
 @model_options
 @_data_options
+@skip_bad_images_option
 @click.option("--val-data", type=click.Path(file_okay=False), help="Labelled validation folder.")
 @click.option(
     "--domain",

@@ -56,7 +56,11 @@ class AnalyzeOptions:
         """The data domain A is read from: ``inputs``, or the ``domain_a`` folder."""
         if not self.pair:
             return self.inputs
-        return InputRequest(data=self.domain_a, input_size=self.inputs.input_size)
+        return InputRequest(
+            data=self.domain_a,
+            input_size=self.inputs.input_size,
+            skip_bad_images=self.inputs.skip_bad_images,
+        )
 
     def check(self) -> Path | None:
         """Refuse, before any model is built: the data options (one way to name them, the
@@ -114,15 +118,16 @@ def _domain_b(
 ) -> ImageData | None:
     """Domain B: the ``domain_b`` folder, the one ``NAME=FOLDER`` domain (labels optional,
     named NAME), or None (the shifted copy of A)."""
+    read = {"input_size": inputs.input_size, "skip_bad_images": options.inputs.skip_bad_images}
     if options.domain_b is not None:
-        second = image_folder_data(options.domain_b, inputs.model, input_size=inputs.input_size)
+        second = image_folder_data(options.domain_b, inputs.model, **read)
         check_same_classes(first, second, "domains")
         return second
     if not options.domains:
         return None
     name, folder = parse_domain(options.domains[0])
     try:
-        target = image_folder_data(folder, inputs.model, input_size=inputs.input_size)
+        target = image_folder_data(folder, inputs.model, **read)
     except DataError as exc:
         raise DataError(f"domain {name!r}: {exc}") from exc
     target = ImageData(

@@ -91,10 +91,19 @@ def search_files(options: SearchOptions, echo: Callable[[str], None] | None = No
     assert resolved is not None  # a ModelRequest is always resolved
     train = inputs.data("train", seed)
     if options.val_data is not None:
-        val = image_folder_data(options.val_data, inputs.model, input_size=inputs.input_size)
+        val = image_folder_data(
+            options.val_data,
+            inputs.model,
+            input_size=inputs.input_size,
+            skip_bad_images=options.inputs.skip_bad_images,
+        )
     else:
         val = inputs.data("test", seed)
-    asked = replace(options.search, input_size=inputs.input_size)
+    asked = replace(
+        options.search,
+        input_size=inputs.input_size,
+        skip_bad_images=options.inputs.skip_bad_images,
+    )
     report = search_placement(resolved, train, val, asked, echo=echo)
     threads, workers = options.study.threads, options.study.workers
     if threads is None and workers > 1:  # what each worker ran with

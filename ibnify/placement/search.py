@@ -20,14 +20,14 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import suppress
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from .._io import atomic_write_bytes
+from .._io import atomic_write_bytes, output_lock
 from ..api import ResolvedModel
 from ..core.generic import require_batchnorm
 from ..core.graph import analyze
@@ -103,19 +103,23 @@ def search_placement(
     config.out_dir, config.resume, config.stop_after = None, False, None
     config.validate()
     search, shift_names = _prepare(base, train_data, val_data, asked, config, echo)
-    run, out = _study_run(search, shift_names, asked)
-    study = run.options
-    the_study = open_study(run, open_storage(study.storage, out, study.grace_s), asked.force)
-    before = set(study_results(the_study))
-    try:
-        run_study(the_study, run)
-    except KeyboardInterrupt as exc:
-        raise SearchInterrupted(_interrupted_line(the_study, out, study)) from exc
-    report = _report(
-        the_study, run, shift_names, list(search.domains), asked.max_clean_drop, before
-    )
-    if out is not None and not study.join:
-        _write_outputs(out, report, study)
+    joining = asked.study is not None and asked.study.join
+    # the starting run holds the folder; workers that join the study share it on purpose
+    held = nullcontext() if asked.out_dir is None or joining else output_lock(asked.out_dir)
+    with held:
+        run, out = _study_run(search, shift_names, asked)
+        study = run.options
+        the_study = open_study(run, open_storage(study.storage, out, study.grace_s), asked.force)
+        before = set(study_results(the_study))
+        try:
+            run_study(the_study, run)
+        except KeyboardInterrupt as exc:
+            raise SearchInterrupted(_interrupted_line(the_study, out, study)) from exc
+        report = _report(
+            the_study, run, shift_names, list(search.domains), asked.max_clean_drop, before
+        )
+        if out is not None and not study.join:
+            _write_outputs(out, report, study)
     return report
 
 
@@ -201,6 +205,8 @@ class SearchInputs:
             is in the worse half of those measured there stops; a candidate that goes on trains
             exactly as without pruning, so the winner's checkpoint is the same file.
         input_size: (C, H, W) folders are read at (default: the model's).
+        skip_bad_images: leave the unreadable images of the folders read here out instead of
+            refusing them.
         study: storage, study name, workers, devices, threads, join, pruner, space
             (:class:`StudyOptions`).
     """
@@ -216,6 +222,7 @@ class SearchInputs:
     max_clean_drop: float | None = 1.0
     halving: bool | None = None
     input_size: Sequence[int] | None = None
+    skip_bad_images: bool = False
     study: StudyOptions | None = None
 
     @classmethod
@@ -252,13 +259,16 @@ def _prepare(
     model = base.model
     require_batchnorm(model, base.source or type(model).__name__)
     shift_names = list(parse_shifts(asked.shifts))
-    train = as_image_data(train_data, model, "train", input_size=asked.input_size)
-    val = as_image_data(val_data, model, "test", input_size=asked.input_size)
+    read = {"input_size": asked.input_size, "skip_bad_images": asked.skip_bad_images}
+    train = as_image_data(train_data, model, "train", **read)
+    val = as_image_data(val_data, model, "test", **read)
     check_same_classes(train, val, "training and validation folders")
     if not train.labelled or not val.labelled:
         raise InvalidOptionError("search needs labelled training and validation data")
     check_fits(model, train, None, device_of(model), val)  # the head fits, before any run
-    targets = load_domains(asked.domains, model, val, asked.input_size)
+    targets = load_domains(
+        asked.domains, model, val, asked.input_size, skip_bad_images=asked.skip_bad_images
+    )
     objective, max_clean_drop = choose_objective(asked.objective, targets, asked.max_clean_drop)
     search = Search(
         base=base,
