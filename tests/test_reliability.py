@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import ibnify
-from ibnify._io import atomic_write_bytes
+from ibnify._io import LOCK_FILE, atomic_write_bytes
 from tests.cli_process import run_cli
 
 PACKAGE = Path(ibnify.__file__).parent
@@ -128,8 +128,9 @@ def test_no_stray_temp_files_after_failed_save(tmp_path) -> None:
 
     from ibnify.errors import CheckpointError
 
-    with pytest.raises(CheckpointError):
-        ibnify.save(torchvision.models.resnet18(), tmp_path / "x.safetensors")
+    # a source that does not rebuild the model: refused after the recipe is checked
+    with pytest.raises(CheckpointError, match="resnet34"):
+        ibnify.save(torchvision.models.resnet18(), tmp_path / "x.safetensors", source="tv:resnet34")
     assert os.listdir(tmp_path) == []
 
 
@@ -169,12 +170,14 @@ def test_finetune_killed_mid_epoch_resumes_to_the_same_weights(tmp_path) -> None
     process.kill()
     process.wait(timeout=60)
     assert metrics.read_text().count("\n") < 4, "the run finished before it could be killed"
-    assert [p.name for p in crashed.iterdir() if p.name.startswith(".")] == []  # no partial files
+    # no partial files; the killed run's lock stays behind and the resume takes it over
+    assert [p.name for p in crashed.iterdir() if p.name.startswith(".")] == [LOCK_FILE]
 
     resumed = subprocess.run(
         finetune(crashed, "--resume"), capture_output=True, text=True, env=env, timeout=600
     )
     assert resumed.returncode == 0, resumed.stderr
+    assert "took over the lock of" in resumed.stderr and not (crashed / LOCK_FILE).exists()
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))
     b = load_file(str(crashed / "model.safetensors"))
     assert a.keys() == b.keys()
