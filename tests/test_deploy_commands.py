@@ -349,3 +349,31 @@ def test_verify_and_bench_refuse_every_option_before_loading(files, tmp_path, mo
     assert _one_line(result, 2) == (
         f"error: --input-size 3×24×24 does not fit {str(fixed)!r}, whose input is 3×16×16"
     )
+
+
+def test_an_unconverted_checkpoint_exports_its_recipe_and_verifies_against_itself_only(
+    files, tmp_path: Path
+) -> None:
+    """A model saved with no plan (the demo's control) records its recipe in the ONNX file, so
+    verify checks the file against it and refuses a converted model's file for it."""
+    torch.manual_seed(0)
+    plain = ibnify.models.build_model("ibnify:digits_resnet", **TINY)[0]
+    control = ibnify.save(
+        randomize_norms(plain).eval(),
+        tmp_path / "control.safetensors",
+        source="ibnify:digits_resnet",
+        model_kwargs=TINY,
+    )
+    path = tmp_path / "control.onnx"
+    export_onnx(ibnify.load(control), path, input_size=16, dynamic_size=True)
+    stored = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    recipe = json.loads(stored["ibnify.recipe"])
+    assert recipe["plans"] == [] and recipe["source"] == "ibnify:digits_resnet"
+    assert "ibnify.plan" not in stored and stored["ibnify.source"] == "ibnify:digits_resnet"
+    ok = CliRunner().invoke(cli, ["verify", str(path), "--against", str(control)])
+    assert ok.exit_code == 0, ok.output
+    assert "input 3×16×16 (recorded in the file)" in ok.output
+    mixed = CliRunner().invoke(cli, ["verify", str(files["dynamic"]), "--against", str(control)])
+    assert "the conversion differs" in _one_line(mixed, 1)
+    other = CliRunner().invoke(cli, ["verify", str(path), "--against", str(files["checkpoint"])])
+    assert "the conversion differs" in _one_line(other, 1)

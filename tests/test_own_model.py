@@ -98,6 +98,13 @@ def test_loading_without_a_base_or_with_a_wrong_one_is_one_clear_error(tmp_path)
     )
     with pytest.raises(CheckpointError, match=r"converted from a MyNet .*but base is a OtherNet"):
         ibnify.load(path, base=OtherNet())
+    plain = ibnify.save(_trained(), tmp_path / "plain.safetensors")  # saved unconverted
+    with pytest.raises(CheckpointError) as raised:
+        ibnify.load(plain)
+    assert str(raised.value).endswith(
+        f"it was saved as an instance of {__name__}.MyNet, which ibnify cannot build by name; "
+        "give the unconverted model in Python: ibnify.load(path, base=MyNet(...))"
+    )
     with pytest.raises(CheckpointError, match=r"base must be the unconverted model"):
         ibnify.load(path, base=ibnify.convert(MyNet(), input_size=SIZE))
     assert ibnify.load(path, base=MyNet(classes=7)).fc.out_features == 5  # the file's head

@@ -17,6 +17,7 @@ from ibnify.cli import cli
 from ibnify.data.digits import load_digits_images
 from ibnify.data.sources import resolve_data_source
 from ibnify.errors import InvalidOptionError
+from ibnify.models import build_model
 
 
 def _invoke(args: list[str]) -> str:
@@ -103,3 +104,29 @@ def test_cli_chain_convert_stack_finetune_evaluate_adapt_analyze_export_verify(t
     out = _invoke(["export", adapted, "-o", onnx_file])
     assert "input batchx3x32x32" in out  # the recorded size, not 224
     assert "PASS" in _invoke(["verify", onnx_file, "--against", adapted])
+
+
+def test_an_unconverted_checkpoint_fine_tunes_to_a_model_file_with_no_plan(tmp_path) -> None:
+    """The demo's control chain: save an unconverted model, fine-tune it with --out, and the run
+    writes a model file (no plan) that loads to the trained weights and evaluates."""
+    torch.manual_seed(0)
+    base = ibnify.load(
+        ibnify.save(
+            build_model("ibnify:digits_resnet", width=4)[0],
+            tmp_path / "control.safetensors",
+            source="ibnify:digits_resnet",
+            model_kwargs={"width": 4},
+        )
+    )
+    run = tmp_path / "run"
+    control = tmp_path / "control.safetensors"
+    out = _invoke(["finetune", control, "--dataset", "digits", "--epochs", "1", "--out", run])
+    assert "finished: wrote" in out
+    tuned = run / "model.safetensors"
+    recipe = ibnify.read_recipe(tuned)
+    assert recipe.plans == () and recipe.source == "ibnify:digits_resnet"
+    loaded = ibnify.load(tuned)
+    assert list(loaded.state_dict()) == list(base.state_dict())
+    state = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+    assert not torch.equal(loaded.conv1.weight, base.conv1.weight)  # it did train

@@ -106,17 +106,20 @@ class ExportReport:
 def _recipe_metadata(model: nn.Module) -> dict[str, str]:
     """The model's recipe as one JSON value (``ibnify.recipe``), with the simple keys older
     readers use (``source``, ``layout``, ``stages``, ``ratio``, ``sites``, the last ``plan``)
-    derived from it; a model without a recipe gets the ibnify version only."""
+    derived from it; a model without a recipe gets the ibnify version only, one with no plan
+    (saved unconverted) its recipe and source only."""
     metadata = {"ibnify_version": __version__}
     recipe = get_recipe(model)
-    if recipe is None or recipe.plan is None:
+    if recipe is None:
+        return metadata
+    record = {**recipe.to_dict(), "ibnify_version": recipe.ibnify_version or __version__}
+    metadata[RECIPE_KEY] = json.dumps(record, separators=(",", ":"))
+    metadata["source"] = recipe.label
+    if recipe.plan is None:
         return metadata
     summary = recipe.summary()
-    record = {**recipe.to_dict(), "ibnify_version": recipe.ibnify_version or __version__}
     metadata.update(
         {
-            RECIPE_KEY: json.dumps(record, separators=(",", ":")),
-            "source": recipe.label,
             "layout": summary["layout"],
             "stages": ",".join(str(s) for s in summary["stages"]),
             "ratio": "" if summary["ratio"] is None else repr(summary["ratio"]),

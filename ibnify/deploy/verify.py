@@ -382,11 +382,11 @@ def _check_recipe(
     the recipe was stored whole is compared on its last plan).
     """
     recipe = get_recipe(model)
-    if recipe is None or recipe.plan is None or recorded.recipe is None:
+    if recipe is None or recorded.recipe is None:
         return
     ours = (recipe.label, _steps(recipe))
     theirs = (recorded.recipe.label, _steps(recorded.recipe))
-    if not recorded.whole:
+    if not recorded.whole and recipe.plan is not None:
         ours = (recipe.plan.arch, ours[1][-1:])
         theirs = (recorded.recipe.plan.arch, theirs[1])  # type: ignore[union-attr]
     if theirs != ours:

@@ -70,9 +70,11 @@ def needs_base(recipe: Recipe) -> bool:
 
 
 def base_hint(recipe: Recipe) -> str:
-    """How to load a model converted from an instance of a class no registry knows."""
+    """How to load a model saved (converted or not) from an instance of a class no registry
+    knows."""
+    made = "converted from" if recipe.plans else "saved as"
     return (
-        f"it was converted from an instance of {recipe.base_class}, which ibnify cannot build "
+        f"it was {made} an instance of {recipe.base_class}, which ibnify cannot build "
         f"by name; give the unconverted model in Python: ibnify.load(path, "
         f"base={recipe.base_class_name}(...))"
     )
@@ -179,10 +181,10 @@ def saved_recipe(
         raise CheckpointError(f"{exc}; {hint}") from exc
     state = model.state_dict()
     if set(rebuilt) != set(state) or any(rebuilt[k].shape != state[k].shape for k in state):
+        made = " and converted by the recorded plans" if recipe.plans else ""
         raise CheckpointError(
-            f"cannot save: {chosen} built with model_kwargs {kwargs or '{}'} and converted by "
-            f"the recorded plans is not this model ({describe_key_mismatch(rebuilt, state)}); "
-            + hint
+            f"cannot save: {chosen} built with model_kwargs {kwargs or '{}'}{made} is not this "
+            f"model ({describe_key_mismatch(rebuilt, state)}); {hint}"
         )
     return recipe
 

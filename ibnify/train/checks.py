@@ -84,16 +84,17 @@ def check_fits(
 
 
 def check_savable(model: nn.Module, out_dir: str) -> None:
-    """Refuse, before training, a converted model that ``ibnify.save`` would refuse: a run with
-    an output folder saves it after every epoch, and would otherwise fail after the first one.
+    """Refuse, before training, a model with a recipe (converted, or loaded from a checkpoint
+    with no plan) that ``ibnify.save`` would refuse: a run with an output folder saves it after
+    every epoch, and would otherwise fail after the first one.
 
     A model of a class no registry knows saves with its class name (it loads back with
     ``ibnify.load(path, base=MyNet(...))``); a model built by name must still be what its recipe
     rebuilds, so a head replaced by hand is refused with the ``num_classes`` advice.
     """
     recipe = get_recipe(model)
-    if recipe is None or not recipe.plans:
-        return  # not converted: the run writes its training state only
+    if recipe is None:
+        return  # no recipe (a plain module): the run writes its training state only
     where = f"finetune(..., out_dir={out_dir!r}) saves the model after every epoch"
     classes = num_classes_of(model)
     recorded = recipe.num_classes

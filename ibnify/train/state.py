@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_write_bytes, output_error
-from ..core.surgery import get_plan
+from ..core.recipe import get_recipe
 from ..errors import CheckpointError, InvalidOptionError, first_line
 from ..models.checkpoint import save
 from ..models.weights import describe_key_mismatch, state_fits
@@ -216,7 +216,8 @@ def resume_options(config: FinetuneConfig, run_info: dict[str, int]) -> dict[str
 
 
 def write_run_files(out_dir: Path, model: nn.Module, state: dict[str, Any]) -> None:
-    """Write the training state, the metrics lines and (for converted models) the model."""
+    """Write the training state, the metrics lines and (for a model with a recipe: converted,
+    or loaded from a checkpoint with no plan) the model."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -226,5 +227,5 @@ def write_run_files(out_dir: Path, model: nn.Module, state: dict[str, Any]) -> N
     atomic_write_bytes(out_dir / CHECKPOINT_FILE, buffer.getvalue())
     metrics = "".join(json.dumps(line) + "\n" for line in state["history"])
     atomic_write_bytes(out_dir / METRICS_FILE, metrics.encode())
-    if get_plan(model) is not None:
+    if get_recipe(model) is not None:
         save(model, out_dir / MODEL_FILE)
