@@ -340,6 +340,21 @@ def test_cli_verify_with_real_images(cli_files, tmp_path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert "images batch 3" in result.stdout and result.stdout.rstrip().endswith("PASS")
+    # unreadable files met before 8 good ones: one line lists them, or they are left out
+    (folder / "bad.png").write_bytes(b"not an image")
+    (folder / "empty.jpg").write_bytes(b"")
+    args = ["verify", str(cli_files["onnx"]), "--against", str(cli_files["r18"])]
+    args += ["--images", str(tmp_path / "images")]
+    refused = CliRunner().invoke(cli, args)
+    assert (refused.exit_code, refused.stderr) == (
+        1,
+        f"error: 2 images in {str(tmp_path / 'images')!r} are corrupt or not images: "
+        "class/bad.png, class/empty.jpg; remove them or pass --skip-bad-images to leave them "
+        "out\n",
+    )
+    skipped = CliRunner().invoke(cli, [*args, "--skip-bad-images"])
+    assert skipped.exit_code == 0, skipped.output
+    assert "images batch 3" in skipped.stdout and skipped.stdout.rstrip().endswith("PASS")
 
 
 @pytest.mark.parametrize("kind", ["timm_features_only", "intermediate_layer_getter"])

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from ..constants import ENGINES, FOLD_FORMS, ONNX_OPSETS, PROFILES
-from ._group import _parse_input_size, cli, threads_option, to_flags
+from ._group import _parse_input_size, cli, skip_bad_images_option, threads_option, to_flags
 
 __all__ = ["bench_command", "export_command", "verify_command"]
 
@@ -145,6 +145,7 @@ def _verify_record(function):
             raise_on_failure=False,  # the table is printed before the one error line
             engine=kwargs.pop("engine"),
             input_size=kwargs.pop("input_size"),
+            skip_bad_images=kwargs.pop("skip_bad_images"),
         )
         return function(**kwargs)
 
@@ -176,6 +177,7 @@ def _verify_record(function):
     help="Runtime to check (openvino needs the ibnify[openvino] extra).",
 )
 @_size_option("check")
+@skip_bad_images_option
 @threads_option
 @_verify_record
 def verify_command(onnx_file: str, against: str, options: Any) -> None:

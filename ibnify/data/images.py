@@ -194,18 +194,28 @@ def load_images(
     limit: int = 8,
     mean: Sequence[float] = (0.485, 0.456, 0.406),
     std: Sequence[float] = (0.229, 0.224, 0.225),
+    *,
+    skip_bad_images: bool = False,
 ) -> torch.Tensor:
     """Up to ``limit`` images from ``directory`` (recursively), resized and normalised: a batch.
 
     For checks on real pixels (``ibnify verify --images``), not for training: no crop, no
-    augmentation, a plain bilinear resize to ``size`` (H, W).
+    augmentation, a plain bilinear resize to ``size`` (H, W). Files are taken in order until
+    ``limit`` readable ones are found; the unreadable ones met on the way are refused in one
+    DataError that lists them, or left out with ``skip_bad_images``.
     """
     root = Path(directory)
     if not root.is_dir():
         raise DataError(f"image directory {str(root)!r} does not exist")
-    files = image_files(root)[:limit]
+    files: list[Path] = []
+    met_bad: list[Path] = []
+    for file in image_files(root):
+        if len(files) == limit:
+            break
+        (met_bad if unreadable_images([file]) else files).append(file)
+    _drop_unreadable(root, met_bad, skip_bad_images)
     if not files:
-        raise DataError(f"no images (.jpg, .png, ...) found under {str(root)!r}")
+        raise DataError(f"no readable images (.jpg, .png, ...) found under {str(root)!r}")
     mean_array = np.array(mean, dtype=np.float32)
     std_array = np.array(std, dtype=np.float32)
     batch = []

@@ -203,6 +203,7 @@ class VerifyOptions:
         batch_sizes: random normal batches of each size (a static-batch file: its own only).
         atol, rtol: the tolerance; default: the recorded export profile's (fp32 1e-4, 1e-3).
         images: a folder of real images to check too (up to 8).
+        skip_bad_images: leave the unreadable images of ``images`` out instead of refusing them.
         raise_on_failure: raise VerificationError when an output differs beyond tolerance.
         seed: the random inputs' seed.
         engine: ``onnxruntime`` or ``openvino``.
@@ -221,6 +222,7 @@ class VerifyOptions:
     engine: str = "onnxruntime"
     input_size: int | str | Sequence[int] | None = None
     check_kwargs: KwargsCheck | None = None
+    skip_bad_images: bool = False
 
     def validate(self) -> VerifyOptions:
         """Return the options, or raise InvalidOptionError in one line before any file is read."""
@@ -288,7 +290,7 @@ def verify_onnx(
             f"{second[0]}x{second[1]}"
         )
     if chosen.images is not None:
-        cases.append(_image_case(chosen.images, model, shape.size, batch_dim))
+        cases.append(_image_case(chosen, model, shape.size, batch_dim))
     for case, x in cases:
         report.rows += _compare(session, model, x, case, atol, rtol)
     logger.info("%s", report)
@@ -334,13 +336,20 @@ def _random_cases(
 
 
 def _image_case(
-    images: str | os.PathLike[str], model: nn.Module, size: tuple[int, ...], batch_dim: Any
+    chosen: VerifyOptions, model: nn.Module, size: tuple[int, ...], batch_dim: Any
 ) -> tuple[str, torch.Tensor]:
     """Up to 8 real images (one for a batch-1 file), normalised as the model expects; a static
     batch is filled by repeating them."""
     config = data_config(model)  # the model's own normalisation (timm cfg, else ImageNet)
     limit = 8 if batch_dim != 1 else 1
-    batch = load_images(images, size[1:], limit=limit, mean=config["mean"], std=config["std"])
+    batch = load_images(
+        chosen.images,  # type: ignore[arg-type]  # only called with a folder
+        size[1:],
+        limit=limit,
+        mean=config["mean"],
+        std=config["std"],
+        skip_bad_images=chosen.skip_bad_images,
+    )
     if isinstance(batch_dim, int):
         batch = batch[:batch_dim]
         if batch.shape[0] < batch_dim:
