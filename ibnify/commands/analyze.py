@@ -150,7 +150,13 @@ def analyze_files(options: AnalyzeOptions) -> AnalyzeResult:
         DataError: a missing or empty folder, or two domains with different class sets.
     """
     plot = options.check()
-    torch.manual_seed(options.seed)
+    with torch.random.fork_rng(devices=[]):  # the caller's global RNG is handed back as it was
+        torch.manual_seed(options.seed)
+        return _analyze(options, plot)
+
+
+def _analyze(options: AnalyzeOptions, plot: Path | None) -> AnalyzeResult:
+    """:func:`analyze_files` after its checks, inside its own seeded RNG state."""
     inputs = resolve_inputs(options.data_request(), options.model)
     resolved = inputs.resolved
     assert resolved is not None  # a ModelRequest is always resolved

@@ -84,8 +84,14 @@ def search_files(options: SearchOptions, echo: Callable[[str], None] | None = No
     a model built without weights gets the same init every run (the schedule's seed).
     """
     options.check()
+    with torch.random.fork_rng(devices=[]):  # the caller's global RNG is handed back as it was
+        torch.manual_seed(options.config.seed)
+        return _search(options, echo)
+
+
+def _search(options: SearchOptions, echo: Callable[[str], None] | None) -> SearchResult:
+    """:func:`search_files` after its checks, inside its own seeded RNG state."""
     seed = options.config.seed
-    torch.manual_seed(seed)
     inputs = resolve_inputs(options.inputs, options.model)
     resolved = inputs.resolved
     assert resolved is not None  # a ModelRequest is always resolved
