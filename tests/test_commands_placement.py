@@ -30,8 +30,14 @@ PACKAGE = Path(ibnify.__file__).parent
 SOURCE = "ibnify:digits_resnet"
 
 # Where `input_size_for` (the input-size rule) may be named: its definition, the one resolver,
-# and the Python API's `ibnify.adapt` (a floor below the command layer, given a module).
-INPUT_SIZE_RULE_ALLOWED = {"models/checkpoint.py", "commands/inputs.py", "adaptation/offline.py"}
+# and the Python API's `ibnify.adapt` / `adapt_file` (a floor below the command layer: a
+# Python caller gives a module or a path and no size; `ibnify adapt` passes the resolver's).
+INPUT_SIZE_RULE_ALLOWED = {
+    "models/checkpoint.py",
+    "commands/inputs.py",
+    "adaptation/offline.py",
+    "adaptation/files.py",
+}
 # Files that still call it until their owner's work lands (adaptation/files.py has left).
 INPUT_SIZE_RULE_PENDING: set[str] = set()
 

@@ -17,13 +17,12 @@ from typing import Any
 from torch import nn
 
 from .._io import check_output_path
-from ..core.plans import as_input_size
 from ..data.domains import check_same_classes, domain_specs
 from ..data.images import ImageData
 from ..data.sources import as_image_data
 from ..errors import CheckpointError, InvalidOptionError
 from ..evaluation import RobustnessReport, evaluate
-from ..models.checkpoint import load, needs_base, read_recipe, recipe_input_size, save
+from ..models.checkpoint import input_size_for, load, needs_base, read_recipe, save
 from .offline import adapt_with, check_adaptable, target_subset
 from .options import AdaptOptions
 
@@ -69,7 +68,7 @@ def adapt_file(
     target_path = check_adapt_output(checkpoint, output, force)
     _check_base_given(checkpoint, base)
     model = load(checkpoint, base=base)
-    size = as_input_size(input_size) if input_size is not None else recipe_input_size(model)
+    size = input_size_for(model, input_size)  # the one rule; `ibnify adapt` passes its size
     check_adaptable(model, options)
     skip = {"input_size": size, "skip_bad_images": skip_bad_images}
     target = as_image_data(data, model, "test", seed=options.seed, **skip)
