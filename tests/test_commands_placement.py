@@ -42,12 +42,7 @@ INPUT_SIZE_RULE_ALLOWED = {
 INPUT_SIZE_RULE_PENDING: set[str] = set()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def names_of_input_size_rule(source: str) -> list[int]:

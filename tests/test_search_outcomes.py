@@ -26,13 +26,7 @@ from ibnify.placement.search_report import CandidateResult
 from ibnify.train.config import FinetuneConfig
 from tests.helpers import digits_search_argv
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_the_printed_reproduce_line_rebuilds_the_winner_bit_for_bit(tmp_path, monkeypatch) -> None:
