@@ -33,6 +33,7 @@ ONNX_OPSETS = range(17, 21)
 
 # Data (ibnify.data.sources, ibnify.data.shifts).
 BUILTIN_DATASETS = ("digits",)
+DIGITS_SIZE = 16  # the digits set's default side, in pixels
 SHIFT_DESCRIPTIONS = MappingProxyType(
     {
         "brightness_up": "pixel values ×1.4 (clipped)",

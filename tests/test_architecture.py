@@ -185,10 +185,14 @@ def test_the_import_rule_catches_violations() -> None:
     assert upward(reaching_up) == ["models (floor 3) may import data (floor 4)"]
 
 
-def test_verifying_an_onnx_file_never_loads_scikit_learn() -> None:
-    """deploy imports data.images only; data.digits is the one scikit-learn import."""
+def test_only_the_digits_set_loads_scikit_learn() -> None:
+    """deploy imports data.images only; the command layer reaches digits through the data face
+    (on first use), so a command on an image folder never pays for scikit-learn's import;
+    data.digits is the one scikit-learn import."""
     code = (
         "import sys, ibnify.deploy.verify, ibnify.deploy.bench, ibnify.data.images; "
+        "import ibnify.data.sources, ibnify.commands.search, ibnify.commands.finetune; "
+        "import ibnify.commands.evaluate, ibnify.commands.analyze, ibnify.commands.adapt; "
         "assert 'sklearn' not in sys.modules, 'sklearn loaded'; "
         "import ibnify.data.digits; assert 'sklearn' in sys.modules; print('ok')"
     )

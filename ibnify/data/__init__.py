@@ -3,7 +3,8 @@ scikit-learn import), the appearance shifts (shifts), target domains (domains) a
 command names (sources).
 
 The names below are this package's public face, imported from their modules on first use, so
-that ``import ibnify.data`` and ``ibnify.data.images`` never load scikit-learn.
+that ``import ibnify.data``, ``ibnify.data.images`` and ``ibnify.data.sources`` never load
+scikit-learn (the digits set loads it on first use).
 """
 
 from __future__ import annotations

@@ -12,12 +12,12 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from ..constants import DIGITS_SIZE
 from ..models.small import DIGITS_MEAN, DIGITS_STD
 from .images import DataError, ImageData
 
 __all__ = ["DIGITS_SIZE", "digits_data", "load_digits_images"]
 
-DIGITS_SIZE = 16
 # Foreground tint and background level of the rendered digits: a warm stroke on a dark-grey
 # ground, away from 0 and 1 so that brightening and darkening both change every pixel.
 _DIGITS_TINT = (1.0, 0.88, 0.76)

@@ -11,9 +11,9 @@ from pathlib import Path
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..constants import BUILTIN_DATASETS
+from .. import data as data_face  # digits (and scikit-learn) load on first use, not here
+from ..constants import BUILTIN_DATASETS, DIGITS_SIZE
 from ..errors import InvalidOptionError
-from .digits import DIGITS_SIZE, digits_data
 from .images import DataError, ImageData, image_folder_data
 
 __all__ = ["BUILTIN_DATASETS", "as_image_data", "check_data_source", "resolve_data_source"]
@@ -48,7 +48,7 @@ def resolve_data_source(
     """
     check_data_source(data, dataset)
     if dataset is not None:
-        return digits_data(split, size=_square_side(input_size), seed=seed)
+        return data_face.digits_data(split, size=_square_side(input_size), seed=seed)
     return image_folder_data(  # type: ignore[arg-type]
         data,
         model,
