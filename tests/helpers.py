@@ -74,6 +74,24 @@ def digits_search_setup(**schedule: Any) -> tuple[nn.Module, Any, Any, Any]:
     return base, train, val, config
 
 
+def run_digits_search(setup: tuple[Any, ...], out: Path | None, **kwargs: Any):
+    """``search_placement`` on :func:`digits_search_setup`'s tuple: the tiny digits ResNet
+    recorded as ``ibnify:digits_resnet`` width 4, the shifts brightness_down and contrast_down,
+    results in ``out``; ``kwargs`` (``candidates``, ...) on top."""
+    from ibnify.placement.search import search_placement
+
+    base, train, val, config = setup
+    options = {
+        "config": config,
+        "shifts": "brightness_down,contrast_down",
+        "out_dir": out,
+        "arch": "ibnify:digits_resnet",
+        "model_kwargs": {"width": 4},
+        **kwargs,
+    }
+    return search_placement(base, train, val, **options)
+
+
 def class_folders(root: Path, classes: int, per_class: int = 4, size: int = 16) -> Path:
     """An image folder of ``classes`` classes, ``per_class`` noisy images each whose mean
     colour tells the class apart (seeded): a small labelled set a search can learn."""

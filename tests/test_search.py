@@ -31,7 +31,12 @@ from ibnify.placement.search_state import differences, search_settings
 from ibnify.placement.study import STUDY_FILE, StudyOptions
 from ibnify.train.config import FinetuneConfig
 from tests.cli_process import check_bad_inputs
-from tests.helpers import bad_class_folders, digits_search_argv, digits_search_setup
+from tests.helpers import (
+    bad_class_folders,
+    digits_search_argv,
+    digits_search_setup,
+    run_digits_search,
+)
 
 SOURCE = "ibnify:digits_resnet"
 KWARGS = {"width": 4}
@@ -49,17 +54,7 @@ def setup():
 
 
 def _search(setup, out: Path, **kwargs):
-    base, train, val, config = setup
-    options = {
-        "candidates": CANDIDATES,
-        "config": config,
-        "shifts": SHIFTS,
-        "out_dir": out,
-        "arch": SOURCE,
-        "model_kwargs": KWARGS,
-        **kwargs,
-    }
-    return search_placement(base, train, val, **options)
+    return run_digits_search(setup, out, **{"candidates": CANDIDATES, **kwargs})
 
 
 def test_parse_candidates() -> None:

@@ -27,7 +27,7 @@ from ibnify.errors import InvalidOptionError
 from ibnify.placement.search import search_placement
 from ibnify.placement.study import PRUNERS, STUDY_FILE, SearchInterrupted, StudyOptions
 from ibnify.train.config import FinetuneConfig
-from tests.helpers import digits_search_setup
+from tests.helpers import digits_search_setup, run_digits_search
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = "ibnify:digits_resnet"
@@ -56,18 +56,7 @@ def reference(setup, tmp_path_factory):
 
 
 def _search(setup, out: Path | None, study: StudyOptions | None = None, **kwargs):
-    base, train, val, config = setup
-    options = {
-        "candidates": CANDIDATES,
-        "config": config,
-        "shifts": SHIFTS,
-        "out_dir": out,
-        "arch": SOURCE,
-        "model_kwargs": KWARGS,
-        "study": study,
-        **kwargs,
-    }
-    return search_placement(base, train, val, **options)
+    return run_digits_search(setup, out, **{"candidates": CANDIDATES, "study": study, **kwargs})
 
 
 def _trials(out: Path) -> list[optuna.trial.FrozenTrial]:
