@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from .._io import check_output_dir
 from ..api import resolve_model
 from ..core.recipe import Recipe
 from ..data.images import image_folder_data
@@ -20,7 +21,7 @@ from ..models.registry import build_model
 from ..models.weights import load_state_dict_file, load_weights
 from ..train.config import FinetuneConfig
 from ..train.loop import FinetuneResult, finetune, fresh_head
-from .inputs import InputRequest, check_output_dir, resolve_inputs
+from .inputs import InputRequest, resolve_inputs
 
 __all__ = ["FinetuneFiles", "finetune_files", "load_teacher"]
 

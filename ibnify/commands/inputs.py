@@ -7,12 +7,10 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from .. import _io
 from ..api import ResolvedModel, is_checkpoint_spec, resolve_model
 from ..core.plans import as_input_size
 from ..data.images import ImageData
@@ -26,7 +24,6 @@ __all__ = [
     "ModelRequest",
     "ResolvedInputs",
     "check_model_args",
-    "check_output_dir",
     "requested_input_size",
     "resolve_inputs",
 ]
@@ -147,9 +144,3 @@ def requested_input_size(
     """The one input-size rule, for a command that loads its model itself (``adapt``): the
     request's size, else the one ``model`` (a checkpoint path or a model) records, else None."""
     return input_size_for(model, request.input_size)
-
-
-def check_output_dir(path: str | os.PathLike[str]) -> Path:
-    """Refuse, before any work, an output folder that is a file or cannot be created or
-    written (:func:`ibnify._io.check_output_dir`, the one output check)."""
-    return _io.check_output_dir(path)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from .._io import check_output_dir
 from ..api import ResolvedModel
 from ..data.images import image_folder_data
 from ..errors import InvalidOptionError
@@ -17,7 +18,7 @@ from ..placement.search import SearchInputs, search_placement
 from ..placement.search_report import SearchReport
 from ..placement.study import StudyOptions
 from ..train.config import FinetuneConfig
-from .inputs import InputRequest, ModelRequest, check_output_dir, resolve_inputs
+from .inputs import InputRequest, ModelRequest, resolve_inputs
 
 __all__ = ["SearchOptions", "SearchResult", "search_files"]
 
