@@ -24,17 +24,14 @@ import ibnify.placement.runs as runs
 import ibnify.placement.study as study_module
 from ibnify.cli import cli
 from ibnify.errors import InvalidOptionError
-from ibnify.placement.search import search_placement
 from ibnify.placement.study import PRUNERS, STUDY_FILE, SearchInterrupted, StudyOptions
 from ibnify.train.config import FinetuneConfig
 from tests.helpers import digits_search_setup, run_digits_search
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = "ibnify:digits_resnet"
-KWARGS = {"width": 4}
 CANDIDATES = "a:1;a:1-2;a:1-3;b"
 NAMES = ["control", "a:1", "a:1-2", "a:1-3", "b"]
-SHIFTS = "brightness_down,contrast_down"
 # the journal lock a killed worker may leave is broken after grace / 2 = 3 s
 FAST = {"heartbeat_s": 0.2, "grace_s": 6.0}
 
@@ -188,21 +185,15 @@ def test_pruned_search_keeps_the_full_runs_winner_bit_for_bit(setup, reference, 
 
 def test_a_study_with_other_settings_is_refused(setup, reference, tmp_path) -> None:
     _full, out = reference
-    base, train, val, config = setup
+    config = setup[3]
     other = FinetuneConfig(**{**config.__dict__, "lr": 0.07})
     with pytest.raises(InvalidOptionError, match=r"differs in: finetune\.lr 0\.05 → 0\.07\)"):
-        search_placement(
-            base,
-            train,
-            val,
-            candidates=CANDIDATES,
+        _search(
+            setup,
+            tmp_path,
+            StudyOptions(storage=str(out / STUDY_FILE), join=True),
             config=other,
-            shifts=SHIFTS,
-            out_dir=tmp_path,
-            arch=SOURCE,
-            model_kwargs=KWARGS,
             halving=False,
-            study=StudyOptions(storage=str(out / STUDY_FILE), join=True),
         )
     assert not any(tmp_path.iterdir())  # the refused worker wrote nothing
 
