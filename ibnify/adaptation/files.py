@@ -61,14 +61,14 @@ def adapt_file(
     builds (``ibnify.load(path, base=...)``). ``source``: labelled source data (a folder or
     ``"digits"``) whose clean accuracy before and after goes into the report, with the
     target's as a domain row when the target has labels. ``input_size``: the size the images
-    are read at (``ibnify adapt`` passes the one its resolver decided), else the checkpoint's
-    recorded one. ``skip_bad_images``: leave unreadable images out instead of refusing them.
+    are read at, else the checkpoint's recorded one (``ibnify adapt`` passes the size it
+    was given). ``skip_bad_images``: leave unreadable images out instead of refusing them.
     """
     options = options or AdaptOptions()
     target_path = check_adapt_output(checkpoint, output, force)
     _check_base_given(checkpoint, base)
     model = load(checkpoint, base=base)
-    size = input_size_for(model, input_size)  # the one rule; `ibnify adapt` passes its size
+    size = input_size_for(model, input_size)  # the one rule, for `ibnify adapt` too
     check_adaptable(model, options)
     skip = {"input_size": size, "skip_bad_images": skip_bad_images}
     target = as_image_data(data, model, "test", seed=options.seed, **skip)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from ..adaptation.files import AdaptResult, adapt_file, check_adapt_output
 from ..adaptation.options import AdaptOptions
-from .inputs import InputRequest, requested_input_size
+from .inputs import InputRequest
 
 __all__ = ["AdaptFiles", "adapt_files"]
 
@@ -37,16 +37,16 @@ class AdaptFiles:
 
 
 def adapt_files(files: AdaptFiles) -> AdaptResult:
-    """What ``ibnify adapt`` does: check the record, then :func:`ibnify.adaptation.adapt_file`
-    at the input size the resolver decides (the given one, else the checkpoint's recorded)."""
+    """What ``ibnify adapt`` does: check the record, then :func:`ibnify.adaptation.adapt_file`,
+    which loads the checkpoint and applies the one input-size rule to it (the given size, else
+    the checkpoint's recorded one)."""
     files.check()
-    request = InputRequest(data=files.data, input_size=files.input_size)
     return adapt_file(
         files.checkpoint,
         files.data,
         files.output,
         files.options,
-        input_size=requested_input_size(request, files.checkpoint),
+        input_size=files.input_size,
         force=files.force,
         source=files.source,
         skip_bad_images=files.skip_bad_images,

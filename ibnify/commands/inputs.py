@@ -24,7 +24,6 @@ __all__ = [
     "ModelRequest",
     "ResolvedInputs",
     "check_model_args",
-    "requested_input_size",
     "resolve_inputs",
 ]
 
@@ -136,11 +135,3 @@ def resolve_inputs(
         loaded = model if isinstance(model, nn.Module) else load(model)  # type: ignore[arg-type]
     size = input_size_for(loaded, request.input_size)
     return ResolvedInputs(request, loaded, size, resolved)
-
-
-def requested_input_size(
-    request: InputRequest, model: nn.Module | str | os.PathLike[str]
-) -> tuple[int, int, int] | None:
-    """The one input-size rule, for a command that loads its model itself (``adapt``): the
-    request's size, else the one ``model`` (a checkpoint path or a model) records, else None."""
-    return input_size_for(model, request.input_size)
